@@ -1,0 +1,317 @@
+"""Run configuration: one dataclass per component, composed into `TrainConfig`.
+
+Runs are YAML files (see `configs/`) plus `section.field=value` overrides from
+the command line. Everything is checked here, before any process group, GPU or
+data file is touched: unknown keys, wrong types and out-of-range values raise
+`ConfigError` naming the field and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _check(ok: bool, name: str, allowed: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Llama-3-style decoder shape."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_hidden: int = 704
+    vocab_size: int = 257
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    # Kernel behind every dense attention call (see lh_dist.ops.attention).
+    attention_backend: Literal["auto", "flash_attn", "cudnn", "flash", "cpu_flash", "math"] = "auto"
+
+    def validate(self, p: str = "model") -> None:
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
+            _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
+        _check(self.dim % self.n_heads == 0, f"{p}.dim", f"divisible by {p}.n_heads={self.n_heads}", self.dim)
+        _check(self.n_heads % self.n_kv_heads == 0, f"{p}.n_kv_heads",
+               f"a divisor of {p}.n_heads={self.n_heads}", self.n_kv_heads)
+        _check((self.dim // self.n_heads) % 2 == 0, f"{p}.dim", "such that the head dim is even (RoPE)", self.dim)
+        _check(self.rope_theta > 0, f"{p}.rope_theta", "positive", self.rope_theta)
+        _check(self.norm_eps > 0, f"{p}.norm_eps", "positive", self.norm_eps)
+        _check(self.init_std > 0, f"{p}.init_std", "positive", self.init_std)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass(kw_only=True)
+class LighthouseConfig:
+    """Lighthouse attention (used by the layers not listed as dense, in the Lighthouse phase)."""
+
+    levels: int = 3
+    pooling: int = 4
+    topk: int = 2048
+    # Layers that always run dense; negative indices count from the end.
+    dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
+    scorer: Literal["norm"] = "norm"
+    backend: Literal["auto", "reference", "triton"] = "auto"
+
+    def validate(self, p: str = "lighthouse") -> None:
+        _check(self.levels >= 2, f"{p}.levels", "an integer >= 2", self.levels)
+        _check(self.pooling >= 2 and self.pooling & (self.pooling - 1) == 0, f"{p}.pooling",
+               "a power of two >= 2", self.pooling)
+        _check(self.topk > 0 and self.topk % 128 == 0, f"{p}.topk", "a positive multiple of 128", self.topk)
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How ranks split the work: data parallel x context parallel (CP innermost)."""
+
+    # 0 means "the world size divided by cp_degree".
+    dp_degree: int = 0
+    cp_degree: int = 1
+    # How Lighthouse under CP shares the selected summaries between ranks.
+    lighthouse_exchange: Literal["allgather", "ring"] = "allgather"
+    zero_stage: int = 0
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+    def validate(self, p: str = "parallel") -> None:
+        _check(self.dp_degree >= 0, f"{p}.dp_degree", "0 (auto) or a positive integer", self.dp_degree)
+        _check(self.cp_degree >= 1, f"{p}.cp_degree", "a positive integer", self.cp_degree)
+        _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "one of 0, 1, 2, 3", self.zero_stage)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Token shards written by `lh-data` and how samples are cut from them."""
+
+    # Folder (or remote URL that mosaicml-streaming supports) holding train/, val/ and lh_data.json.
+    path: str = "runs/data/stdlib"
+    # Local cache for remote data; empty means <run_dir>/data_cache.
+    cache_dir: str = ""
+    seq_len: int = 512
+    micro_batch: int = 1
+
+    def validate(self, p: str = "data") -> None:
+        _check(bool(self.path), f"{p}.path", "a non-empty folder or URL", self.path)
+        _check(self.seq_len >= 2, f"{p}.seq_len", "an integer >= 2", self.seq_len)
+        _check(self.micro_batch >= 1, f"{p}.micro_batch", "a positive integer", self.micro_batch)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW."""
+
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+    def validate(self, p: str = "optim") -> None:
+        _check(self.lr > 0, f"{p}.lr", "positive", self.lr)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(self.eps > 0, f"{p}.eps", "positive", self.eps)
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", ">= 0", self.weight_decay)
+        _check(self.grad_clip >= 0, f"{p}.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
+        _check(self.grad_accum >= 1, f"{p}.grad_accum", "a positive integer", self.grad_accum)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Steps, learning-rate schedule and the Lighthouse -> dense switch."""
+
+    steps: int = 200
+    warmup_steps: int = 20
+    decay: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.1
+    # Optimizer steps that use Lighthouse attention before the switch to dense (0: dense run).
+    lighthouse_steps: int = 0
+    # Consecutive non-finite losses tolerated (each skips its step) before the run aborts.
+    max_nonfinite_steps: int = 5
+
+    def validate(self, p: str = "schedule") -> None:
+        _check(self.steps >= 1, f"{p}.steps", "a positive integer", self.steps)
+        _check(0 <= self.warmup_steps <= self.steps, f"{p}.warmup_steps", f"in [0, {p}.steps={self.steps}]",
+               self.warmup_steps)
+        _check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        _check(0 <= self.lighthouse_steps <= self.steps, f"{p}.lighthouse_steps",
+               f"in [0, {p}.steps={self.steps}]", self.lighthouse_steps)
+        _check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", "a positive integer",
+               self.max_nonfinite_steps)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When checkpoints are written and how many are kept."""
+
+    interval: int = 100
+    keep: int = 2
+
+    def validate(self, p: str = "checkpoint") -> None:
+        _check(self.interval >= 1, f"{p}.interval", "a positive integer", self.interval)
+        _check(self.keep >= 1, f"{p}.keep", "a positive integer", self.keep)
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    """Run directory, console and TensorBoard."""
+
+    run_dir: str = "runs/tiny-cpu"
+    log_interval: int = 10
+    eval_interval: int = 100
+    eval_batches: int = 4
+    # Steps between images of one layer's Lighthouse selection map (0: never).
+    selection_map_interval: int = 0
+
+    def validate(self, p: str = "logging") -> None:
+        _check(bool(self.run_dir), f"{p}.run_dir", "a non-empty path", self.run_dir)
+        for name in ("log_interval", "eval_interval", "eval_batches"):
+            _check(getattr(self, name) >= 1, f"{p}.{name}", "a positive integer", getattr(self, name))
+        _check(self.selection_map_interval >= 0, f"{p}.selection_map_interval", ">= 0",
+               self.selection_map_interval)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lighthouse: LighthouseConfig = field(default_factory=LighthouseConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        n = self.model.n_layers
+        if self.schedule.lighthouse_steps > 0:
+            for i in self.lighthouse.dense_layers:
+                _check(-n <= i < n, "lighthouse.dense_layers", f"layer indices in [-{n}, {n})",
+                       self.lighthouse.dense_layers)
+            validate_lighthouse_shape(self)
+        chunks = 2 * self.parallel.cp_degree
+        _check(self.data.seq_len % chunks == 0, "data.seq_len",
+               f"divisible by 2 * parallel.cp_degree = {chunks} (zigzag sharding)", self.data.seq_len)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def validate_lighthouse_shape(cfg: TrainConfig) -> None:
+    """Check that Lighthouse can tile the training sequence, for every CP rank."""
+    lh, n, cp = cfg.lighthouse, cfg.data.seq_len, cfg.parallel.cp_degree
+    tiles = lh.topk // 128
+    _check(tiles % (2 * cp) == 0, "lighthouse.topk",
+           f"such that topk/128 tiles divide into 2 * parallel.cp_degree = {2 * cp} chunks", lh.topk)
+    _check(n % tiles == 0, "data.seq_len", f"divisible by lighthouse.topk/128 = {tiles} tiles", n)
+    coarsest = lh.pooling ** (lh.levels - 1)
+    tile = n // tiles
+    _check(tile % coarsest == 0 and tile // coarsest >= 128, "data.seq_len",
+           f"such that each of the {tiles} tiles holds at least 128 windows of pooling**(levels-1) = "
+           f"{coarsest} tokens (seq_len >= {tiles * 128 * coarsest}, a multiple of {tiles * coarsest})", n)
+
+
+# ---- loading -------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {typing.get_args(tp)[0].__name__}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value, tp, name: str):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        _check(value in typing.get_args(tp), name, _type_name(tp), value)
+        return value
+    if origin is list:
+        _check(isinstance(value, (list, tuple)), name, _type_name(tp), value)
+        return [_coerce(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), name, _type_name(tp), value)
+        _check(math.isfinite(value), name, "a finite number", value)
+        return float(value)
+    if tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, _type_name(tp), value)
+        return value
+    _check(isinstance(value, tp), name, _type_name(tp), value)
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.field=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Read a YAML run file (or the defaults), apply `a.b=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+    for override in overrides:
+        _apply_override(tree, override)
+    cfg = _from_dict(TrainConfig, tree)
+    cfg.validate()
+    return cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,84 @@
+"""Tokenizers: the byte-level default and Hugging Face `tokenizers` files.
+
+Both expose `encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`, `eod_id`,
+`vocab_size` and `spec` (the string that `load_tokenizer` turns back into it).
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+# Tried in order when a tokenizer.json names no end-of-document token itself.
+_COMMON_EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255, plus one end-of-document id (256)."""
+
+    spec = "byte"
+    eod_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def decode(self, ids) -> str:
+        """Bytes back to text; end-of-document ids are dropped, invalid UTF-8 is replaced."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() > self.eod_id):
+            raise ValueError(f"ids must lie in 0..{self.eod_id} for the byte tokenizer")
+        return ids[ids != self.eod_id].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` file, read with the `tokenizers` package.
+
+    The end-of-document token is `eod_token` if given, else the `eos_token` of a
+    `tokenizer_config.json` beside the file, else the first common end token
+    (`<|endoftext|>`, `</s>`, ...) that the vocabulary holds.
+    """
+
+    def __init__(self, path: str, eod_token: str | None = None):
+        from tokenizers import Tokenizer  # heavy; only needed for this tokenizer
+
+        self.path = str(path)
+        if not Path(self.path).is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
+        self._tokenizer = Tokenizer.from_file(self.path)
+        self.eod_token = eod_token or self._find_eod_token()
+        eod_id = self._tokenizer.token_to_id(self.eod_token)
+        if eod_id is None:
+            raise ValueError(f"eod_token {self.eod_token!r} is not in the vocabulary of {self.path}")
+        self.eod_id = eod_id
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.spec = self.path
+
+    def _find_eod_token(self) -> str:
+        config_path = Path(self.path).with_name("tokenizer_config.json")
+        if config_path.is_file():
+            eos = json.loads(config_path.read_text()).get("eos_token")
+            if isinstance(eos, dict):  # older configs store an AddedToken as a dict
+                eos = eos.get("content")
+            if eos:
+                return eos
+        for token in _COMMON_EOD_TOKENS:
+            if self._tokenizer.token_to_id(token) is not None:
+                return token
+        raise ValueError(f"{self.path} has no known end-of-document token; pass eod_token (--eod-token)")
+
+    def encode(self, text: str) -> np.ndarray:
+        ids = self._tokenizer.encode(text, add_special_tokens=False).ids
+        return np.asarray(ids, dtype=np.int32)
+
+    def decode(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str = "byte", eod_token: str | None = None) -> ByteTokenizer | HFTokenizer:
+    """`"byte"` gives the byte-level tokenizer; anything else is a path to a `tokenizer.json`."""
+    if spec == "byte":
+        if eod_token is not None:
+            raise ValueError("eod_token applies only to a tokenizer.json, not to tokenizer 'byte'")
+        return ByteTokenizer()
+    return HFTokenizer(spec, eod_token=eod_token)

@@ -1,0 +1,136 @@
+"""Llama-3-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+The attention kernel of every layer is injected from outside (`AttentionFn`), so
+this file knows nothing of Lighthouse, ring attention or process groups.
+
+Shape legend: B batch, N tokens (of this rank's shard), H query heads,
+K key/value heads, D head dim, E model dim, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lh_dist.config import ModelConfig
+
+
+class AttentionFn(Protocol):
+    """Causal attention over rotated q [B, N, H, D], k/v [B, N, K, D] -> [B, N, H, D]."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalize in fp32: bf16 sums of squares lose too much over large dims.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin [N, D/2] for explicit (global) token positions [N]."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
+    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [N, D/2]
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x [B, N, H, D] by cos/sin [N, D/2]. Pairs are (x[i], x[i + D/2]), as in Hugging Face
+    Llama, so exported weights need no permutation."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)  # [B, N, H, D/2] each
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.attention_fn = attention_fn
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, n, _ = x.shape
+        q = self.wq(x).view(b, n, self.n_heads, self.head_dim)  # [B, N, H, D]
+        k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
+        v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = self.attention_fn(q, k, v)  # [B, N, H, D]
+        return self.wo(out.reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, attention_fn)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `attention_fns[i]` is the attention of layer i."""
+
+    def __init__(self, cfg: ModelConfig, attention_fns: list[AttentionFn]):
+        super().__init__()
+        if len(attention_fns) != cfg.n_layers:
+            raise ValueError(f"attention_fns has {len(attention_fns)} entries, model.n_layers is {cfg.n_layers}")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, fn) for fn in attention_fns)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.output.weight = self.embed.weight
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # Residual-branch outputs scaled down with depth keep the residual stream's variance flat.
+                nn.init.normal_(p, std=std / (2 * self.cfg.n_layers) ** 0.5)
+            else:
+                nn.init.normal_(p, std=std)
+
+    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Logits [B, N, V] for tokens [B, N] at global positions [N]."""
+        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.embed(tokens)  # [B, N, E]
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))  # [B, N, V]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,395 @@
+"""Attention with log-sum-exp: one interface, several kernels chosen at run time.
+
+Everything in lh_dist that needs softmax attention (dense layers, ring attention,
+Lighthouse) goes through `attention_forward` / `attention_backward` or the autograd
+wrapper `attention`.
+
+Shapes (the FlashAttention layout):
+    q    [B, Nq, H, D]          k, v [B, Nk, Hkv, D]    H % Hkv == 0 (GQA: query head h
+                                                        reads KV head h // (H // Hkv))
+    out  [B, Nq, H, D]  q.dtype lse  [B, H, Nq] float32 (float64 for float64 inputs),
+                                     natural log of sum_j exp(scale * q_i . k_j)
+Causal masking is bottom-right aligned: query i sees keys j <= i + (Nk - Nq).
+
+Backends (`BACKENDS`):
+    flash_attn  the flash_attn package (FA3 `flash_attn_interface`, FA4 `flash_attn.cute`
+                or FA2 `flash_attn.flash_attn_interface`), CUDA, fp16/bf16, native GQA.
+    cudnn       torch.ops.aten._scaled_dot_product_cudnn_attention(+_backward), fp16/bf16.
+    flash       torch.ops.aten._scaled_dot_product_flash_attention(+_backward), fp16/bf16.
+    cpu_flash   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(+_backward).
+    math        plain PyTorch in fp32 (fp64 for fp64 inputs); the readable definition.
+The aten ops take [B, H, N, D], need Hkv == H and align `is_causal` top-left. We repeat
+K/V heads (and sum dK/dV over each group), and for causal Nq < Nk split the keys into
+the unmasked prefix [0, Nk - Nq) and the square causal diagonal block, then merge the
+two partial results through their LSE (`merge_partials`).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("auto", "flash_attn", "cudnn", "flash", "cpu_flash", "math")
+_HALF = (torch.float16, torch.bfloat16)
+_default_backend = "auto"
+
+
+# ---------------------------------------------------------------- LSE merge
+
+
+def merge_partials(out1: Tensor, lse1: Tensor, out2: Tensor, lse2: Tensor) -> tuple[Tensor, Tensor]:
+    """Combine attention over two disjoint key sets into attention over their union.
+
+    out_i [B, N, H, D], lse_i [B, H, N]. Returns (out, lse) in float32 (float64 if any
+    input is float64), so that a ring can keep accumulating without rounding to bf16.
+    Rows that see no key in either part (lse == -inf) come out as 0 with lse -inf.
+    """
+    acc = torch.promote_types(torch.promote_types(out1.dtype, out2.dtype), torch.float32)
+    lse1, lse2 = lse1.to(acc), lse2.to(acc)
+    lse = torch.logaddexp(lse1, lse2)
+    safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    w1 = torch.exp(lse1 - safe).transpose(1, 2).unsqueeze(-1)  # [B, N, H, 1]
+    w2 = torch.exp(lse2 - safe).transpose(1, 2).unsqueeze(-1)
+    return w1 * out1.to(acc) + w2 * out2.to(acc), lse
+
+
+# ---------------------------------------------------------------- math reference
+
+
+def _math_scores(q: Tensor, k: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Upcast q, k to the accumulation dtype, repeat KV heads; scores s [B, H, Nq, Nk]."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = q.shape[2] // k.shape[2]
+    qf = q.to(acc).transpose(1, 2)  # [B, H, Nq, D]
+    kf = k.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, Nk, D]
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if causal:
+        nq, nk = q.shape[1], k.shape[1]
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
+    return s, qf, kf
+
+
+def _math_forward(q, k, v, causal, scale):
+    s, _, _ = _math_scores(q, k, causal, scale)
+    group = q.shape[2] // k.shape[2]
+    vf = v.to(s.dtype).repeat_interleave(group, dim=2).transpose(1, 2)  # [B, H, Nk, D]
+    lse = torch.logsumexp(s, dim=-1)  # [B, H, Nq]
+    out = torch.exp(s - lse.unsqueeze(-1)) @ vf  # [B, H, Nq, D]
+    return out.transpose(1, 2).to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, causal, scale):
+    # P = exp(S - lse); dV = P^T dO; dP = dO V^T; dS = P * (dP - rowsum(dO * O));
+    # dQ = scale dS K; dK = scale dS^T Q. Uses the given out/lse (the flash identity).
+    s, qf, kf = _math_scores(q, k, causal, scale)
+    acc, group = s.dtype, q.shape[2] // k.shape[2]
+    vf = v.to(acc).repeat_interleave(group, dim=2).transpose(1, 2)
+    do = dout.to(acc).transpose(1, 2)  # [B, H, Nq, D]
+    p = torch.exp(s - lse.to(acc).unsqueeze(-1))
+    delta = (do * out.to(acc).transpose(1, 2)).sum(-1, keepdim=True)  # [B, H, Nq, 1]
+    ds = p * (do @ vf.transpose(-1, -2) - delta)
+    dq = (ds @ kf) * scale
+    dk = (ds.transpose(-1, -2) @ qf) * scale
+    dv = p.transpose(-1, -2) @ do
+    return dq.transpose(1, 2), _sum_groups(dk.transpose(1, 2), k), _sum_groups(dv.transpose(1, 2), v)
+
+
+def _sum_groups(dx: Tensor, x: Tensor) -> Tensor:
+    """[B, N, H, D] gradient of repeated KV heads -> [B, N, Hkv, D] in x.dtype (summed in fp32+)."""
+    b, n, h, d = dx.shape
+    hkv = x.shape[2]
+    acc = torch.promote_types(dx.dtype, torch.float32)
+    return dx.to(acc).view(b, n, hkv, h // hkv, d).sum(3).to(x.dtype)
+
+
+# ---------------------------------------------------------------- aten kernels
+
+
+def _cudnn_fwd(q, k, v, is_causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, is_causal, False, scale=scale
+    )[:2]
+    return out, lse.reshape(lse.shape[:3])  # cuDNN gives lse as [B, H, Nq, 1]
+
+
+def _cudnn_bwd(dout, q, k, v, out, lse, is_causal, scale):
+    seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)  # unused: no dropout
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, None, None,
+        q.shape[2], k.shape[2], 0.0, is_causal, scale=scale,
+    )
+
+
+def _flash_fwd(q, k, v, is_causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, is_causal, False, scale=scale
+    )[:2]
+    return out, lse
+
+
+def _flash_bwd(dout, q, k, v, out, lse, is_causal, scale):
+    seed = offset = torch.zeros((), dtype=torch.int64, device=q.device)  # unused: no dropout
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, is_causal,
+        seed, offset, scale=scale,
+    )
+
+
+def _cpu_flash_fwd(q, k, v, is_causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal, scale=scale)
+
+
+def _cpu_flash_bwd(dout, q, k, v, out, lse, is_causal, scale):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, is_causal, scale=scale
+    )
+
+
+def _bhnd(x: Tensor) -> Tensor:
+    """[B, N, H, D] -> [B, H, N, D] view of BNHD-contiguous memory, 16-byte aligned."""
+    x = x.contiguous()
+    if x.data_ptr() % 16:  # a key slice can start mid-vector; the fused kernels need alignment
+        x = x.clone()
+    return x.transpose(1, 2)
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _expand_kv(x: Tensor, num_heads: int) -> Tensor:
+    return x.repeat_interleave(num_heads // x.shape[2], dim=2) if x.shape[2] != num_heads else x
+
+
+def _aten_forward(fwd, q, k, v, causal, scale):
+    nq, nk, h = q.shape[1], k.shape[1], q.shape[2]
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    if not causal or nq == nk:
+        out, lse = fwd(_bhnd(q), _bhnd(k), _bhnd(v), causal, scale)
+        return out.transpose(1, 2), lse[..., :nq].to(_lse_dtype(q))
+    p = nk - nq  # keys [0, p) are seen by every query; keys [p, nk) form a square causal block
+    qh = _bhnd(q)
+    out1, lse1 = fwd(qh, _bhnd(k[:, :p]), _bhnd(v[:, :p]), False, scale)
+    out2, lse2 = fwd(qh, _bhnd(k[:, p:]), _bhnd(v[:, p:]), True, scale)
+    out, lse = merge_partials(out1.transpose(1, 2), lse1[..., :nq], out2.transpose(1, 2), lse2[..., :nq])
+    return out.to(q.dtype), lse.to(_lse_dtype(q))
+
+
+def _aten_backward(bwd, dout, q, k, v, out, lse, causal, scale):
+    nq, nk, h = q.shape[1], k.shape[1], q.shape[2]
+    ke, ve = _expand_kv(k, h), _expand_kv(v, h)
+    qh, oh, doh, lse_c = _bhnd(q), _bhnd(out), _bhnd(dout), lse.to(_lse_dtype(q)).contiguous()
+    if not causal or nq == nk:
+        dq, dk, dv = bwd(doh, qh, _bhnd(ke), _bhnd(ve), oh, lse_c, causal, scale)[:3]
+        dq, dk, dv = dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    else:
+        # Each part's gradient, computed with the merged out/lse, is the gradient of that
+        # part's keys in the full softmax (P and rowsum(dO * O) are the full ones).
+        p = nk - nq
+        dq1, dk1, dv1 = bwd(doh, qh, _bhnd(ke[:, :p]), _bhnd(ve[:, :p]), oh, lse_c, False, scale)[:3]
+        dq2, dk2, dv2 = bwd(doh, qh, _bhnd(ke[:, p:]), _bhnd(ve[:, p:]), oh, lse_c, True, scale)[:3]
+        acc = torch.promote_types(dq1.dtype, torch.float32)
+        dq = (dq1.to(acc) + dq2.to(acc)).transpose(1, 2)
+        dk = torch.cat([dk1, dk2], dim=2).transpose(1, 2)
+        dv = torch.cat([dv1, dv2], dim=2).transpose(1, 2)
+    return dq.to(q.dtype), _sum_groups(dk, k), _sum_groups(dv, v)
+
+
+# ---------------------------------------------------------------- flash_attn package
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_attn_module() -> tuple[str, object] | None:
+    """The first flash_attn API that imports: FA3, then FA4 (CuTe DSL), then FA2."""
+    for flavor, name in (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute.interface"),
+                         ("fa2", "flash_attn.flash_attn_interface")):
+        try:
+            return flavor, importlib.import_module(name)
+        except Exception:  # not installed, or built for another torch / CUDA
+            continue
+    return None
+
+
+def _call(fn, *args, **kwargs):
+    """Call fn with only the keyword arguments its signature names (they vary by version)."""
+    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        kwargs = {key: val for key, val in kwargs.items() if key in params}
+    return fn(*args, **kwargs)
+
+
+def _fa_forward(q, k, v, causal, scale):
+    flavor, mod = _flash_attn_module()
+    if flavor == "fa4":
+        out, lse = _call(mod._flash_attn_fwd, q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
+        if lse is None:
+            raise RuntimeError("flash_attn.cute returned no lse; upgrade flash_attn")
+        return out, lse
+    out, lse = _call(mod._flash_attn_forward, q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal,
+                     window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
+                     return_softmax=False)[:2]
+    return out, lse
+
+
+def _fa_backward(dout, q, k, v, out, lse, causal, scale):
+    flavor, mod = _flash_attn_module()
+    q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
+    lse = lse.contiguous()
+    if flavor == "fa4":
+        return _call(mod._flash_attn_bwd, q, k, v, out, dout, lse, softmax_scale=scale, causal=causal)[:3]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _call(mod._flash_attn_backward, dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, dropout_p=0.0,
+          softmax_scale=scale, causal=causal, is_causal=causal, window_size_left=-1, window_size_right=-1,
+          softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------- dispatch
+
+
+_KERNELS = {  # name -> (forward(q, k, v, causal, scale), backward(dout, q, k, v, out, lse, causal, scale))
+    "flash_attn": (_fa_forward, _fa_backward),
+    "cudnn": (functools.partial(_aten_forward, _cudnn_fwd), functools.partial(_aten_backward, _cudnn_bwd)),
+    "flash": (functools.partial(_aten_forward, _flash_fwd), functools.partial(_aten_backward, _flash_bwd)),
+    "cpu_flash": (functools.partial(_aten_forward, _cpu_flash_fwd),
+                  functools.partial(_aten_backward, _cpu_flash_bwd)),
+    "math": (_math_forward, _math_backward),
+}
+
+
+def set_default_backend(name: str) -> None:
+    """Make `backend="auto"` mean `name` (e.g. from a config); "auto" restores the default."""
+    global _default_backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _default_backend = name
+
+
+def _unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """Why backend `name` cannot run on (device, dtype, head_dim), or None if it can."""
+    cuda = device.type == "cuda"
+    if name == "math":
+        return None
+    if name == "cpu_flash":
+        return None if device.type == "cpu" else f"cpu_flash runs on CPU tensors, got device {device}"
+    if not cuda:
+        return f"{name} needs CUDA tensors, got device {device}"
+    if dtype not in _HALF:
+        return f"{name} supports float16/bfloat16 only, got dtype {dtype}"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return f"{name} needs an sm80+ GPU"
+    if name == "flash_attn":
+        if _flash_attn_module() is None:
+            return "the flash_attn package is not installed (or does not import)"
+        if head_dim is not None and (head_dim % 8 or head_dim > 256):
+            return f"flash_attn needs head dim D % 8 == 0 and D <= 256, got D={head_dim}"
+    if name == "cudnn":
+        if not torch.backends.cudnn.is_available() or (torch.backends.cudnn.version() or 0) < 90000:
+            return "cudnn attention needs cuDNN >= 9"
+        if head_dim is not None and (head_dim % 8 or head_dim > 128):
+            return f"cudnn attention needs head dim D % 8 == 0 and D <= 128, got D={head_dim}"
+    if name == "flash" and head_dim is not None and head_dim > 256:
+        return f"flash attention needs head dim D <= 256, got D={head_dim}"
+    return None
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
+    """The concrete backend that `backend` means for tensors on `device` of `dtype`.
+
+    "auto" (or the name set by `set_default_backend`): on CUDA, flash_attn if importable,
+    else cudnn, else flash, else math (float32/float64); cpu_flash on CPU; math elsewhere.
+    An explicit backend that cannot run here raises RuntimeError saying why.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        backend = _default_backend
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu_flash"
+        candidates = ("flash_attn", "cudnn", "flash") if device.type == "cuda" else ()
+        return next((c for c in candidates if _unavailable(c, device, dtype, head_dim) is None), "math")
+    reason = _unavailable(backend, device, dtype, head_dim)
+    if reason is not None:
+        raise RuntimeError(f"attention backend {backend!r} is unavailable: {reason}")
+    return backend
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> float:
+    """Validate shapes, dtypes and devices; return the softmax scale."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, N, H, D], got shape {tuple(x.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name}.dtype ({x.dtype}) must equal q.dtype ({q.dtype})")
+        if x.device != q.device:
+            raise ValueError(f"{name}.device ({x.device}) must equal q.device ({q.device})")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    (b, nq, h, d), (bk, nk, hkv, dk) = q.shape, k.shape
+    if bk != b or dk != d:
+        raise ValueError(f"k must be [B={b}, Nk, Hkv, D={d}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if h % hkv:
+        raise ValueError(f"q heads H={h} must be a multiple of k/v heads Hkv={hkv} (GQA)")
+    if causal and nk < nq:
+        raise ValueError(f"causal attention needs Nk >= Nq (bottom-right aligned), got Nq={nq}, Nk={nk}")
+    return d**-0.5 if scale is None else float(scale)
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
+                      backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """Softmax attention. q [B, Nq, H, D], k/v [B, Nk, Hkv, D] -> (out [B, Nq, H, D], lse [B, H, Nq])."""
+    scale = _check(q, k, v, causal, scale)
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    return _KERNELS[name][0](q, k, v, causal, scale)
+
+
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                       causal: bool, scale: float | None = None, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients (dq, dk, dv) of attention, given the forward's out and lse (or merged ones)."""
+    scale = _check(q, k, v, causal, scale)
+    for name, x in (("dout", dout), ("out", out)):
+        if x.shape != q.shape or x.dtype != q.dtype or x.device != q.device:
+            raise ValueError(f"{name} must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}), "
+                             f"got {tuple(x.shape)}, {x.dtype}, {x.device}")
+    b, nq, h, _ = q.shape
+    if lse.shape != (b, h, nq) or not lse.is_floating_point() or lse.device != q.device:
+        raise ValueError(f"lse must be a float tensor of shape {(b, h, nq)} on {q.device}, "
+                         f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    return tuple(_KERNELS[name][1](dout, q, k, v, out, lse, causal, scale))
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
+                                        scale=ctx.scale, backend=ctx.backend)
+        return dq, dk, dv, None, None, None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
+              backend: str = "auto") -> Tensor:
+    """Differentiable attention through `attention_forward` / `attention_backward`; returns out."""
+    return _Attention.apply(q, k, v, causal, scale, backend)
+
+
+__all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "merge_partials",
+           "resolve_backend", "set_default_backend"]

@@ -1,0 +1,104 @@
+"""Build the model for a run: choose each layer's attention, then apply activation checkpointing
+and compile. This is the one place where the model meets parallelism."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from lh_dist.config import TrainConfig
+from lh_dist.model import Transformer
+from lh_dist.ops.attention import attention
+
+PHASES = ("lighthouse", "dense")
+
+
+class PhasedAttention(nn.Module):
+    """A layer's attention: Lighthouse or dense, switched by `phase` without touching weights."""
+
+    def __init__(self, dense_fn, lighthouse_fn=None):
+        super().__init__()
+        self.dense_fn, self.lighthouse_fn = dense_fn, lighthouse_fn
+        self.phase = "dense"
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.phase == "lighthouse" and self.lighthouse_fn is not None:
+            return self.lighthouse_fn(q, k, v)
+        return self.dense_fn(q, k, v)
+
+
+def dense_layer_ids(cfg: TrainConfig) -> set[int]:
+    n = cfg.model.n_layers
+    return {i % n for i in cfg.lighthouse.dense_layers}
+
+
+def _attention_fns(cfg: TrainConfig, cp_group) -> tuple:
+    """(dense_fn, lighthouse_fn) for local execution or for the CP group."""
+    lh, backend = cfg.lighthouse, cfg.model.attention_backend
+    lh_kwargs = dict(levels=lh.levels, pooling=lh.pooling, topk=lh.topk, scorer=lh.scorer,
+                     backend=lh.backend, attention_backend=backend)
+    if cp_group is None:
+        from lh_dist.ops.lighthouse import lighthouse_attention
+
+        return (partial(attention, causal=True, backend=backend), partial(lighthouse_attention, **lh_kwargs))
+    from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
+    from lh_dist.parallel.ring_attention import ring_attention
+
+    return (partial(ring_attention, group=cp_group, backend=backend),
+            partial(lighthouse_cp_attention, group=cp_group, exchange=cfg.parallel.lighthouse_exchange, **lh_kwargs))
+
+
+def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
+    dense_fn, lighthouse_fn = _attention_fns(cfg, cp_group)
+    always_dense = dense_layer_ids(cfg)
+    attention_fns = [PhasedAttention(dense_fn, None if i in always_dense else lighthouse_fn)
+                     for i in range(cfg.model.n_layers)]
+    model = Transformer(cfg.model, attention_fns)
+    if cfg.parallel.activation_checkpointing:
+        for layer in model.layers:
+            # Recompute each block in backward: activation memory falls from O(layers) to O(1) blocks.
+            layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    if cfg.parallel.compile:
+        for layer in model.layers:
+            layer.compile()
+    return model
+
+
+def set_phase(model: nn.Module, phase: str) -> None:
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    for module in model.modules():
+        if isinstance(module, PhasedAttention):
+            module.phase = phase
+
+
+def phase_at(cfg: TrainConfig, step: int) -> str:
+    """Phase of optimizer step `step` (0-based): Lighthouse for the first schedule.lighthouse_steps."""
+    return "lighthouse" if step < cfg.schedule.lighthouse_steps else "dense"
+
+
+def lighthouse_length(cfg: TrainConfig) -> int:
+    """Gathered length S = N / p^(L-1) + (L-1) p k of a Lighthouse layer for the training sequence."""
+    lh = cfg.lighthouse
+    return cfg.data.seq_len // lh.pooling ** (lh.levels - 1) + (lh.levels - 1) * lh.pooling * lh.topk
+
+
+def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward) counting the attention actually run."""
+    m, n = cfg.model, cfg.data.seq_len
+    # Causal attention forward: QK^T and PV, 2 FLOPs per MAC, half the pairs.
+    dense_attn = 2 * 2 * n * n / 2 * m.dim
+    n_lh_layers = m.n_layers - len(dense_layer_ids(cfg)) if phase == "lighthouse" else 0
+    s = lighthouse_length(cfg)
+    lh_attn = 2 * 2 * s * s / 2 * m.dim
+    attn_per_seq = (m.n_layers - n_lh_layers) * dense_attn + n_lh_layers * lh_attn
+    return 6 * n_params_matmul + 3 * attn_per_seq / n
+
+
+def default_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

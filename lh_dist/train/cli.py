@@ -1,0 +1,71 @@
+"""`lh-train`: train from a YAML config plus `section.field=value` overrides.
+
+    lh-train --config configs/tiny-cpu.yaml schedule.steps=100
+    torchrun --nproc-per-node 2 -m lh_dist.train.cli --config configs/tiny-cpu.yaml parallel.cp_degree=2
+    lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from lh_dist.config import ConfigError, TrainConfig, load_config
+
+
+def describe_plan(cfg: TrainConfig, world_size: int) -> str:
+    """The run's layout and batch math, computed without any process group or device."""
+    from lh_dist.parallel.mesh import plan_layout
+    from lh_dist.train.build import dense_layer_ids, lighthouse_length
+
+    cp = cfg.parallel.cp_degree
+    if world_size % cp:
+        raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world_size}")
+    dp = cfg.parallel.dp_degree or world_size // cp
+    plan = plan_layout(world_size, dp, cp)
+    seqs = cfg.data.micro_batch * cfg.optim.grad_accum * dp
+    lines = [
+        f"world size {world_size} = dp {dp} x cp {cp} (CP innermost: consecutive ranks share a sample)",
+        f"CP groups (ranks sharing one sample): {list(plan.cp_group_ranks)}",
+        f"DP groups: {list(plan.dp_group_ranks)}",
+        f"sequence {cfg.data.seq_len:,} tokens; {cfg.data.seq_len // cp:,} per rank in {2 * cp} zigzag chunks",
+        f"batch: micro_batch {cfg.data.micro_batch} x grad_accum {cfg.optim.grad_accum} x dp {dp} = {seqs} "
+        f"sequences = {seqs * cfg.data.seq_len:,} tokens per step",
+        f"steps {cfg.schedule.steps}: Lighthouse for {cfg.schedule.lighthouse_steps}, dense after",
+    ]
+    if cfg.schedule.lighthouse_steps:
+        lh = cfg.lighthouse
+        s = lighthouse_length(cfg)
+        lines.append(f"Lighthouse L={lh.levels} p={lh.pooling} k={lh.topk}: S = {s:,} ({s / cfg.data.seq_len:.3f} N); "
+                     f"dense layers {sorted(dense_layer_ids(cfg))}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML run file (default: built-in defaults)")
+    parser.add_argument("--resume", default="auto",
+                        help="'auto' (latest complete checkpoint in the run dir, if any), 'none', or a checkpoint folder")
+    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; do not train")
+    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                        help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(describe_plan(cfg, args.world_size))
+            return 0
+    except ConfigError as e:
+        print(f"lh-train: config error: {e}", file=sys.stderr)
+        return 2
+
+    from lh_dist.train.loop import Trainer
+
+    return Trainer(cfg, resume=args.resume).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

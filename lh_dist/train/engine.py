@@ -1,0 +1,99 @@
+"""DeepSpeed engine: the only module that imports deepspeed.
+
+The DeepSpeed config dict is derived from `TrainConfig` (`deepspeed_config`),
+never kept beside it. Gradients are averaged over the whole world, that is
+DP x CP: CP ranks hold equally many tokens of the same sample, so the mean of
+their local mean losses is the sample's mean loss.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lh_dist.config import TrainConfig
+
+
+def init_distributed(device: torch.device) -> None:
+    """Initialize torch.distributed through DeepSpeed from torchrun's environment variables."""
+    import deepspeed
+
+    if device.type == "cpu":
+        # DeepSpeed guesses the accelerator; on CPU-only machines say so to keep it quiet and certain.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config for this run; DeepSpeed counts every rank (DP x CP) as data parallel."""
+    bf16 = device.type == "cuda"
+    return {
+        "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
+        "gradient_accumulation_steps": cfg.optim.grad_accum,
+        "train_batch_size": cfg.data.micro_batch * cfg.optim.grad_accum * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # The torch implementation needs no JIT-built extension (none exist on CPU machines).
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norm gains (1-D) are not regularized."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, world_size: int, device: torch.device):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=deepspeed_config(cfg, world_size, device),
+    )
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def save_engine(engine, folder: Path) -> None:
+    """Write DeepSpeed's model and optimizer shards into `folder` (all ranks call this)."""
+    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+
+def load_engine(engine, folder: Path) -> None:
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
+
+
+def grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan")

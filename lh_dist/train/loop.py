@@ -1,0 +1,269 @@
+"""The training loop: Lighthouse then dense in one run, exact resume, stop signals, metrics."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lh_dist.config import ConfigError, TrainConfig, save_config
+from lh_dist.data.loader import PackedLoader, read_dataset_info
+from lh_dist.parallel.mesh import init_parallel_layout
+from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
+from lh_dist.train import engine as ds
+from lh_dist.train.build import build_model, default_device, flops_per_step_token, lighthouse_length, phase_at, set_phase
+from lh_dist.train.checkpoint import Checkpointer
+from lh_dist.train.metrics import Metrics, peak_flops
+
+# Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
+# EX_TEMPFAIL from sysexits.h, "try again later". SLURM scripts requeue on it.
+PREEMPTED_EXIT_CODE = 75
+
+
+class StopRequest:
+    """Remembers SIGTERM / SIGUSR1; the loop acts on it at the next step boundary, on all ranks at once."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def agreed(self, device) -> bool:
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the configured decay."""
+    s, base = cfg.schedule, cfg.optim.lr
+    if step < s.warmup_steps:
+        return base * (step + 1) / s.warmup_steps
+    if s.decay == "constant" or s.steps == s.warmup_steps:
+        return base
+    frac = (step - s.warmup_steps) / max(s.steps - s.warmup_steps - 1, 1)
+    floor = base * s.min_lr_ratio
+    if s.decay == "linear":
+        return floor + (base - floor) * (1 - frac)
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _all_mean(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= dist.get_world_size()
+    return x
+
+
+def _ensure_rendezvous_env() -> None:
+    """Let a plain `lh-train` (no torchrun) run as a world of one on a free local port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: str = "auto"):
+        self.cfg = cfg
+        info = read_dataset_info(cfg.data.path)
+        if info["vocab_size"] > cfg.model.vocab_size:
+            raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({info['vocab_size']} in "
+                              f"{cfg.data.path}), got {cfg.model.vocab_size}")
+        self.device = default_device(cfg)
+        _ensure_rendezvous_env()
+        ds.init_distributed(self.device)
+        world = dist.get_world_size()
+        cp = cfg.parallel.cp_degree
+        dp = cfg.parallel.dp_degree or world // cp
+        if world % cp:
+            raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world}")
+        self.layout = init_parallel_layout(dp, cp)
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        self.rank = dist.get_rank()
+        self.run_dir = Path(cfg.logging.run_dir)
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = build_model(cfg, self.layout.cp_group if cp > 1 else None).to(self.device)
+        self.n_params = model.num_params()
+        self.n_matmul_params = model.num_params() - model.embed.weight.numel()
+        self.engine = ds.build_engine(cfg, model, world, self.device)
+
+        self.tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * cfg.optim.grad_accum * dp
+        cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
+        loader_args = dict(seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch, dp_rank=self.layout.dp_rank,
+                           dp_degree=dp, cp_degree=cp, seed=cfg.seed, cache_dir=cache)
+        self.loader = PackedLoader(cfg.data.path, "train", **loader_args)
+        self.val_loader = PackedLoader(cfg.data.path, "val", **loader_args)
+        self.positions = zigzag_positions(cfg.data.seq_len, cp, self.layout.cp_rank, self.device)
+
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.rank)
+        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        folder = self.checkpointer.resolve(resume)
+        self.metrics = Metrics(self.run_dir, self.rank, cfg.schedule.steps)
+        if folder is not None:
+            state = self.checkpointer.load(self.engine, folder)
+            self.step = state["step"]
+            self.nonfinite_total = state["nonfinite_total"]
+            self.loader.load_state_dict(state["data"])
+            self.metrics.log(f"resumed from {folder} at step {self.step} ({phase_at(cfg, self.step)} phase)")
+        self.stop = StopRequest()
+        self.metrics.log(
+            f"lh_dist: {self.n_params / 1e6:.2f}M parameters, world {world} = dp {dp} x cp {cp}, "
+            f"{self.tokens_per_step:,} tokens/step, device {self.device}, run dir {self.run_dir}")
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def _micro_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = batch.to(self.device)  # [B, N + 1]
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        if self.layout.cp_degree > 1:
+            inputs = zigzag_shard(inputs, 1, self.layout.cp_degree, self.layout.cp_rank)
+            targets = zigzag_shard(targets, 1, self.layout.cp_degree, self.layout.cp_rank)
+        return inputs, targets
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.engine(inputs, self.positions)  # [B, N_local, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def train_step(self, lr: float) -> tuple[float, bool]:
+        """Forward/backward every micro-batch and update; returns (mean loss, finite)."""
+        losses, finite = [], True
+        accum = self.cfg.optim.grad_accum
+        for micro in range(accum):
+            inputs, targets = self._micro_batch(next(self.loader))
+            loss = self._loss(inputs, targets)
+            ok = torch.isfinite(loss.detach()).float()
+            if dist.is_initialized():
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not ok.item():
+                finite = False
+                # Keep DeepSpeed's micro-step bookkeeping intact with a zero, finite gradient.
+                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
+            losses.append(loss.detach())
+            if micro == accum - 1:
+                # A zero learning rate leaves every parameter unchanged: the step is skipped.
+                ds.set_lr(self.engine, lr if finite else 0.0)
+            self.engine.backward(loss)
+            self.engine.step()
+        mean = _all_mean(torch.stack(losses).mean().float())
+        return float(mean), finite
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        batches = self.val_loader.first(self.cfg.logging.eval_batches)
+        for batch in batches:
+            total += self._loss(*self._micro_batch(batch)).float()
+        self.engine.train()
+        return float(_all_mean(total / len(batches)))
+
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "phase": phase_at(self.cfg, max(self.step - 1, 0)),
+                "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total}
+
+    def save(self) -> Path:
+        folder = self.checkpointer.save(self.engine, self.step, self.trainer_state())
+        self.metrics.log(f"checkpoint {folder}")
+        return folder
+
+    # ---- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.cfg
+        phase = None
+        peak = peak_flops(self.device)
+        last_saved = self.step
+        while self.step < cfg.schedule.steps:
+            step_phase = phase_at(cfg, self.step)
+            if step_phase != phase:
+                set_phase(self.engine.module, step_phase)
+                if phase is not None or self.step > 0:
+                    self.metrics.log(f"step {self.step}: attention phase is now {step_phase}")
+                    self.metrics.text(self.step, "phase", f"{step_phase} from step {self.step}")
+                phase = step_phase
+
+            t0 = time.time()
+            lr = lr_at(cfg, self.step)
+            loss, finite = self.train_step(lr)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            self.step += 1
+
+            if finite:
+                self.nonfinite_run = 0
+            else:
+                self.nonfinite_total += 1
+                self.nonfinite_run += 1
+                self.metrics.log(f"step {self.step}: non-finite loss, step skipped "
+                                 f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
+                if self.nonfinite_run >= cfg.schedule.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{self.nonfinite_run} non-finite losses in a row (schedule.max_nonfinite_steps="
+                        f"{cfg.schedule.max_nonfinite_steps}); stopping. The last good checkpoint is "
+                        f"{self.checkpointer.latest()}")
+
+            tokens_per_s = self.tokens_per_step / dt
+            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.schedule.steps:
+                self._log_step(loss, lr, dt, tokens_per_s, phase, peak)
+            if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
+                val = self.validate()
+                self.metrics.scalars(self.step, {"val/loss": val})
+                self.metrics.log(f"step {self.step}: validation loss {val:.4f}")
+
+            stopping = self.stop.agreed(self.device)
+            if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.schedule.steps:
+                self.save()
+                last_saved = self.step
+            if stopping:
+                self.metrics.log(f"stop signal received: checkpointed step {last_saved}, exiting with "
+                                 f"{PREEMPTED_EXIT_CODE}")
+                self.metrics.close()
+                return PREEMPTED_EXIT_CODE
+        self.metrics.close()
+        return 0
+
+    def _log_step(self, loss, lr, dt, tokens_per_s, phase, peak) -> None:
+        world = dist.get_world_size()
+        values = {
+            "train/loss": loss, "train/lr": lr, "train/grad_norm": ds.grad_norm(self.engine),
+            "perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_device": tokens_per_s / world,
+            "train/phase_lighthouse": 1.0 if phase == "lighthouse" else 0.0,
+            "train/nonfinite_steps": self.nonfinite_total,
+        }
+        if phase == "lighthouse":
+            s = lighthouse_length(self.cfg)
+            values |= {"lighthouse/S": s, "lighthouse/S_over_N": s / self.cfg.data.seq_len}
+        if peak is not None:
+            flops = flops_per_step_token(self.cfg, self.n_matmul_params, phase) * tokens_per_s / world
+            values["perf/mfu"] = flops / peak
+        if self.device.type == "cuda":
+            values["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.metrics.scalars(self.step, values)
+        self.metrics.progress(self.step, loss, tokens_per_s, phase, lr)
