@@ -97,7 +97,7 @@ def _math_backward(dout, q, k, v, out, lse, causal, scale):
     dq = (ds @ kf) * scale
     dk = (ds.transpose(-1, -2) @ qf) * scale
     dv = p.transpose(-1, -2) @ do
-    return dq.transpose(1, 2), _sum_groups(dk.transpose(1, 2), k), _sum_groups(dv.transpose(1, 2), v)
+    return dq.transpose(1, 2).to(q.dtype), _sum_groups(dk.transpose(1, 2), k), _sum_groups(dv.transpose(1, 2), v)
 
 
 def _sum_groups(dx: Tensor, x: Tensor) -> Tensor:

@@ -127,13 +127,14 @@ def scatter_back(o: torch.Tensor, selection: Selection, length: int | None = Non
 
     Entry (l, i) covers positions [i*c + c - 1, i*c + 2c - 1) with c = p^l; equivalently
     out[t] = sum_l o[inverse_l[(t + 1) // c - 1]]. length defaults to n; a larger length keeps the
-    positions past the end of this sequence (chunk) that its last windows reach. Sums in fp32.
+    positions past the end of this sequence (chunk) that its last windows reach. Sums in (at least) fp32.
     """
     n, pooling = selection.n, selection.pooling
     length = n if length is None else length
     b, _, h, d = o.shape
     t = torch.arange(length, device=o.device)
-    out = torch.zeros(b, length, h, d, dtype=torch.float32, device=o.device)
+    acc_dtype = torch.promote_types(o.dtype, torch.float32)
+    out = torch.zeros(b, length, h, d, dtype=acc_dtype, device=o.device)
     for lvl, offset in enumerate(selection.offsets[:-1]):
         c = pooling**lvl
         window = (t + 1) // c - 1
@@ -141,7 +142,7 @@ def scatter_back(o: torch.Tensor, selection: Selection, length: int | None = Non
         pos = selection.inverse[:, :, offset + window.clamp(0, n // c - 1)]  # [B, Hkv, length]
         valid = valid & (pos >= 0)
         contrib = o.gather(1, _per_head(pos.clamp(min=0), h, d))  # [B, length, H, D]
-        out = out + contrib.float() * _per_head(valid, h, 1)
+        out = out + contrib.to(acc_dtype) * _per_head(valid, h, 1)
     return out.to(o.dtype)
 
 

@@ -1,0 +1,310 @@
+"""lh_dist.ops.attention: every backend that runs here against a float64 reference.
+
+Checked: out, lse, dq, dk, dv; causal (bottom-right) and not; Nq == Nk, Nq < Nk, odd
+lengths, Nq > Nk (non-causal); GQA (H=4 with Hkv 4, 2, 1); every dtype a backend takes.
+The CPU tests cover cpu_flash and math; their `gpu` twins cover flash_attn (if
+installed), cudnn, flash and math on CUDA, and are skipped without a GPU.
+
+Tolerance: the error of PyTorch's own plain SDPA (math backend, same dtype, same
+device, explicit mask) against the same float64 reference sets the scale of what
+rounding in that dtype costs; a backend may be at most 2x worse, plus a floor of one
+rounding step at the largest magnitude (`eps * max|ref|`), because the baseline's
+maximum error can by chance fall below the rounding every kernel must do on storing.
+"""
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lh_dist.ops import (
+    BACKENDS,
+    attention,
+    attention_backward,
+    attention_forward,
+    merge_partials,
+    resolve_backend,
+    set_default_backend,
+)
+from lh_dist.ops import attention as attention_module
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+HALF = (torch.bfloat16, torch.float16)
+ALL = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED = {"cpu_flash": ALL, "math": ALL, "cudnn": HALF, "flash": HALF, "flash_attn": HALF}
+CPU_CASES = [(b, dt) for b in ("cpu_flash", "math") for dt in SUPPORTED[b]]
+GPU_CASES = [(b, dt) for b in ("flash_attn", "cudnn", "flash", "math") for dt in SUPPORTED[b] if dt != torch.float64]
+
+D = 64
+SHAPES = [  # (B, Nq, Nk, H, Hkv)
+    (2, 64, 64, 4, 4),
+    (2, 64, 192, 4, 2),
+    (1, 63, 77, 4, 1),
+    (2, 77, 77, 4, 2),
+    (1, 80, 48, 4, 4),  # Nq > Nk: non-causal only
+]
+
+
+def _ids(case):
+    return f"{case[0]}-{str(case[1]).removeprefix('torch.')}"
+
+
+def _shape_id(s):
+    return "B{}-Nq{}-Nk{}-H{}-Hkv{}".format(*s)
+
+
+def make_inputs(shape, dtype, device, seed=0):
+    b, nq, nk, h, hkv = shape
+    gen = torch.Generator().manual_seed(seed)
+    q, dout = (torch.randn(b, nq, h, D, generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, nk, hkv, D, generator=gen) for _ in range(2))
+    return tuple(x.to(device=device, dtype=dtype) for x in (q, k, v, dout))
+
+
+def causal_mask(nq, nk, device):
+    """Bottom-right aligned: True where query i may see key j."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    return j <= i + (nk - nq)
+
+
+def reference(q, k, v, dout, causal):
+    """float64 on the CPU, written out and differentiated by autograd."""
+    q, k, v = (x.detach().cpu().double().requires_grad_() for x in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(group, 2)) * D**-0.5
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[1], k.shape[1], "cpu"), float("-inf"))
+    out = torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.repeat_interleave(group, 2))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout.cpu().double())
+    return out.detach(), s.logsumexp(-1).detach(), dq, dk, dv
+
+
+@contextlib.contextmanager
+def same_dtype_math():
+    """PyTorch's math SDPA, computing in the input dtype (by default it upcasts fp16/bf16)."""
+    flag = torch.backends.cuda.fp16_bf16_reduction_math_sdp_allowed()
+    torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(flag)
+
+
+def plain_sdpa(q, k, v, dout, causal):
+    """The baseline: plain SDPA in q.dtype on q.device; lse from same-dtype scores."""
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    mask = causal_mask(q.shape[1], k.shape[1], q.device) if causal else None
+    with same_dtype_math():
+        out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2])
+        dq, dk, dv = torch.autograd.grad(out, (qt, kt, vt), dout.transpose(1, 2))
+    group = q.shape[2] // k.shape[2]
+    s = (qt @ kt.repeat_interleave(group, 1).transpose(-1, -2) * D**-0.5).float()
+    if causal:
+        s = s.masked_fill(~mask, float("-inf"))
+    dq, dk, dv = (g.transpose(1, 2) for g in (dq, dk, dv))
+    return out.detach().transpose(1, 2), s.logsumexp(-1).detach(), dq, dk, dv
+
+
+def max_err(x, ref):
+    return (x.detach().cpu().double() - ref).abs().max().item()
+
+
+def check_against_reference(backend, dtype, device, shape, causal):
+    q, k, v, dout = make_inputs(shape, dtype, device)
+    out, lse = attention_forward(q, k, v, causal=causal, backend=backend)
+    assert out.shape == q.shape and out.dtype == dtype and out.device == q.device
+    assert lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    grads = attention_backward(dout, q, k, v, out, lse, causal=causal, backend=backend)
+    for g, x in zip(grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype and g.device == x.device
+
+    refs = reference(q, k, v, dout, causal)
+    base = plain_sdpa(q, k, v, dout, causal)
+    eps = torch.finfo(dtype).eps
+    for name, got, b, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), base, refs):
+        assert torch.isfinite(got).all(), name
+        err, base_err = max_err(got, ref), max_err(b, ref)
+        tol = 2 * base_err + eps * ref.abs().max().item()
+        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (plain SDPA's: {base_err:.3g})"
+
+
+# ------------------------------------------------------------------ correctness
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("case", CPU_CASES, ids=_ids)
+def test_backend_matches_reference_cpu(case, shape, causal):
+    if causal and shape[1] > shape[2]:
+        pytest.skip("causal needs Nk >= Nq")
+    check_against_reference(*case, "cpu", shape, causal)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
+def test_backend_matches_reference_gpu(case, shape, causal):
+    if causal and shape[1] > shape[2]:
+        pytest.skip("causal needs Nk >= Nq")
+    if case[0] == "flash_attn" and attention_module._flash_attn_module() is None:
+        pytest.skip("flash_attn is not installed")
+    check_against_reference(*case, "cuda", shape, causal)
+
+
+def _autograd_matches_explicit(backend, dtype, device):
+    q, k, v, dout = make_inputs((2, 48, 80, 4, 2), dtype, device)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out = attention(q, k, v, causal=True, backend=backend)
+    out.backward(dout)
+    ref_out, lse = attention_forward(q.detach(), k.detach(), v.detach(), causal=True, backend=backend)
+    grads = attention_backward(dout, q.detach(), k.detach(), v.detach(), ref_out, lse, causal=True, backend=backend)
+    torch.testing.assert_close(out.detach(), ref_out, rtol=0, atol=0)
+    for x, g in zip((q, k, v), grads):
+        torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "math"])
+def test_autograd_matches_explicit_backward_cpu(backend):
+    _autograd_matches_explicit(backend, torch.float32, "cpu")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "math"])
+def test_autograd_matches_explicit_backward_gpu(backend):
+    _autograd_matches_explicit(backend, torch.bfloat16, "cuda")
+
+
+def test_math_backward_gradcheck():
+    # the explicit math backward against finite differences (float64)
+    q, k, v, _ = make_inputs((1, 5, 9, 2, 1), torch.float64, "cpu")
+    q, k, v = (x[..., :8].contiguous().requires_grad_() for x in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, causal=True, backend="math"), (q, k, v))
+
+
+def _noncontiguous_inputs(backend, dtype, device):
+    # q, k, v as strided views of one packed projection, as a fused QKV linear gives them
+    b, n, h = 2, 40, 4
+    qkv = torch.randn(b, n, 3, h, D, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(2)
+    dout = torch.randn(b, n, h, D, device=device, dtype=dtype)
+    out, lse = attention_forward(q, k, v, causal=True, backend=backend)
+    grads = attention_backward(dout, q, k, v, out, lse, causal=True, backend=backend)
+    qc, kc, vc = (x.contiguous() for x in (q, k, v))
+    out_c, lse_c = attention_forward(qc, kc, vc, causal=True, backend=backend)
+    grads_c = attention_backward(dout, qc, kc, vc, out_c, lse_c, causal=True, backend=backend)
+    for got, want in zip((out, lse, *grads), (out_c, lse_c, *grads_c)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["cpu_flash", "math"])
+def test_noncontiguous_inputs_cpu(backend):
+    _noncontiguous_inputs(backend, torch.float32, "cpu")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "math"])
+def test_noncontiguous_inputs_gpu(backend):
+    _noncontiguous_inputs(backend, torch.bfloat16, "cuda")
+
+
+# ------------------------------------------------------------------ merge_partials
+
+
+@pytest.mark.parametrize("split", [1, 17, 40])
+def test_merge_partials_equals_attention_over_union(split):
+    q, k, v, _ = make_inputs((2, 24, 48, 4, 2), torch.float64, "cpu")
+    out, lse = attention_forward(q, k, v, causal=False, backend="math")
+    o1, l1 = attention_forward(q, k[:, :split], v[:, :split], causal=False, backend="math")
+    o2, l2 = attention_forward(q, k[:, split:], v[:, split:], causal=False, backend="math")
+    merged, merged_lse = merge_partials(o1, l1, o2, l2)
+    torch.testing.assert_close(merged, out)
+    torch.testing.assert_close(merged_lse, lse)
+
+
+def test_merge_partials_empty_parts():
+    q, k, v, _ = make_inputs((1, 8, 8, 2, 2), torch.bfloat16, "cpu")
+    o1, l1 = attention_forward(q, k, v, causal=False, backend="math")
+    empty_lse = torch.full_like(l1, float("-inf"))
+    out, lse = merge_partials(o1, l1, torch.zeros_like(o1), empty_lse)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out, o1.float())
+    torch.testing.assert_close(lse, l1)
+    out, lse = merge_partials(torch.zeros_like(o1), empty_lse, torch.zeros_like(o1), empty_lse)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+# ------------------------------------------------------------------ dispatch and errors
+
+
+@pytest.fixture
+def restore_default_backend():
+    yield
+    set_default_backend("auto")
+
+
+def test_resolve_backend_cpu(restore_default_backend):
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.bfloat16) == "cpu_flash"
+    assert resolve_backend("math", cpu, torch.bfloat16) == "math"
+    set_default_backend("math")
+    assert resolve_backend("auto", cpu, torch.float32) == "math"
+    set_default_backend("auto")
+    assert resolve_backend("auto", cpu, torch.float32) == "cpu_flash"
+    for name in ("cudnn", "flash", "flash_attn"):
+        with pytest.raises(RuntimeError, match=f"backend '{name}' is unavailable"):
+            resolve_backend(name, cpu, torch.bfloat16)
+
+
+def test_bad_backend_name_lists_backends():
+    q, k, v, _ = make_inputs((1, 4, 4, 2, 2), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="backend") as info:
+        attention_forward(q, k, v, causal=True, backend="flash2")
+    assert all(name in str(info.value) for name in BACKENDS)
+    with pytest.raises(ValueError, match="backend"):
+        set_default_backend("fast")
+
+
+def test_input_errors_name_the_parameter():
+    q, k, v, dout = make_inputs((1, 8, 6, 4, 2), torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"causal.*Nk >= Nq.*Nq=8, Nk=6"):
+        attention_forward(q, k, v, causal=True)
+    attention_forward(q, k, v, causal=False)  # fine without the mask
+    k3, v3 = make_inputs((1, 8, 8, 3, 3), torch.float32, "cpu")[1:3]
+    with pytest.raises(ValueError, match=r"H=4.*Hkv=3"):
+        attention_forward(q, k3, v3, causal=False)
+    with pytest.raises(ValueError, match=r"k\.dtype"):
+        attention_forward(q, k.double(), v, causal=False)
+    with pytest.raises(ValueError, match=r"v\.device"):
+        attention_forward(q, k, v.to("meta"), causal=False)
+    with pytest.raises(ValueError, match=r"q must be 4-D"):
+        attention_forward(q[0], k, v, causal=False)
+    out, lse = attention_forward(q, k, v, causal=False)
+    with pytest.raises(ValueError, match=r"lse must"):
+        attention_backward(dout, q, k, v, out, lse[:, :2], causal=False)
+    with pytest.raises(ValueError, match=r"dout must"):
+        attention_backward(dout.half(), q, k, v, out, lse, causal=False)
+
+
+@gpu
+@needs_cuda
+def test_resolve_backend_gpu():
+    cuda = torch.device("cuda")
+    assert resolve_backend("auto", cuda, torch.bfloat16) in ("flash_attn", "cudnn", "flash")
+    assert resolve_backend("auto", cuda, torch.float32) == "math"
+    assert resolve_backend("auto", cuda, torch.bfloat16, head_dim=512) == "math"
+    with pytest.raises(RuntimeError, match="cpu_flash"):
+        resolve_backend("cpu_flash", cuda, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="float16/bfloat16"):
+        resolve_backend("cudnn", cuda, torch.float32)

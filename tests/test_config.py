@@ -1,0 +1,55 @@
+import pytest
+import yaml
+
+from lh_dist.config import ConfigError, load_config, save_config
+
+
+def test_configs_in_repo_load():
+    tiny = load_config("configs/tiny-cpu.yaml")
+    assert tiny.parallel.cp_degree == 2
+    paper = load_config("configs/paper-530m-98k.yaml")
+    m = paper.model
+    assert (m.dim, m.n_layers, m.n_heads, m.n_kv_heads, m.ffn_hidden) == (1024, 30, 8, 8, 1536)
+    assert paper.data.seq_len == 98304 and m.rope_theta == 10000.0
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config("configs/tiny-cpu.yaml", ["optim.lr=0.01", "schedule.steps=70", "lighthouse.dense_layers=[0, -1]"])
+    assert cfg.optim.lr == 0.01 and cfg.schedule.steps == 70 and cfg.lighthouse.dense_layers == [0, -1]
+
+
+@pytest.mark.parametrize("override, field, allowed", [
+    ("model.dimm=3", "model.dimm", "allowed keys under model"),
+    ("optim.lr=fast", "optim.lr", "a number"),
+    ("optim.lr=-1", "optim.lr", "positive"),
+    ("schedule.steps=1.5", "schedule.steps", "an integer"),
+    ("schedule.decay=exp", "schedule.decay", "'constant', 'linear', 'cosine'"),
+    ("model.n_kv_heads=3", "model.n_kv_heads", "a divisor of model.n_heads"),
+    ("parallel.zero_stage=4", "parallel.zero_stage", "one of 0, 1, 2, 3"),
+    ("data.seq_len=510", "data.seq_len", "divisible by 2 * parallel.cp_degree"),
+    ("lighthouse.pooling=3", "lighthouse.pooling", "a power of two"),
+    ("lighthouse.topk=100", "lighthouse.topk", "multiple of 128"),
+    ("model.tie_embeddings=1", "model.tie_embeddings", "true or false"),
+    ("nonsense=1", "nonsense", "allowed keys under the top level"),
+])
+def test_bad_values_name_the_field(override, field, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny-cpu.yaml", [override])
+    assert field in str(err.value) and allowed in str(err.value)
+
+
+def test_lighthouse_shape_checked_only_when_used():
+    load_config("configs/tiny-cpu.yaml", ["lighthouse.topk=4096"])  # dense run: not checked
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        load_config("configs/tiny-cpu.yaml", ["schedule.lighthouse_steps=10", "lighthouse.topk=512"])
+    cfg = load_config("configs/tiny-cpu.yaml", ["schedule.lighthouse_steps=10", "lighthouse.topk=512",
+                                                "lighthouse.levels=2", "data.seq_len=2048"])
+    assert cfg.schedule.lighthouse_steps == 10
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/tiny-cpu.yaml", ["optim.lr=0.02"])
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["optim"]["lr"] == 0.02
