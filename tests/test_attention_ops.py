@@ -7,9 +7,12 @@ installed), cudnn, flash and math on CUDA, and are skipped without a GPU.
 
 Tolerance: the error of PyTorch's own plain SDPA (math backend, same dtype, same
 device, explicit mask) against the same float64 reference sets the scale of what
-rounding in that dtype costs; a backend may be at most 2x worse, plus a floor of one
-rounding step at the largest magnitude (`eps * max|ref|`), because the baseline's
-maximum error can by chance fall below the rounding every kernel must do on storing.
+rounding in that dtype costs. A backend's RMS error may be at most 2x the baseline's,
+and its max error at most 4x (the max of rounding noise is a noisy statistic: in fp32
+two equally good implementations differ by 2x at times; the max still catches a
+localized bug, such as one wrong row, that RMS would dilute). Each bound adds a floor
+of one rounding step (`eps` times the reference's RMS / max), because the baseline
+can by chance land below the rounding every kernel must do on storing in the dtype.
 """
 
 import contextlib
@@ -49,13 +52,12 @@ SHAPES = [  # (B, Nq, Nk, H, Hkv)
     (1, 80, 48, 4, 4),  # Nq > Nk: non-causal only
 ]
 
+SHAPE_CASES = [(s, c) for s in SHAPES for c in (True, False) if not (c and s[1] > s[2])]
+SHAPE_IDS = ["B{}-Nq{}-Nk{}-H{}-Hkv{}".format(*s) + ("-causal" if c else "-full") for s, c in SHAPE_CASES]
+
 
 def _ids(case):
     return f"{case[0]}-{str(case[1]).removeprefix('torch.')}"
-
-
-def _shape_id(s):
-    return "B{}-Nq{}-Nk{}-H{}-Hkv{}".format(*s)
 
 
 def make_inputs(shape, dtype, device, seed=0):
@@ -112,8 +114,10 @@ def plain_sdpa(q, k, v, dout, causal):
     return out.detach().transpose(1, 2), s.logsumexp(-1).detach(), dq, dk, dv
 
 
-def max_err(x, ref):
-    return (x.detach().cpu().double() - ref).abs().max().item()
+def errors(x, ref):
+    """(RMS error, max error) of x against the float64 reference."""
+    diff = x.detach().cpu().double() - ref
+    return diff.pow(2).mean().sqrt().item(), diff.abs().max().item()
 
 
 def check_against_reference(backend, dtype, device, shape, causal):
@@ -131,31 +135,27 @@ def check_against_reference(backend, dtype, device, shape, causal):
     eps = torch.finfo(dtype).eps
     for name, got, b, ref in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), base, refs):
         assert torch.isfinite(got).all(), name
-        err, base_err = max_err(got, ref), max_err(b, ref)
-        tol = 2 * base_err + eps * ref.abs().max().item()
-        assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g} (plain SDPA's: {base_err:.3g})"
+        (rms, mx), (base_rms, base_mx) = errors(got, ref), errors(b, ref)
+        tol_rms = 2 * base_rms + eps * ref.pow(2).mean().sqrt().item()
+        tol_max = 4 * base_mx + eps * ref.abs().max().item()
+        assert rms <= tol_rms, f"{name}: RMS error {rms:.3g} > {tol_rms:.3g} (plain SDPA's: {base_rms:.3g})"
+        assert mx <= tol_max, f"{name}: max error {mx:.3g} > {tol_max:.3g} (plain SDPA's: {base_mx:.3g})"
 
 
 # ------------------------------------------------------------------ correctness
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape, causal", SHAPE_CASES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("case", CPU_CASES, ids=_ids)
 def test_backend_matches_reference_cpu(case, shape, causal):
-    if causal and shape[1] > shape[2]:
-        pytest.skip("causal needs Nk >= Nq")
     check_against_reference(*case, "cpu", shape, causal)
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape, causal", SHAPE_CASES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_backend_matches_reference_gpu(case, shape, causal):
-    if causal and shape[1] > shape[2]:
-        pytest.skip("causal needs Nk >= Nq")
     if case[0] == "flash_attn" and attention_module._flash_attn_module() is None:
         pytest.skip("flash_attn is not installed")
     check_against_reference(*case, "cuda", shape, causal)

@@ -62,9 +62,22 @@ def literal_lighthouse(q, k, v, levels, p, topk):
             q_norm = [max(q[b, t, hh].norm().item() for hh in heads) for t in range(n)]
             k_norm = [k[b, t, g].norm().item() for t in range(n)]
             entries = literal_entries(q_norm, k_norm, n, levels, p, topk)
-            qg = torch.stack([q[b, i * p**lvl : (i + 1) * p**lvl, heads].mean(0) for lvl, i in entries])
-            kg = torch.stack([k[b, i * p**lvl : (i + 1) * p**lvl, g].mean(0) for lvl, i in entries])
-            vg = torch.stack([v[b, i * p**lvl : (i + 1) * p**lvl, g].mean(0) for lvl, i in entries])
+            # Entry (l, i) is the mean of tokens [i*c, (i+1)*c), c = p^l.
+            members, tokens, weights = [], [], []
+            for m, (lvl, i) in enumerate(entries):
+                c = p**lvl
+                for t in range(i * c, (i + 1) * c):
+                    members.append(m)
+                    tokens.append(t)
+                    weights.append(1.0 / c)
+            members, tokens = torch.tensor(members), torch.tensor(tokens)
+            weights = torch.tensor(weights, dtype=q.dtype)
+
+            def window_means(x):
+                return torch.zeros(len(entries), *x.shape[1:], dtype=x.dtype).index_add(
+                    0, members, x[tokens] * weights.view(-1, *[1] * (x.dim() - 1)))
+
+            qg, kg, vg = window_means(q[b][:, heads]), window_means(k[b, :, g]), window_means(v[b, :, g])
             s = len(entries)
             logits = torch.einsum("sgd,rd->gsr", qg, kg) / d**0.5
             logits = logits.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))

@@ -32,13 +32,18 @@ def _is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
-def _download(remote: str, local: str) -> None:
+def _streaming_remote(url: str) -> str:
+    """The remote as streaming names it: streaming reads a file:// location as a plain path."""
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def _download(url: str, local: str) -> None:
     from streaming.base.storage import CloudDownloader  # importing streaming takes seconds
 
     # Several ranks may fetch the same file: each writes its own temporary file,
     # then renames it into place atomically.
     tmp = f"{local}.{os.getpid()}.tmp"
-    CloudDownloader.direct_download(remote, tmp)
+    CloudDownloader.direct_download(_streaming_remote(url), tmp)
     os.replace(tmp, local)
 
 
@@ -70,9 +75,12 @@ class PackedLoader:
     `split="train"` repeats forever, reshuffling documents every epoch.
     `split="val"` is finite: one pass in stored order over the batches that every
     rank can fill (`num_batches`, at most `max_batches`); each `iter()` restarts it.
-    `path` is a local directory, read in place when `cache_dir` is None; with
-    `cache_dir` it may be any URL streaming supports (s3://, gs://, ... or a
-    directory), whose shards are downloaded into `cache_dir` as needed.
+    `path` is a local directory, read in place (`cache_dir` is then unused), or a
+    URL streaming supports (s3://, gs://, oci://, hf://, ...), whose shards are
+    downloaded into `cache_dir` as needed. A `file://` URL is copied the same way,
+    e.g. from a slow shared filesystem to a local disk.
+    `cp_degree` only describes the layout: the ranks of a CP group share a
+    dp_rank and so get the same samples.
     Every rank of the job must build its loaders together (streaming
     coordinates the processes of a node while opening a dataset).
     """
@@ -108,6 +116,7 @@ class PackedLoader:
         self.dp_rank, self.dp_degree, self.cp_degree = dp_rank, dp_degree, cp_degree
         self.info = read_dataset_info(self.path)
         self.eod_id = int(self.info["eod_id"])
+        cache_dir = cache_dir if _is_remote(path) else None
         self._dataset = self._open_dataset(cache_dir)
         self._lengths = self._read_lengths(cache_dir)
         if len(self._lengths) != self._dataset.num_samples:
@@ -141,10 +150,16 @@ class PackedLoader:
     def _open_dataset(self, cache_dir: str | None):
         from streaming import StreamingDataset  # importing streaming takes seconds
 
+        # streaming picks one process per node to set up shared memory from these
+        # variables; without LOCAL_WORLD_SIZE every rank would think it is that process.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
+            raise RuntimeError("WORLD_SIZE > 1 but LOCAL_WORLD_SIZE is unset: launch with torchrun, or set LOCAL_RANK and LOCAL_WORLD_SIZE")
         if cache_dir is None:
             self._check_local_shards()
             return StreamingDataset(local=self.path, split=self.split)
-        return StreamingDataset(remote=self.path, local=cache_dir, split=self.split, validate_hash="sha1")
+        return StreamingDataset(
+            remote=_streaming_remote(self.path), local=cache_dir, split=self.split, validate_hash="sha1"
+        )
 
     def _check_local_shards(self) -> None:
         """Fail early, naming the file, when a shard of a local dataset is missing or truncated."""

@@ -46,3 +46,49 @@ class RingExchange:
             dist.P2POp(dist.irecv, recv, self.prev_peer, self.group, tag),
         ]
         return PendingRecv(dist.batch_isend_irecv(ops), send, recv)
+
+
+# Newer torch renames the tensor collectives; older releases only have the *_tensor names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather_stacked(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Every rank's x, stacked in group-rank order: [*S] -> [W, *S]."""
+    # Flat buffers: backends disagree on which shapes of the stacked buffer they accept.
+    out = torch.empty(dist.get_world_size(group) * x.numel(), dtype=x.dtype, device=x.device)
+    _all_gather_single(out, x.contiguous().view(-1), group=group)
+    return out.view(-1, *x.shape)
+
+
+def reduce_scatter_stacked(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sum over ranks of x[my rank]: [W, *S] -> [*S]."""
+    out = torch.empty(x[0].numel(), dtype=x.dtype, device=x.device)
+    _reduce_scatter_single(out, x.contiguous().view(-1), group=group)
+    return out.view(x.shape[1:])
+
+
+def exchange_with_neighbors(to_prev, to_next, group: dist.ProcessGroup):
+    """Along the chain of group ranks 0..W-1, send to_prev to rank-1 and to_next to rank+1.
+
+    Returns (from_prev, from_next): what rank-1 sent to its next and rank+1 to its prev.
+    All four tensors have one shape; the ends of the chain pass and get None.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    assert (to_prev is None) == (rank == 0) and (to_next is None) == (rank == world - 1)
+    ops, from_prev, from_next = [], None, None
+    if rank > 0:
+        peer = dist.get_global_rank(group, rank - 1)
+        from_prev = torch.empty_like(to_prev)
+        ops += [dist.P2POp(dist.isend, to_prev.contiguous(), peer, group),
+                dist.P2POp(dist.irecv, from_prev, peer, group)]
+    if rank < world - 1:
+        peer = dist.get_global_rank(group, rank + 1)
+        from_next = torch.empty_like(to_next)
+        ops += [dist.P2POp(dist.isend, to_next.contiguous(), peer, group),
+                dist.P2POp(dist.irecv, from_next, peer, group)]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return from_prev, from_next
+

@@ -97,3 +97,16 @@ def load_engine(engine, folder: Path) -> None:
 def grad_norm(engine) -> float:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else float("nan")
+
+
+def load_model_state(folder: Path) -> dict:
+    """Full fp32 model state dict from a checkpoint folder, whatever the ZeRO stage (no process group needed)."""
+    folder = Path(folder)
+    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
+    return {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}

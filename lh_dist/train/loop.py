@@ -116,7 +116,7 @@ class Trainer:
         loader_args = dict(seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch, dp_rank=self.layout.dp_rank,
                            dp_degree=dp, cp_degree=cp, seed=cfg.seed, cache_dir=cache)
         self.loader = PackedLoader(cfg.data.path, "train", **loader_args)
-        self.val_loader = PackedLoader(cfg.data.path, "val", **loader_args)
+        self.val_loader = PackedLoader(cfg.data.path, "val", max_batches=cfg.logging.eval_batches, **loader_args)
         self.positions = zigzag_positions(cfg.data.seq_len, cp, self.layout.cp_rank, self.device)
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.rank)
@@ -175,12 +175,12 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         self.engine.eval()
-        total = torch.zeros((), device=self.device)
-        batches = self.val_loader.first(self.cfg.logging.eval_batches)
-        for batch in batches:
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in self.val_loader:  # the same first eval_batches batches every time
             total += self._loss(*self._micro_batch(batch)).float()
+            count += 1
         self.engine.train()
-        return float(_all_mean(total / len(batches)))
+        return float(_all_mean(total / count))
 
     def trainer_state(self) -> dict:
         return {"step": self.step, "phase": phase_at(self.cfg, max(self.step - 1, 0)),

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from lh_dist.ops.attention import attention
+
 from .layout import Selection, level_offsets
 from .scorers import get_scorer
 from .validation import TILE_SELECT
@@ -148,13 +150,6 @@ def scatter_back(o: torch.Tensor, selection: Selection, length: int | None = Non
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Causal attention over the gathered sequence, [B, S, H, D] with GQA."""
-    try:
-        from lh_dist.ops.attention import attention
-    except ImportError:  # TEMPORARY until lh_dist.ops.attention lands
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-        )
-        return o.transpose(1, 2)
     return attention(q, k, v, causal=True, backend=backend)
 
 

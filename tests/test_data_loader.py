@@ -1,0 +1,179 @@
+"""PackedLoader: packing, determinism, exact resume, DP/CP sharding on real ranks, errors."""
+
+import itertools
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from lh_dist.data.loader import PackedLoader, read_dataset_info
+from lh_dist.data.shards import write_dataset
+from lh_dist.data.tokenizer import ByteTokenizer
+from lh_dist.parallel.spawn import spawn_ranks
+
+EOD = 256
+SEQ_LEN = 63
+
+
+def _documents():
+    # Lengths from 1 to a few hundred bytes: some documents span several samples.
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        yield f"doc{i:03}", "".join(chr(97 + (i + j) % 26) for j in range(int(rng.integers(1, 300))))
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    path = tmp_path_factory.mktemp("packed") / "data"
+    write_dataset(_documents(), path, ByteTokenizer(), source="test", val_fraction=0.2, shard_size=4096, log=lambda _: None)
+    return path
+
+
+def _loader(path, split="train", **overrides):
+    kwargs = dict(seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, cp_degree=1, seed=7)
+    kwargs.update(overrides)
+    return PackedLoader(str(path), split, **kwargs)
+
+
+def _docs_of_split(path, split):
+    from streaming import StreamingDataset
+
+    data = StreamingDataset(local=str(path), split=split)
+    return [data[i]["tokens"].astype(np.int64) for i in range(data.num_samples)]
+
+
+def test_val_packs_documents_in_order_with_eod_between(dataset):
+    loader = _loader(dataset, "val")
+    batches = list(loader)
+    assert len(batches) == len(loader) > 1
+    assert all(b.shape == (2, SEQ_LEN + 1) and b.dtype == torch.int64 for b in batches)
+    stream = np.concatenate([np.append(doc, EOD) for doc in _docs_of_split(dataset, "val")])
+    packed = torch.cat(batches).reshape(-1).numpy()
+    assert np.array_equal(packed, stream[: len(packed)])
+    assert (packed == EOD).sum() > 1
+    # A second pass gives the same batches; max_batches takes the first K of them.
+    assert all(torch.equal(a, b) for a, b in zip(batches, loader))
+    first_two = list(_loader(dataset, "val", max_batches=2))
+    assert len(first_two) == 2 and all(torch.equal(a, b) for a, b in zip(first_two, batches))
+
+
+def test_train_epoch_is_a_shuffle_of_whole_documents(dataset):
+    loader = _loader(dataset, micro_batch=1)
+    epoch = np.concatenate([next(loader)[0].numpy() for _ in range(loader.samples_per_epoch)])
+    pieces = np.split(epoch, np.flatnonzero(epoch == EOD) + 1)
+    whole = [p[:-1].tobytes() for p in pieces[:-1]]  # the last piece is the dropped tail's start
+    docs = sorted(doc.tobytes() for doc in _docs_of_split(dataset, "train"))
+    assert len(whole) == len(set(whole)) and set(whole) <= set(docs) and len(docs) - len(whole) <= 1
+    order = [docs.index(w) for w in whole]
+    assert order != sorted(order)  # shuffled
+    # The next epoch uses another order.
+    second = np.concatenate([next(loader)[0].numpy() for _ in range(loader.samples_per_epoch)])
+    assert not np.array_equal(epoch, second)
+
+
+def test_same_seed_same_batches_other_seed_differs(dataset):
+    first = [b for b in itertools.islice(_loader(dataset), 6)]
+    again = [b for b in itertools.islice(_loader(dataset), 6)]
+    other = [b for b in itertools.islice(_loader(dataset, seed=8), 6)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_exact_resume_across_epochs(dataset):
+    reference = _loader(dataset)
+    batches = [next(reference) for _ in range(3 * reference.samples_per_epoch // 2)]
+    interrupted = _loader(dataset)
+    cut = len(batches) // 2 + 1
+    for _ in range(cut):
+        next(interrupted)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # as stored in a checkpoint
+    resumed = _loader(dataset)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(next(resumed), b) for b in batches[cut:])
+    # Twice the ranks with half the micro-batch continue the same global sample stream.
+    half = [_loader(dataset, micro_batch=1, dp_rank=r, dp_degree=2) for r in range(2)]
+    for loader in half:
+        loader.load_state_dict(state)
+    assert torch.equal(torch.cat([next(half[0]), next(half[1])]), batches[cut])
+    with pytest.raises(ValueError, match="seed"):
+        _loader(dataset, seed=1).load_state_dict(state)
+
+
+def test_remote_dataset_through_cache_dir(dataset, tmp_path):
+    url = f"file://{dataset}"
+    cached = PackedLoader(url, "val", seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, cp_degree=1,
+                          seed=7, cache_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(a, b) for a, b in zip(cached, _loader(dataset, "val")))
+    assert list((tmp_path / "cache" / "val").glob("shard.*.mds"))
+    assert read_dataset_info(url) == read_dataset_info(str(dataset))
+    # A local path is read in place: cache_dir is not used.
+    _loader(dataset, "val", cache_dir=str(tmp_path / "unused"))
+    assert not (tmp_path / "unused").exists()
+
+
+def _read_epoch_through_cache(path, cache_dir):
+    loader = _loader(f"file://{path}", "train", cache_dir=str(cache_dir), micro_batch=8)
+    for _ in range(loader.samples_per_epoch // 8):
+        next(loader)
+
+
+def test_missing_or_corrupt_files_are_named(dataset, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    shard = sorted((broken / "train").glob("shard.*.mds"))[1]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ValueError, match=f"corrupt shard file .*{shard.name}"):
+        _loader(broken)
+    # Through a cache, shards are fetched (and hash-checked) when first needed.
+    with pytest.raises(RuntimeError, match=f"shard file .*{shard.name}.*Checksum"):
+        _read_epoch_through_cache(broken, tmp_path / "cache1")
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"shard file missing: .*{shard.name}"):
+        _loader(broken)
+    with pytest.raises(RuntimeError, match=f"shard file .*{shard.name}"):
+        _read_epoch_through_cache(broken, tmp_path / "cache2")
+    (broken / "lh_data.json").write_text("{")
+    with pytest.raises(ValueError, match="corrupt dataset info .*lh_data.json"):
+        read_dataset_info(str(broken))
+    with pytest.raises(FileNotFoundError, match="nowhere.*lh_data.json"):
+        _loader(tmp_path / "nowhere")
+
+
+def test_rejects_bad_arguments(dataset, monkeypatch):
+    with pytest.raises(ValueError, match="split"):
+        _loader(dataset, "test")
+    with pytest.raises(ValueError, match="dp_rank"):
+        _loader(dataset, dp_rank=2, dp_degree=2)
+    with pytest.raises(ValueError, match="micro_batch \\* dp_degree"):
+        _loader(dataset, "val", micro_batch=10_000)
+    with pytest.raises(ValueError, match="cache_dir"):
+        PackedLoader("s3://bucket/data", "train", seq_len=8, micro_batch=1, dp_rank=0, dp_degree=1, cp_degree=1, seed=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE"):
+        _loader(dataset)
+
+
+def _batches_on_rank(rank, world_size, path, out):
+    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    result = {}
+    for dp, cp in ((2, 1), (1, 2)):
+        loader = _loader(path, dp_rank=rank // cp, dp_degree=dp, cp_degree=cp)  # CP innermost
+        result[f"dp{dp}_cp{cp}"] = torch.stack([next(loader) for _ in range(4)])
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_two_ranks_dp_get_different_cp_get_identical_samples(dataset, tmp_path):
+    spawn_ranks(_batches_on_rank, 2, str(dataset), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    dp0, dp1 = ranks[0]["dp2_cp1"], ranks[1]["dp2_cp1"]
+    assert not any(torch.equal(a, b) for a, b in zip(dp0.flatten(0, 1), dp1.flatten(0, 1)))
+    # Interleaved, the two DP ranks' batches are the single-process global batches.
+    single = _loader(dataset, micro_batch=4)
+    assert all(torch.equal(torch.cat([a, b]), next(single)) for a, b in zip(dp0, dp1))
+    cp0, cp1 = ranks[0]["dp1_cp2"], ranks[1]["dp1_cp2"]
+    assert torch.equal(cp0, cp1)
+    assert torch.equal(cp0, torch.stack(list(itertools.islice(_loader(dataset), 4))))

@@ -1,0 +1,105 @@
+"""`lh-data` writes MDS shards that read back, through streaming, to exactly the tokens written."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from lh_dist.data.cli import main
+from lh_dist.data.corpus import stdlib_documents
+from lh_dist.data.shards import validation_score, write_dataset
+from lh_dist.data.tokenizer import ByteTokenizer
+
+
+def _read_split(directory, split):
+    """All samples of a split, in order, read with streaming itself."""
+    from streaming import StreamingDataset
+
+    dataset = StreamingDataset(local=str(directory), split=split)
+    return [dataset[i]["tokens"] for i in range(dataset.num_samples)]
+
+
+def test_stdlib_cli_round_trip(tmp_path):
+    out = tmp_path / "stdlib"
+    assert main(["stdlib", "--out", str(out), "--max-docs", "40", "--val-fraction", "0.1", "--shard-size", "65536"]) == 0
+
+    tok = ByteTokenizer()
+    source = [(n, tok.encode(t)) for n, t in stdlib_documents() if t]
+    source = dict(itertools.islice(source, 40))
+    train, val = _read_split(out, "train"), _read_split(out, "val")
+    assert len(train) + len(val) == 40 and len(val) >= 1
+    assert all(doc.dtype == np.uint16 for doc in train + val)
+    assert len(list((out / "train").glob("shard.*.mds"))) > 1
+
+    # The written documents are the source documents, token for token (compared as
+    # multisets: two stdlib files have the same text); the split follows the names.
+    def contents(docs):
+        return sorted(doc.astype(np.int32).tobytes() for doc in docs)
+
+    assert contents(train + val) == contents(source.values())
+    assert contents(val) == contents(ids for n, ids in source.items() if validation_score(n) < 0.1)
+
+    info = json.loads((out / "lh_data.json").read_text())
+    assert (info["tokenizer"], info["vocab_size"], info["eod_id"], info["dtype"]) == ("byte", 257, 256, "uint16")
+    assert info["source"].startswith("stdlib:")
+    assert info["splits"]["train"] == {"documents": len(train), "tokens": sum(map(len, train))}
+    assert info["splits"]["val"] == {"documents": len(val), "tokens": sum(map(len, val))}
+    lengths = np.load(out / "train" / "doc_lengths.npy")
+    assert lengths.tolist() == [len(doc) for doc in train]
+
+
+def test_refuses_non_empty_output_unless_overwrite(tmp_path, capsys):
+    (tmp_path / "note.txt").write_text("keep me")
+    args = ["stdlib", "--out", str(tmp_path), "--max-docs", "3"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(args + ["--overwrite"]) == 0
+    assert main(args + ["--overwrite", "--max-docs", "5"]) == 0
+    assert json.loads((tmp_path / "lh_data.json").read_text())["splits"]["train"]["documents"] + 1 == 5
+    assert (tmp_path / "note.txt").read_text() == "keep me"
+
+
+def test_at_least_one_validation_document(tmp_path):
+    docs = [(f"doc{i}", f"text {i}") for i in range(10)]
+    info = write_dataset(docs, tmp_path, ByteTokenizer(), source="test", val_fraction=1e-9, log=lambda _: None)
+    lowest = min(docs, key=lambda d: validation_score(d[0]))
+    assert info["splits"]["val"]["documents"] == 1
+    assert [bytes(d.astype(np.uint8)).decode() for d in _read_split(tmp_path, "val")] == [lowest[1]]
+    with pytest.raises(ValueError, match="val_fraction"):
+        write_dataset(docs, tmp_path / "x", ByteTokenizer(), source="test", val_fraction=0.0)
+
+
+def test_jsonl_and_text_sources_through_cli(tmp_path):
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": f"document number {i}"}) + "\n" for i in range(20)))
+    assert main(["jsonl", "--out", str(tmp_path / "j"), "--field", "body", str(jsonl)]) == 0
+    texts = sorted(bytes(d.astype(np.uint8)).decode() for split in ("train", "val") for d in _read_split(tmp_path / "j", split))
+    assert texts == sorted(f"document number {i}" for i in range(20))
+
+    (tmp_path / "docs").mkdir()
+    for i in range(4):
+        (tmp_path / "docs" / f"{i}.md").write_text(f"# page {i}\n")
+    assert main(["text", "--out", str(tmp_path / "t"), f"{tmp_path}/docs/*.md"]) == 0
+    info = json.loads((tmp_path / "t" / "lh_data.json").read_text())
+    assert info["splits"]["train"]["documents"] + info["splits"]["val"]["documents"] == 4
+
+
+def test_hf_tokenizer_dataset_records_its_spec(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        ["import os\nimport sys\n"] * 10,
+        trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tok.save(str(tmp_path / "tokenizer.json"))
+    out = tmp_path / "data"
+    assert main(["stdlib", "--out", str(out), "--max-docs", "5", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    info = json.loads((out / "lh_data.json").read_text())
+    assert info["tokenizer"] == str(tmp_path / "tokenizer.json")
+    assert (info["eod_id"], info["vocab_size"]) == (tok.token_to_id("</s>"), tok.get_vocab_size())
+    texts = {tok.decode(d.tolist()) for split in ("train", "val") for d in _read_split(out, split)}
+    assert texts == {t for _, t in itertools.islice(((n, t) for n, t in stdlib_documents() if t), 5)}

@@ -1,0 +1,124 @@
+"""Lighthouse under context parallelism equals single-device Lighthouse (CP invariance).
+
+Every rank builds the same full-length inputs, runs Lighthouse-CP on its zigzag
+shards with each K/V exchange, and compares its output and input-gradient
+shards with the zigzag shards of single-device Lighthouse on the whole sequence.
+
+Selection reads fp32 token norms, so a float64 reference made from the same
+dtype-rounded inputs selects the same entries; against it, the CP error may be
+at most twice the single-device error in the same dtype, plus W unit roundoffs
+at the result's magnitude (each of <= W partial outputs or dK/dV blocks is
+rounded to the dtype once before its fp32 merge or sum).
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lh_dist.ops.lighthouse import lighthouse_reference
+from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
+from lh_dist.parallel.sharding import zigzag_shard
+from lh_dist.parallel.spawn import spawn_ranks
+
+
+def _inputs(seq_len, heads, kv_heads, head_dim):
+    generator = torch.Generator().manual_seed(7)
+    q = torch.randn(1, seq_len, heads, head_dim, generator=generator)
+    k = torch.randn(1, seq_len, kv_heads, head_dim, generator=generator)
+    v = torch.randn(1, seq_len, kv_heads, head_dim, generator=generator)
+    dout = torch.randn(1, seq_len, heads, head_dim, generator=generator)
+    return q, k, v, dout
+
+
+def _lighthouse_with_grads(q, k, v, dout, fn):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _compare(rank, world, dtype, config, exchange, device="cpu"):
+    seq_len, heads, kv_heads, head_dim, levels, pooling, topk = config
+    q, k, v, dout = (t.to(device=device, dtype=dtype) for t in _inputs(seq_len, heads, kv_heads, head_dim))
+    args = dict(levels=levels, pooling=pooling, topk=topk)
+    exact = _lighthouse_with_grads(*(t.double() for t in (q, k, v, dout)),
+                                   lambda *x: lighthouse_reference(*x, **args))
+    single = _lighthouse_with_grads(q, k, v, dout, lambda *x: lighthouse_reference(*x, **args))
+
+    shard = lambda t: zigzag_shard(t, 1, world, rank)  # noqa: E731
+    ours = _lighthouse_with_grads(
+        *(shard(t) for t in (q, k, v, dout)),
+        lambda *x: lighthouse_cp_attention(*x, dist.group.WORLD, exchange=exchange, **args))
+
+    rounding = torch.finfo(dtype).eps / 2  # unit roundoff
+    for name, mine, theirs, reference in zip(("out", "dq", "dk", "dv"), ours, single, exact):
+        assert mine.dtype == dtype and mine.shape == shard(reference).shape, name
+        single_error = (theirs.double() - reference).abs().max().item()
+        cp_error = (mine.double() - shard(reference)).abs().max().item()
+        bound = 2 * single_error + world * rounding * reference.abs().max().item()
+        assert cp_error <= bound, f"rank {rank} {exchange} {dtype} {name}: {cp_error:.3g} > {bound:.3g}"
+
+
+# (seq_len, heads, kv_heads, head_dim, levels, pooling, topk): the smallest layouts whose
+# 2W chunks hold whole tiles of >= 128 coarsest windows. Spills of 1 and 3 rows.
+TWO_RANK_CONFIGS = [(1024, 4, 2, 16, 2, 2, 512), (2048, 2, 2, 8, 3, 2, 512)]
+FOUR_RANK_CONFIG = (2048, 2, 1, 8, 2, 2, 1024)
+
+
+def _two_rank_suite(rank, world):
+    for exchange in ("allgather", "ring"):
+        for config in TWO_RANK_CONFIGS:
+            _compare(rank, world, torch.float32, config, exchange)
+        _compare(rank, world, torch.bfloat16, TWO_RANK_CONFIGS[0], exchange)
+
+
+def _four_rank_suite(rank, world):
+    for exchange in ("allgather", "ring"):
+        _compare(rank, world, torch.float32, FOUR_RANK_CONFIG, exchange)
+
+
+def test_lighthouse_cp_two_ranks():
+    spawn_ranks(_two_rank_suite, 2)
+
+
+def test_lighthouse_cp_four_ranks():
+    spawn_ranks(_four_rank_suite, 4)
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "ring"])
+def test_single_rank_equals_reference(exchange):
+    q, k, v, dout = _inputs(1024, 4, 2, 16)
+    args = dict(levels=2, pooling=2, topk=512)
+    ours = _lighthouse_with_grads(q, k, v, dout, lambda *x: lighthouse_cp_attention(*x, None, exchange=exchange, **args))
+    single = _lighthouse_with_grads(q, k, v, dout, lambda *x: lighthouse_reference(*x, **args))
+    for mine, theirs in zip(ours, single):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments_are_rejected():
+    q = torch.zeros(1, 1024, 2, 8)
+    with pytest.raises(ValueError, match="exchange"):
+        lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=512, exchange="alltoall")
+    with pytest.raises(ValueError, match="topk"):
+        lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=384)  # 3 tiles, 2 chunks
+
+
+def _tiles_must_split_over_chunks(rank, world):
+    q = torch.zeros(1, 512, 2, 8)
+    with pytest.raises(ValueError, match="chunks = 4"):
+        lighthouse_cp_attention(q, q, q, dist.group.WORLD, levels=2, pooling=2, topk=256)
+
+
+def test_tiles_straddling_chunks_are_rejected():
+    spawn_ranks(_tiles_must_split_over_chunks, 2)
+
+
+def _nccl_suite(rank, world):
+    for exchange in ("allgather", "ring"):
+        _compare(rank, world, torch.bfloat16, (16384, 8, 2, 64, 3, 4, 1024), exchange, device=f"cuda:{rank}")
+
+
+@pytest.mark.multigpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_lighthouse_cp_nccl_two_gpus():
+    spawn_ranks(_nccl_suite, 2, backend="nccl")
