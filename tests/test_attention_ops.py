@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lh_dist.ops import (
+import lh_dist.ops.attention as attention_module
+from lh_dist.ops.attention import (
     BACKENDS,
     attention,
     attention_backward,
@@ -31,7 +32,6 @@ from lh_dist.ops import (
     resolve_backend,
     set_default_backend,
 )
-from lh_dist.ops import attention as attention_module
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.gpu

@@ -28,7 +28,8 @@ def _documents():
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     path = tmp_path_factory.mktemp("packed") / "data"
-    write_dataset(_documents(), path, ByteTokenizer(), source="test", val_fraction=0.2, shard_size=4096, log=lambda _: None)
+    write_dataset(_documents(), path, ByteTokenizer(), source="test", val_fraction=0.2, shard_size=4096,
+                  log=lambda _: None)
     return path
 
 

@@ -22,7 +22,8 @@ def _read_split(directory, split):
 
 def test_stdlib_cli_round_trip(tmp_path):
     out = tmp_path / "stdlib"
-    assert main(["stdlib", "--out", str(out), "--max-docs", "40", "--val-fraction", "0.1", "--shard-size", "65536"]) == 0
+    args = ["stdlib", "--out", str(out), "--max-docs", "40", "--val-fraction", "0.1", "--shard-size", "65536"]
+    assert main(args) == 0
 
     tok = ByteTokenizer()
     source = [(n, tok.encode(t)) for n, t in stdlib_documents() if t]
@@ -74,7 +75,8 @@ def test_jsonl_and_text_sources_through_cli(tmp_path):
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text("".join(json.dumps({"body": f"document number {i}"}) + "\n" for i in range(20)))
     assert main(["jsonl", "--out", str(tmp_path / "j"), "--field", "body", str(jsonl)]) == 0
-    texts = sorted(bytes(d.astype(np.uint8)).decode() for split in ("train", "val") for d in _read_split(tmp_path / "j", split))
+    docs = _read_split(tmp_path / "j", "train") + _read_split(tmp_path / "j", "val")
+    texts = sorted(bytes(d.astype(np.uint8)).decode() for d in docs)
     assert texts == sorted(f"document number {i}" for i in range(20))
 
     (tmp_path / "docs").mkdir()
@@ -93,7 +95,9 @@ def test_hf_tokenizer_dataset_records_its_spec(tmp_path):
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(
         ["import os\nimport sys\n"] * 10,
-        trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=280, special_tokens=["<unk>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
     )
     tok.save(str(tmp_path / "tokenizer.json"))
     out = tmp_path / "data"

@@ -66,6 +66,9 @@ FOUR_RANK_CONFIG = (2048, 2, 1, 8, 2, 2, 1024)
 
 
 def _two_rank_suite(rank, world):
+    q = torch.zeros(1, 512, 2, 8)
+    with pytest.raises(ValueError, match="chunks = 4"):  # 2 tiles cannot split into 4 chunks
+        lighthouse_cp_attention(q, q, q, dist.group.WORLD, levels=2, pooling=2, topk=256)
     for exchange in ("allgather", "ring"):
         for config in TWO_RANK_CONFIGS:
             _compare(rank, world, torch.float32, config, exchange)
@@ -101,16 +104,6 @@ def test_bad_arguments_are_rejected():
         lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=512, exchange="alltoall")
     with pytest.raises(ValueError, match="topk"):
         lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=384)  # 3 tiles, 2 chunks
-
-
-def _tiles_must_split_over_chunks(rank, world):
-    q = torch.zeros(1, 512, 2, 8)
-    with pytest.raises(ValueError, match="chunks = 4"):
-        lighthouse_cp_attention(q, q, q, dist.group.WORLD, levels=2, pooling=2, topk=256)
-
-
-def test_tiles_straddling_chunks_are_rejected():
-    spawn_ranks(_tiles_must_split_over_chunks, 2)
 
 
 def _nccl_suite(rank, world):

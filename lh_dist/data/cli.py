@@ -14,12 +14,14 @@ from lh_dist.data.tokenizer import load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lh-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lh-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output directory (gets train/, val/, lh_data.json)")
-    common.add_argument("--tokenizer", default="byte", help="'byte' (default) or a path to a Hugging Face tokenizer.json")
-    common.add_argument("--eod-token", default=None, help="end-of-document token of a tokenizer.json (default: its eos token)")
-    common.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation (at least one)")
+    common.add_argument("--tokenizer", default="byte", help="'byte' (default) or a Hugging Face tokenizer.json")
+    common.add_argument("--eod-token", default=None, help="end-of-document token of a tokenizer.json (default: eos)")
+    common.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation (>= 1)")
     common.add_argument("--max-docs", type=int, default=None, help="stop after this many documents")
     common.add_argument("--shard-size", default="64mb", help="largest shard size, e.g. 64mb or 1048576")
     common.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
@@ -30,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("inputs", nargs="+", help="folders (read recursively) or globs such as 'docs/**/*.md'")
     jsonl = sources.add_parser("jsonl", parents=[common], help="JSON Lines: one document per line")
     jsonl.add_argument("inputs", nargs="+", help="JSONL files, folders or globs")
-    jsonl.add_argument("--field", "--jsonl-field", dest="field", default="text", help="field holding the text (default: text)")
+    jsonl.add_argument("--field", "--jsonl-field", dest="field", default="text", help="field holding the text")
     return parser
 
 

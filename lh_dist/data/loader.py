@@ -7,7 +7,7 @@ the tail that does not fill a sample is dropped. Batch b of data-parallel rank r
 holds global samples (b*dp_degree + r)*micro_batch + i, i < micro_batch, counted
 across epochs. A batch is thus a pure function of (seed, b, dp_rank): the ranks of
 a context-parallel group (same dp_rank) get the same samples, resume needs only b,
-and no rank talks to another.
+and ranks never talk to each other while iterating.
 
 Documents are read by index through mosaicml-streaming's `StreamingDataset`, which
 downloads and caches shards of a remote dataset. Its own sampler (and its
@@ -101,7 +101,8 @@ class PackedLoader:
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        for name, value in (("seq_len", seq_len), ("micro_batch", micro_batch), ("dp_degree", dp_degree), ("cp_degree", cp_degree)):
+        sizes = {"seq_len": seq_len, "micro_batch": micro_batch, "dp_degree": dp_degree, "cp_degree": cp_degree}
+        for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 0 <= dp_rank < dp_degree:
@@ -153,7 +154,10 @@ class PackedLoader:
         # streaming picks one process per node to set up shared memory from these
         # variables; without LOCAL_WORLD_SIZE every rank would think it is that process.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
-            raise RuntimeError("WORLD_SIZE > 1 but LOCAL_WORLD_SIZE is unset: launch with torchrun, or set LOCAL_RANK and LOCAL_WORLD_SIZE")
+            raise RuntimeError(
+                "WORLD_SIZE > 1 but LOCAL_WORLD_SIZE is unset: "
+                "launch with torchrun, or set LOCAL_RANK and LOCAL_WORLD_SIZE"
+            )
         if cache_dir is None:
             self._check_local_shards()
             return StreamingDataset(local=self.path, split=self.split)
@@ -176,21 +180,21 @@ class PackedLoader:
             shard_path = directory / raw["basename"]
             if not shard_path.is_file():
                 raise FileNotFoundError(f"shard file missing: {shard_path}")
-            if shard_path.stat().st_size != raw["bytes"]:
-                raise ValueError(
-                    f"corrupt shard file {shard_path}: {shard_path.stat().st_size} bytes, index.json says {raw['bytes']}"
-                )
+            size = shard_path.stat().st_size
+            if size != raw["bytes"]:
+                raise ValueError(f"corrupt shard file {shard_path}: {size} bytes, index.json says {raw['bytes']}")
 
     def _read_lengths(self, cache_dir: str | None) -> np.ndarray:
         if cache_dir is None:
             local = os.path.join(self.path, self.split, DOC_LENGTHS)
         else:
             local = os.path.join(cache_dir, self.split, DOC_LENGTHS)
+            url = f"{self.path.rstrip('/')}/{self.split}/{DOC_LENGTHS}"
             if not os.path.exists(local):
                 try:
-                    _download(f"{self.path.rstrip('/')}/{self.split}/{DOC_LENGTHS}", local)
+                    _download(url, local)
                 except FileNotFoundError:
-                    raise FileNotFoundError(f"document lengths not found: {self.path}/{self.split}/{DOC_LENGTHS}") from None
+                    raise FileNotFoundError(f"document lengths not found: {url}") from None
         try:
             return np.load(local).astype(np.int64)
         except FileNotFoundError:
@@ -294,6 +298,7 @@ class PackedLoader:
         samples_per_batch = self.micro_batch * self.dp_degree
         if state["samples_seen"] % samples_per_batch:
             raise ValueError(
-                f"samples_seen={state['samples_seen']} is not a multiple of micro_batch * dp_degree = {samples_per_batch}"
+                f"samples_seen={state['samples_seen']} is not a multiple of "
+                f"micro_batch * dp_degree = {samples_per_batch}"
             )
         self._batch_index = state["samples_seen"] // samples_per_batch

@@ -1,8 +1,11 @@
-"""Kernels: attention with LSE (several backends), Lighthouse pool/score/select/scatter."""
+"""Kernels: attention with LSE (several backends), Lighthouse pool/score/select/scatter.
+
+The autograd wrapper `attention` is not re-exported here, so that `lh_dist.ops.attention`
+stays the module: use `from lh_dist.ops.attention import attention`.
+"""
 
 from lh_dist.ops.attention import (
     BACKENDS,
-    attention,
     attention_backward,
     attention_forward,
     merge_partials,
@@ -12,7 +15,6 @@ from lh_dist.ops.attention import (
 
 __all__ = [
     "BACKENDS",
-    "attention",
     "attention_backward",
     "attention_forward",
     "merge_partials",

@@ -152,10 +152,9 @@ def _cpu_flash_bwd(dout, q, k, v, out, lse, is_causal, scale):
 
 
 def _bhnd(x: Tensor) -> Tensor:
-    """[B, N, H, D] -> [B, H, N, D] view of BNHD-contiguous memory, 16-byte aligned."""
-    x = x.contiguous()
-    if x.data_ptr() % 16:  # a key slice can start mid-vector; the fused kernels need alignment
-        x = x.clone()
+    """[B, N, H, D] -> [B, H, N, D] view, copied only if the fused kernels can't read it."""
+    if x.stride(-1) != 1 or x.data_ptr() % 16:  # they need unit stride in D, 16-byte alignment
+        x = x.clone(memory_format=torch.contiguous_format)
     return x.transpose(1, 2)
 
 

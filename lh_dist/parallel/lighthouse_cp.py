@@ -146,7 +146,7 @@ def lighthouse_cp_attention(q, k, v, group, *, levels: int, pooling: int, topk: 
         second_head = second_head + first[:, chunk:]
     if world > 1:
         from_prev, from_next = _SpillToNeighbors.apply(second[:, chunk:], first[:, chunk:], group)
-        first_head = first[:, :spill]
+        first_head = first[:, :spill] + from_prev
         if rank < world - 1:
             second_head = second_head + from_next
     else:

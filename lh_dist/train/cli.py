@@ -64,7 +64,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from lh_dist.train.loop import Trainer
 
-    return Trainer(cfg, resume=args.resume).run()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except ConfigError as e:
+        print(f"lh-train: config error: {e}", file=sys.stderr)
+        return 2
+    return trainer.run()
 
 
 if __name__ == "__main__":
