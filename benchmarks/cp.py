@@ -47,7 +47,8 @@ def parse_args():
     parser.add_argument("--levels", type=int, default=3)
     parser.add_argument("--pooling", type=int, default=4)
     parser.add_argument("--topk", type=int, default=4096)
-    parser.add_argument("--lighthouse-backend", default="auto", help="single-GPU Lighthouse: auto|reference|triton")
+    parser.add_argument("--lighthouse-backend", default="auto",
+                        help="Lighthouse select/gather/scatter: auto|reference|triton")
     parser.add_argument("--methods", default="all", help="comma-separated subset of METHODS, or 'all'")
     parser.add_argument("--target-seconds", type=float, default=8.0,
                         help="timed iterations per case ~ target / step time, clamped to [3, 20]")
@@ -69,23 +70,21 @@ def sync(device):
 
 
 def time_steps(step, device, group, target_seconds):
-    """Median over iterations of the slowest rank's time for step(); one warm-up step."""
-    step()
-    sync(device)
+    """Median over iterations of the slowest rank's time for step(); the warm-up step sets the count."""
     dist.barrier(group)
     start = time.perf_counter()
     step()
     sync(device)
-    first = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-    dist.all_reduce(first, op=dist.ReduceOp.MAX, group=group)
-    iters = max(3, min(20, int(target_seconds / max(first.item(), 1e-6))))
+    warmup = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)  # NCCL: on device
+    dist.all_reduce(warmup, op=dist.ReduceOp.MAX, group=group)
+    iters = max(3, min(20, int(target_seconds / max(warmup.item(), 1e-6))))
     times = []
     for _ in range(iters):
         dist.barrier(group)
         start = time.perf_counter()
         step()
         sync(device)
-        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=group)
         times.append(elapsed.item())
     return statistics.median(times), iters
@@ -116,9 +115,12 @@ def fwd_bwd(fn, q, k, v, dout):
 
 def dense_single(n, args, ctx):
     q, k, v, dout = make_inputs(n, args, ctx["device"], ctx["dtype"])
-    sdpa = lambda q, k, v: F.scaled_dot_product_attention(  # noqa: E731
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-        enable_gqa=args.heads != args.kv_heads).transpose(1, 2)
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+            enable_gqa=args.heads != args.kv_heads).transpose(1, 2)
+
     return fwd_bwd(sdpa, q, k, v, dout), 0
 
 
@@ -143,6 +145,8 @@ def dense_ring(n, args, ctx):
 def dense_torch_cp(n, args, ctx):
     if ctx["device"].type != "cuda":
         raise RuntimeError("PyTorch context_parallel patches the CUDA SDPA kernels only")
+    if ctx["world"] == 1:
+        raise RuntimeError("skipped on 1 GPU (it is plain SDPA there)")
     from torch.distributed.tensor.experimental import context_parallel
 
     mesh = ctx["mesh"]
@@ -182,7 +186,8 @@ def lighthouse_cp(exchange):
         shards = [zigzag_shard(x, 1, world, rank).contiguous()
                   for x in make_inputs(n, args, ctx["device"], ctx["dtype"])]
         step = fwd_bwd(lambda q, k, v: lighthouse_cp_attention(
-            q, k, v, ctx["group"], exchange=exchange, **lighthouse_args(args)), *shards)
+            q, k, v, ctx["group"], exchange=exchange, backend=args.lighthouse_backend,
+            **lighthouse_args(args)), *shards)
         local = gathered_tokens(n, args) // world
         element = shards[0].element_size()
         spill = 0 if world == 1 else 2 * 2 * (args.pooling ** (args.levels - 1) - 1) * args.heads * args.head_dim * 4
@@ -245,6 +250,10 @@ def add_efficiency(rows):
             r["efficiency"] = single / (r["gpus"] * r["ms"])
 
 
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
 def write_markdown(out_dir):
     runs = [json.loads(p.read_text()) for p in sorted(out_dir.glob("cp_*.json"))]
     lines = ["# Context-parallel attention: one layer, forward + backward", "",
@@ -257,17 +266,17 @@ def write_markdown(out_dir):
                   f"B=1, H={meta['heads']}, Hkv={meta['kv_heads']}, D={meta['head_dim']}, {meta['dtype']}; "
                   f"Lighthouse L={meta['levels']}, p={meta['pooling']}, topk={meta['topk']}; "
                   f"torch {meta['torch']}, backend {meta['backend']}.", "",
-                  "| N | method | GPUs | S (gathered) | median ms | efficiency | peak GiB/GPU | comm MiB/rank | iters |",
+                  "| N | method | GPUs | S (gathered) | median ms | efficiency | peak GiB/GPU | comm MiB/rank "
+                  "| iters |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in run["rows"]:
             gathered = str(r.get("gathered", "")) if r["method"].startswith("lighthouse") else ""
             if "error" in r:
                 lines.append(f"| {r['seq_len']} | {r['method']} | {r['gpus']} | {gathered} | {r['error']} | | | | |")
                 continue
-            fmt = lambda x, f: "-" if x is None else format(x, f)  # noqa: E731
             lines.append(f"| {r['seq_len']} | {r['method']} | {r['gpus']} | {gathered} | {r['ms']:.2f} | "
-                         f"{fmt(r.get('efficiency'), '.2f')} | {fmt(r.get('peak_gib'), '.2f')} | "
-                         f"{fmt(r.get('comm_mib'), '.1f')} | {r['iters']} |")
+                         f"{_fmt(r.get('efficiency'), '.2f')} | {_fmt(r.get('peak_gib'), '.2f')} | "
+                         f"{_fmt(r.get('comm_mib'), '.1f')} | {r['iters']} |")
         lines.append("")
     (out_dir / "cp.md").write_text("\n".join(lines))
 

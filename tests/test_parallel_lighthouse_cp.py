@@ -11,6 +11,10 @@ at the result's magnitude (each of <= W partial outputs or dK/dV blocks is
 rounded to the dtype once before its fp32 merge or sum).
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -37,7 +41,7 @@ def _lighthouse_with_grads(q, k, v, dout, fn):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _compare(rank, world, dtype, config, exchange, device="cpu"):
+def _compare(rank, world, dtype, config, exchanges=("allgather", "ring"), device="cpu"):
     seq_len, heads, kv_heads, head_dim, levels, pooling, topk = config
     q, k, v, dout = (t.to(device=device, dtype=dtype) for t in _inputs(seq_len, heads, kv_heads, head_dim))
     args = dict(levels=levels, pooling=pooling, topk=topk)
@@ -45,18 +49,20 @@ def _compare(rank, world, dtype, config, exchange, device="cpu"):
                                    lambda *x: lighthouse_reference(*x, **args))
     single = _lighthouse_with_grads(q, k, v, dout, lambda *x: lighthouse_reference(*x, **args))
 
-    shard = lambda t: zigzag_shard(t, 1, world, rank)  # noqa: E731
-    ours = _lighthouse_with_grads(
-        *(shard(t) for t in (q, k, v, dout)),
-        lambda *x: lighthouse_cp_attention(*x, dist.group.WORLD, exchange=exchange, **args))
+    def shard(t):
+        return zigzag_shard(t, 1, world, rank)
 
     rounding = torch.finfo(dtype).eps / 2  # unit roundoff
-    for name, mine, theirs, reference in zip(("out", "dq", "dk", "dv"), ours, single, exact):
-        assert mine.dtype == dtype and mine.shape == shard(reference).shape, name
-        single_error = (theirs.double() - reference).abs().max().item()
-        cp_error = (mine.double() - shard(reference)).abs().max().item()
-        bound = 2 * single_error + world * rounding * reference.abs().max().item()
-        assert cp_error <= bound, f"rank {rank} {exchange} {dtype} {name}: {cp_error:.3g} > {bound:.3g}"
+    for exchange in exchanges:
+        ours = _lighthouse_with_grads(
+            *(shard(t) for t in (q, k, v, dout)),
+            lambda *x, exchange=exchange: lighthouse_cp_attention(*x, dist.group.WORLD, exchange=exchange, **args))
+        for name, mine, theirs, reference in zip(("out", "dq", "dk", "dv"), ours, single, exact):
+            assert mine.dtype == dtype and mine.shape == shard(reference).shape, name
+            single_error = (theirs.double() - reference).abs().max().item()
+            cp_error = (mine.double() - shard(reference)).abs().max().item()
+            bound = 2 * single_error + world * rounding * reference.abs().max().item()
+            assert cp_error <= bound, f"rank {rank} {exchange} {dtype} {name}: {cp_error:.3g} > {bound:.3g}"
 
 
 # (seq_len, heads, kv_heads, head_dim, levels, pooling, topk): the smallest layouts whose
@@ -69,15 +75,13 @@ def _two_rank_suite(rank, world):
     q = torch.zeros(1, 512, 2, 8)
     with pytest.raises(ValueError, match="chunks = 4"):  # 2 tiles cannot split into 4 chunks
         lighthouse_cp_attention(q, q, q, dist.group.WORLD, levels=2, pooling=2, topk=256)
-    for exchange in ("allgather", "ring"):
-        for config in TWO_RANK_CONFIGS:
-            _compare(rank, world, torch.float32, config, exchange)
-        _compare(rank, world, torch.bfloat16, TWO_RANK_CONFIGS[0], exchange)
+    for config in TWO_RANK_CONFIGS:
+        _compare(rank, world, torch.float32, config)
+    _compare(rank, world, torch.bfloat16, TWO_RANK_CONFIGS[0])
 
 
 def _four_rank_suite(rank, world):
-    for exchange in ("allgather", "ring"):
-        _compare(rank, world, torch.float32, FOUR_RANK_CONFIG, exchange)
+    _compare(rank, world, torch.float32, FOUR_RANK_CONFIG)
 
 
 def test_lighthouse_cp_two_ranks():
@@ -92,23 +96,46 @@ def test_lighthouse_cp_four_ranks():
 def test_single_rank_equals_reference(exchange):
     q, k, v, dout = _inputs(1024, 4, 2, 16)
     args = dict(levels=2, pooling=2, topk=512)
-    ours = _lighthouse_with_grads(q, k, v, dout, lambda *x: lighthouse_cp_attention(*x, None, exchange=exchange, **args))
+    ours = _lighthouse_with_grads(
+        q, k, v, dout, lambda *x: lighthouse_cp_attention(*x, None, exchange=exchange, **args))
     single = _lighthouse_with_grads(q, k, v, dout, lambda *x: lighthouse_reference(*x, **args))
     for mine, theirs in zip(ours, single):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs inside test_triton_chunk_ops")
+def test_triton_chunk_ops_match_reference():
+    # One rank holds chunks 0 and 1, so chunk 0's spill rows cross to chunk 1 (and their gradient back).
+    q, k, v, dout = _inputs(1024, 2, 1, 16)
+    args = dict(levels=2, pooling=2, topk=256)
+    results = [_lighthouse_with_grads(q, k, v, dout, lambda *x, backend=backend: lighthouse_cp_attention(
+        *x, None, backend=backend, **args)) for backend in ("reference", "triton")]
+    for reference, triton in zip(*results):
+        torch.testing.assert_close(triton, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the subprocess")
+def test_triton_chunk_ops():
+    """The Triton per-chunk path on CPU: the interpreter must be set before triton is imported."""
+    pytest.importorskip("triton")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "match_reference"],
+        env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:] + result.stderr[-2000:]
 
 
 def test_bad_arguments_are_rejected():
     q = torch.zeros(1, 1024, 2, 8)
     with pytest.raises(ValueError, match="exchange"):
         lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=512, exchange="alltoall")
+    with pytest.raises(ValueError, match="backend"):
+        lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=512, backend="cuda")
     with pytest.raises(ValueError, match="topk"):
         lighthouse_cp_attention(q, q, q, None, levels=2, pooling=2, topk=384)  # 3 tiles, 2 chunks
 
 
 def _nccl_suite(rank, world):
-    for exchange in ("allgather", "ring"):
-        _compare(rank, world, torch.bfloat16, (16384, 8, 2, 64, 3, 4, 1024), exchange, device=f"cuda:{rank}")
+    _compare(rank, world, torch.bfloat16, (16384, 8, 2, 64, 3, 4, 1024), device=f"cuda:{rank}")
 
 
 @pytest.mark.multigpu

@@ -59,7 +59,9 @@ def _compare_ring(rank, world, dtype, shape, device="cpu"):
     reference = _float64_reference(q, k, v, dout)
     single = _single_device(q, k, v, dout, dtype)
 
-    shard = lambda t: zigzag_shard(t, 1, world, rank)  # noqa: E731
+    def shard(t):
+        return zigzag_shard(t, 1, world, rank)
+
     q_l, k_l, v_l = (shard(t).to(dtype).requires_grad_() for t in (q, k, v))
     out_l = ring_attention(q_l, k_l, v_l, dist.group.WORLD)
     out_l.backward(shard(dout).to(dtype))

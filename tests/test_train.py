@@ -42,22 +42,29 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in acc.Scalars(tag)}
 
 
-def test_two_rank_cp_run_checkpoints_resumes_exactly(tmp_path, stdlib_dataset):
+LIGHTHOUSE = ["data.seq_len=1024", "data.micro_batch=1", "schedule.lighthouse_steps=4", "lighthouse.levels=2",
+              "lighthouse.pooling=2", "lighthouse.topk=512", "lighthouse.dense_layers=[0]"]
+
+
+def test_two_rank_cp_lighthouse_then_dense_resumes_exactly(tmp_path, stdlib_dataset):
     full, split = tmp_path / "full", tmp_path / "split"
-    r = run(train_cmd(2, full, stdlib_dataset, "schedule.steps=12"))
+    r = run(train_cmd(2, full, stdlib_dataset, "schedule.steps=12", *LIGHTHOUSE))
     assert r.returncode == 0, r.stdout + r.stderr
     assert (full / "config.yaml").is_file()
     assert [p.name for p in sorted((full / "checkpoints").iterdir())] == ["step_00000010", "step_00000012"]
     losses = scalars(full, "train/loss")
     assert sorted(losses) == list(range(1, 13))
     assert sorted(scalars(full, "val/loss")) == [5, 10, 12]
+    assert "step 4: attention phase is now dense" in r.stdout
+    phase = scalars(full, "train/phase_lighthouse")
+    assert [phase[s] for s in range(1, 13)] == [1.0] * 4 + [0.0] * 8
 
-    # The same run in two pieces: stop after 5 steps, resume, finish. Losses must be identical.
-    r1 = run(train_cmd(2, split, stdlib_dataset, "schedule.steps=5"))
+    # The same run in two pieces, stopped past the switch: the resumed run is dense and identical.
+    r1 = run(train_cmd(2, split, stdlib_dataset, "schedule.steps=5", *LIGHTHOUSE))
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    r2 = run(train_cmd(2, split, stdlib_dataset, "schedule.steps=12"))
+    r2 = run(train_cmd(2, split, stdlib_dataset, "schedule.steps=12", *LIGHTHOUSE))
     assert r2.returncode == 0, r2.stdout + r2.stderr
-    assert "resumed from" in r2.stdout and "at step 5" in r2.stdout
+    assert "resumed from" in r2.stdout and "at step 5 (dense phase)" in r2.stdout
     resumed = scalars(split, "train/loss")
     for step in range(6, 13):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step

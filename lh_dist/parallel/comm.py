@@ -4,6 +4,16 @@ import torch
 import torch.distributed as dist
 
 
+def group_coords(group) -> tuple[int, int]:
+    """(size, rank) of this process in group; (1, 0) for None or without torch.distributed."""
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group it was given")
+    return dist.get_world_size(group), rank
+
+
 class PendingRecv:
     """A transfer in flight; wait() returns the received tensor."""
 

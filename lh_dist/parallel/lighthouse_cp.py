@@ -16,23 +16,24 @@ The result equals single-device Lighthouse on the full sequence (CP invariance).
 """
 
 import torch
-import torch.distributed as dist
 
 from lh_dist.ops.attention import attention_backward, attention_forward
-from lh_dist.ops.lighthouse import (gather_pyramid, pyramid_scores, scatter_back, select,
-                                    validate_lighthouse_args, validate_lighthouse_inputs)
+from lh_dist.ops.lighthouse import (
+    gather_pyramid,
+    pyramid_scores,
+    scatter_back,
+    select,
+    validate_lighthouse_args,
+    validate_lighthouse_inputs,
+)
 from lh_dist.ops.lighthouse.validation import TILE_SELECT
-from lh_dist.parallel.comm import all_gather_stacked, exchange_with_neighbors, reduce_scatter_stacked
+from lh_dist.parallel.comm import all_gather_stacked, exchange_with_neighbors, group_coords, reduce_scatter_stacked
 from lh_dist.parallel.ring_attention import ring_attention
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_chunk_ids, zigzag_shard, zigzag_unshard
 
 EXCHANGES = ("allgather", "ring")
+BACKENDS = ("auto", "reference", "triton")
 
-
-def _group_coords(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
 
 
 class _AllGatherCausalAttention(torch.autograd.Function):
@@ -40,7 +41,7 @@ class _AllGatherCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, group, backend):
-        world, rank = _group_coords(group)
+        world, rank = group_coords(group)
         chunk = q.shape[1] // 2
         kv = torch.stack([k, v])  # [2, B, 2Sc, Hkv, D]
         shards = all_gather_stacked(kv, group) if world > 1 else kv[None]  # [W, 2, B, 2Sc, Hkv, D]
@@ -81,7 +82,7 @@ class _SpillToNeighbors(torch.autograd.Function):
     @staticmethod
     def forward(ctx, to_prev, to_next, group):
         ctx.group = group
-        world, rank = _group_coords(group)
+        world, rank = group_coords(group)
         from_prev, from_next = exchange_with_neighbors(
             to_prev if rank > 0 else None, to_next if rank < world - 1 else None, group)
         zeros = torch.zeros_like(to_prev)
@@ -90,40 +91,69 @@ class _SpillToNeighbors(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_from_prev, grad_from_next):
         # The rows came from the neighbors, so their gradients go back the opposite way.
-        world, rank = _group_coords(ctx.group)
+        world, rank = group_coords(ctx.group)
         grad_to_prev, grad_to_next = exchange_with_neighbors(
             grad_from_prev.contiguous() if rank > 0 else None,
             grad_from_next.contiguous() if rank < world - 1 else None, ctx.group)
         zeros = torch.zeros_like(grad_from_prev)
-        return (zeros if grad_to_prev is None else grad_to_prev), (zeros if grad_to_next is None else grad_to_next), None
+        grad_to_prev = zeros if grad_to_prev is None else grad_to_prev
+        grad_to_next = zeros if grad_to_next is None else grad_to_next
+        return grad_to_prev, grad_to_next, None
 
 
+def _chunk_reference(qc, kc, vc, levels, pooling, tiles, scorer, spill):
+    """Gathered (q, k, v) of one chunk, and its scatter (-> fp32 [B, n + spill, H, D]), in plain PyTorch."""
+    q_scores, k_scores = pyramid_scores(qc, kc, levels, pooling, scorer)
+    selection = select(q_scores, k_scores, qc.shape[1], levels, pooling, tiles)
+    gathered = [gather_pyramid(x, selection) for x in (qc, kc, vc)]
+    return gathered, lambda og: scatter_back(og.float(), selection, qc.shape[1] + spill)
+
+
+def _chunk_triton(qc, kc, vc, levels, pooling, tiles, scorer, spill):
+    """As _chunk_reference, on the Triton kernels."""
+    from lh_dist.ops.lighthouse.fast import select_fast
+    from lh_dist.parallel.lighthouse_chunk_ops import gather_chunk, scatter_chunk
+
+    qc, kc, vc = (x.contiguous() for x in (qc, kc, vc))
+    index, inverse = select_fast(qc, kc, levels, pooling, tiles, scorer)
+    gathered = [gather_chunk(x, index, inverse, levels, pooling) for x in (qc, kc, vc)]
+    return gathered, lambda og: scatter_chunk(og, index, inverse, qc.shape[1], levels, pooling, spill)
+
+
+@torch.compiler.disable  # selection and communication stay eager; compiled layers call it as an opaque step
 def lighthouse_cp_attention(q, k, v, group, *, levels: int, pooling: int, topk: int, scorer: str = "norm",
-                            exchange: str = "allgather", attention_backend: str = "auto") -> torch.Tensor:
+                            exchange: str = "allgather", backend: str = "auto",
+                            attention_backend: str = "auto") -> torch.Tensor:
     """Lighthouse attention of zigzag-sharded q [B, N/W, H, D], k/v [B, N/W, Hkv, D] over the CP group.
 
     Every rank of `group` (W ranks; None means one) passes its shards of a sequence of N
     tokens; returns this rank's output shard [B, N/W, H, D], equal to the zigzag shard of
     single-device Lighthouse with the same levels, pooling and topk. topk/128 tiles must
     divide into 2W chunks. exchange: "allgather" or "ring" (how gathered K/V travel).
+    backend: per-chunk select/gather/scatter, "reference", "triton" or "auto" (Triton on CUDA).
     """
     validate_lighthouse_inputs(q, k, v)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    world, rank = _group_coords(group)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "reference"
+    world, rank = group_coords(group)
     seq_len = q.shape[1] * world
     chunk = check_zigzag_length(seq_len, world)
     validate_lighthouse_args(seq_len, levels, pooling, topk, chunks=2 * world)
     tiles_per_chunk = topk // TILE_SELECT // (2 * world)
 
     # Pool, score, select and gather each local chunk on its own.
-    selections, gathered = [], []
+    spill = pooling ** (levels - 1) - 1  # rows past a chunk's end that its last windows reach
+    per_chunk = _chunk_triton if backend == "triton" else _chunk_reference
+    gathered, scatters = [], []
     for j in range(2):
-        qc, kc, vc = (x[:, j * chunk:(j + 1) * chunk] for x in (q, k, v))
-        q_scores, k_scores = pyramid_scores(qc, kc, levels, pooling, scorer)
-        selection = select(q_scores, k_scores, chunk, levels, pooling, tiles_per_chunk)
-        selections.append(selection)
-        gathered.append([gather_pyramid(x, selection) for x in (qc, kc, vc)])
+        parts, scatter = per_chunk(*(x[:, j * chunk:(j + 1) * chunk] for x in (q, k, v)),
+                                   levels, pooling, tiles_per_chunk, scorer, spill)
+        gathered.append(parts)
+        scatters.append(scatter)
     qg, kg, vg = (torch.cat(parts, dim=1) for parts in zip(*gathered))  # [B, 2Sc, H or Hkv, D]
 
     if exchange == "ring":
@@ -132,12 +162,9 @@ def lighthouse_cp_attention(q, k, v, group, *, levels: int, pooling: int, topk: 
         og = _AllGatherCausalAttention.apply(qg, kg, vg, group, attention_backend)  # [B, 2Sc, H, D]
 
     # Scatter each chunk in fp32, keeping the rows its last windows spill into the next chunk.
-    spill = pooling ** (levels - 1) - 1
     gathered_chunk = og.shape[1] // 2
-    first, second = (
-        scatter_back(og[:, j * gathered_chunk:(j + 1) * gathered_chunk].float(), selections[j], chunk + spill)
-        for j in range(2)
-    )  # [B, chunk + spill, H, D] each
+    first, second = (scatters[j](og[:, j * gathered_chunk:(j + 1) * gathered_chunk])
+                     for j in range(2))  # [B, chunk + spill, H, D] each
     # Chunk r spills into chunk r+1: rank r+1's first chunk, or for r = W-1 the local second
     # chunk 2W-1-r = r+1. Chunk 2W-1-r spills into chunk 2W-r: rank r-1's second chunk
     # (nothing for r = 0: it is the last chunk of the sequence).

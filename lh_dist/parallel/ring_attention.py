@@ -18,10 +18,9 @@ so each block's gradient arrives back at its owner after W steps.
 """
 
 import torch
-import torch.distributed as dist
 
 from lh_dist.ops.attention import attention_backward, attention_forward, merge_partials
-from lh_dist.parallel.comm import RingExchange
+from lh_dist.parallel.comm import RingExchange, group_coords
 
 _KV_TAG, _DKV_TAG = 0, 1
 
@@ -50,15 +49,10 @@ def check_ring_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def _group_coords(group) -> tuple[int, int]:
-    if group is None or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
 
 def ring_attention_forward(q, k, v, group, *, scale=None, backend="auto"):
     """Forward only. Returns out [B, 2c, H, D] (q's dtype) and lse [B, H, 2c] (fp32)."""
-    world, rank = _group_coords(group)
+    world, rank = group_coords(group)
     chunk = q.shape[1] // 2
     ring = RingExchange(group) if world > 1 else None
     kv = torch.stack([k, v])  # [2, B, 2c, Hkv, D]: one message per step
@@ -86,7 +80,7 @@ def ring_attention_forward(q, k, v, group, *, scale=None, backend="auto"):
 
 def ring_attention_backward(dout, q, k, v, out, lse, group, *, scale=None, backend="auto"):
     """Backward of ring_attention_forward. Returns dq, dk, dv in the dtypes of q, k, v."""
-    world, rank = _group_coords(group)
+    world, rank = group_coords(group)
     chunk = q.shape[1] // 2
     ring = RingExchange(group) if world > 1 else None
     kv = torch.stack([k, v])  # [2, B, 2c, Hkv, D]
@@ -144,6 +138,7 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+@torch.compiler.disable  # point-to-point traffic stays eager; compiled layers call it as an opaque step
 def ring_attention(q, k, v, group, *, scale=None, backend="auto"):
     """Causal attention of zigzag-sharded q [B, 2c, H, D] over k, v [B, 2c, Hkv, D] across `group`.
 

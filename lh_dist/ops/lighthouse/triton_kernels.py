@@ -63,11 +63,15 @@ def _scores_kernel(
     k_norm = tl.sqrt(k_sq)
     base = bh.to(tl.int64) * P
     for lvl in tl.static_range(LEVELS):
-        C: tl.constexpr = 1 << (lvl * LOG2P)
-        w = pid_n * (BLOCK_N // C) + tl.arange(0, BLOCK_N // C)
-        off = _level_offset(n, lvl, LOG2P)
-        tl.store(qs_ptr + base + off + w, tl.max(tl.reshape(q_norm, [BLOCK_N // C, C]), axis=1))
-        tl.store(ks_ptr + base + off + w, tl.max(tl.reshape(k_norm, [BLOCK_N // C, C]), axis=1))
+        _store_window_max(qs_ptr + base, q_norm, n, pid_n, lvl, LOG2P, BLOCK_N)
+        _store_window_max(ks_ptr + base, k_norm, n, pid_n, lvl, LOG2P, BLOCK_N)
+
+
+@triton.jit
+def _store_window_max(ptr, norms, n, pid_n, lvl: tl.constexpr, LOG2P: tl.constexpr, BLOCK_N: tl.constexpr):
+    C: tl.constexpr = 1 << (lvl * LOG2P)
+    w = pid_n * (BLOCK_N // C) + tl.arange(0, BLOCK_N // C)
+    tl.store(ptr + _level_offset(n, lvl, LOG2P) + w, tl.max(tl.reshape(norms, [BLOCK_N // C, C]), axis=1))
 
 
 @triton.jit
@@ -107,6 +111,28 @@ def _emit_key(window, picked, lvl: tl.constexpr, LEVELS: tl.constexpr, LOG2P: tl
 
 
 @triton.jit
+def _refine(qs_ptr, ks_ptr, emit_ptr, parent_ptr, n, tile_start,
+            lvl: tl.constexpr, LEVELS: tl.constexpr, LOG2P: tl.constexpr, SEL: tl.constexpr):
+    """One level below the coarsest: emit the children of the current parents, pick the next parents."""
+    PP: tl.constexpr = 1 << LOG2P
+    FINE: tl.constexpr = SEL * PP
+    fine = tl.arange(0, FINE)
+    window = tl.load(parent_ptr + fine // PP) * PP + fine % PP
+    flat = _level_offset(n, lvl, LOG2P) + window
+    if lvl > 0:
+        picked = _pick(tl.load(qs_ptr + flat), tl.load(ks_ptr + flat), fine, fine < FINE, SEL // 2)
+    else:
+        picked = fine < 0
+    tl.store(emit_ptr + fine, _emit_key(window, picked, lvl, LEVELS, LOG2P, tile_start, flat))
+    if lvl > 0:
+        ranked = tl.sort(tl.where(picked, fine, FINE))
+        parents = tl.load(parent_ptr + ranked // PP, mask=fine < SEL) * PP + ranked % PP
+        tl.debug_barrier()  # every lane has read the old parents
+        tl.store(parent_ptr + fine, parents, mask=fine < SEL)
+    tl.debug_barrier()
+
+
+@triton.jit
 def _select_kernel(
     qs_ptr, ks_ptr, index_ptr, inverse_ptr, emit_ptr, parent_ptr,
     n, P, n_tiles, per_tile,
@@ -141,25 +167,9 @@ def _select_kernel(
     tl.debug_barrier()
 
     # Finer levels: the PP children of each picked parent, ascending.
-    fine = tl.arange(0, FINE)
     for step in tl.static_range(COARSEST):
-        lvl: tl.constexpr = COARSEST - 1 - step
-        window = tl.load(parent_base + fine // PP) * PP + fine % PP
-        flat = _level_offset(n, lvl, LOG2P) + window
-        if lvl > 0:
-            q_score = tl.load(qs_ptr + scores_base + flat)
-            k_score = tl.load(ks_ptr + scores_base + flat)
-            picked = _pick(q_score, k_score, fine, fine < FINE, SEL // 2)
-        else:
-            picked = fine < 0
-        emit_at = per_tile + step * FINE + fine
-        tl.store(emit_base + emit_at, _emit_key(window, picked, lvl, LEVELS, LOG2P, tile_start, flat))
-        if lvl > 0:
-            ranked = tl.sort(tl.where(picked, fine, FINE))
-            parents = tl.load(parent_base + ranked // PP, mask=fine < SEL) * PP + ranked % PP
-            tl.debug_barrier()  # every lane has read the old parents
-            tl.store(parent_base + fine, parents, mask=fine < SEL)
-        tl.debug_barrier()
+        _refine(qs_ptr + scores_base, ks_ptr + scores_base, emit_base + per_tile + step * FINE, parent_base,
+                n, tile_start, COARSEST - 1 - step, LEVELS, LOG2P, SEL)
 
     # Sort the tile's emitted entries into causal order.
     lanes = tl.arange(0, E_PAD)

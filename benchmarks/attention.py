@@ -1,0 +1,222 @@
+"""Single-GPU attention benchmark: dense SDPA (cuDNN, flash) vs Lighthouse (Triton path).
+
+For each sequence length: median forward and forward+backward latency (CUDA events, after
+warm-up) and peak memory of one attention layer, plus a breakdown of Lighthouse time into its
+stages. Writes attention_<gpu>.md (tables, hardware, versions, commit, command) and
+attention_<gpu>.png (log-log latency) to --out-dir.
+
+    PYTHONPATH=. python benchmarks/attention.py                      # B=1 H=8 D=128 bf16, L=3 p=4 topk=2048
+    PYTHONPATH=. python benchmarks/attention.py --lengths 32768 --iters 3   # quick check
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lh_dist.ops.attention import attention, attention_backward, attention_forward
+from lh_dist.ops.lighthouse import gathered_length, lighthouse_attention, validate_lighthouse_args
+from lh_dist.ops.lighthouse import triton_kernels as kernels
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GiB = 2**30
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2**15, 2**16, 2**17, 2**18, 2**19])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--levels", type=int, default=3)
+    parser.add_argument("--pooling", type=int, default=4)
+    parser.add_argument("--topk", type=int, default=2048)
+    parser.add_argument("--dense", nargs="*", default=["cudnn", "flash"], help="lh_dist.ops.attention backends")
+    parser.add_argument("--iters", type=int, default=20, help="timed repetitions (fewer when one takes > 1 s)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--commit", default=None, help="commit to report when the tree has no .git")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    return parser.parse_args()
+
+
+def median_ms(fn, iters: int, warmup: int) -> float:
+    """Median of CUDA-event timings of fn() after warm-up; fewer repetitions for slow calls."""
+    for i in range(warmup):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if start.elapsed_time(end) > 500:  # slow calls (dense at long N) are warm after one run
+            break
+    times = []
+    budget_ms = 4000.0
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+        if sum(times) > budget_ms and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def peak_gib(fn) -> float:
+    """Peak memory allocated during fn() above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / GiB
+
+
+def fwd_bwd(layer, q, k, v, grad):
+    def run():
+        out = layer(q, k, v)
+        torch.autograd.grad(out, (q, k, v), grad)
+
+    return run
+
+
+def lighthouse_breakdown(q, k, v, grad, args, iters, warmup):
+    """Milliseconds per stage, each timed alone on the same inputs."""
+    levels, pooling, n_tiles, n = args.levels, args.pooling, args.topk // 128, q.shape[1]
+    q_scores, k_scores = kernels.pyramid_scores_triton(q, k, levels, pooling)
+    index, inverse = kernels.select_triton(q_scores, k_scores, n, levels, pooling, n_tiles)
+    gathered = [kernels.segment(x, index, levels, pooling, shift=False, mean=True) for x in (q, k, v)]
+    og, lse = attention_forward(*gathered, causal=True)
+    dog = kernels.segment(grad, index, levels, pooling, shift=True, mean=False)
+    dgathered = attention_backward(dog, *gathered, og, lse, causal=True)
+    stages = {
+        "fwd: pool+score": lambda: kernels.pyramid_scores_triton(q, k, levels, pooling),
+        "fwd: select": lambda: kernels.select_triton(q_scores, k_scores, n, levels, pooling, n_tiles),
+        "fwd: gather (q, k, v)": lambda: [kernels.segment(x, index, levels, pooling, shift=False, mean=True)
+                                          for x in (q, k, v)],
+        "fwd: attention": lambda: attention_forward(*gathered, causal=True),
+        "fwd: scatter": lambda: kernels.level_gather(og, inverse, n, levels, pooling, scatter=True),
+        "bwd: scatter": lambda: kernels.segment(grad, index, levels, pooling, shift=True, mean=False),
+        "bwd: attention": lambda: attention_backward(dog, *gathered, og, lse, causal=True),
+        "bwd: gather (q, k, v)": lambda: [kernels.level_gather(dx.contiguous(), inverse, n, levels, pooling,
+                                                               scatter=False) for dx in dgathered],
+    }
+    return {name: median_ms(fn, iters, warmup) for name, fn in stages.items()}
+
+
+def commit(args) -> str:
+    if args.commit:
+        return args.commit
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/attention.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    for n in args.lengths:
+        validate_lighthouse_args(n, args.levels, args.pooling, args.topk)
+    device = torch.device("cuda")
+    gpu = torch.cuda.get_device_name()
+    b, h, hkv, d = 1, args.heads, args.kv_heads, args.head_dim
+    methods = {f"dense {name}": (lambda name: lambda q, k, v: attention(q, k, v, causal=True, backend=name))(name)
+               for name in args.dense}
+    methods["lighthouse"] = lambda q, k, v: lighthouse_attention(
+        q, k, v, levels=args.levels, pooling=args.pooling, topk=args.topk, backend="triton")
+    rows, breakdowns = [], {}
+    for n in args.lengths:
+        gen = torch.Generator(device=device).manual_seed(n)
+        q, k, v = (torch.randn(b, n, heads, d, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+                   for heads in (h, hkv, hkv))
+        grad = torch.randn(b, n, h, d, device=device, dtype=torch.bfloat16, generator=gen)
+        for name, layer in methods.items():
+            with torch.no_grad():
+                fwd = median_ms(lambda: layer(q, k, v), args.iters, args.warmup)
+            both = median_ms(fwd_bwd(layer, q, k, v, grad), args.iters, args.warmup)
+            mem = peak_gib(fwd_bwd(layer, q, k, v, grad))
+            rows.append((n, name, fwd, both, mem))
+            print(f"N={n:>7} {name:<14} fwd {fwd:9.3f} ms  fwd+bwd {both:9.3f} ms  peak {mem:6.2f} GiB", flush=True)
+        breakdowns[n] = lighthouse_breakdown(q.detach(), k.detach(), v.detach(), grad, args, args.iters, args.warmup)
+        print(f"N={n:>7} breakdown " + ", ".join(f"{s} {t:.3f}" for s, t in breakdowns[n].items()), flush=True)
+        del q, k, v, grad
+        torch.cuda.empty_cache()
+    write_report(args, rows, breakdowns, gpu)
+    return 0
+
+
+def write_report(args, rows, breakdowns, gpu: str) -> None:
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    slug = gpu.replace("NVIDIA ", "").split()[0].lower()
+    names = list(dict.fromkeys(name for _, name, *_ in rows))
+    table = {(n, name): (f, fb, m) for n, name, f, fb, m in rows}
+    command = "PYTHONPATH=. python benchmarks/attention.py " + " ".join(sys.argv[1:])
+    lines = [
+        f"# Attention latency: dense SDPA vs Lighthouse ({gpu})",
+        "",
+        f"- hardware: {gpu}, {torch.cuda.get_device_properties(0).total_memory / GiB:.0f} GiB; host {platform.node()}",
+        f"- torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
+        f"triton {__import__('triton').__version__}",
+        f"- commit: {commit(args)} (plus the working tree at the time of the run)",
+        f"- command: `{command}`",
+        f"- shapes: B=1, H={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, bf16, causal; Lighthouse L={args.levels}, "
+        f"p={args.pooling}, topk={args.topk}, norm scorer, Triton path, inner attention backend auto",
+        "- latency: median of CUDA-event timings after warm-up (ms); memory: peak allocated during one fwd+bwd "
+        "above the inputs (GiB)",
+        "",
+        "| N | S (Lighthouse) | " + " | ".join(f"{m} fwd | {m} fwd+bwd | {m} mem" for m in names) + " | "
+        + " | ".join(f"speedup vs {m} fwd / fwd+bwd" for m in names if m != "lighthouse") + " |",
+        "|" + "---|" * (2 + 3 * len(names) + len(names) - 1),
+    ]
+    for n in args.lengths:
+        s = gathered_length(n, args.levels, args.pooling, args.topk // 128)
+        cells = [f"{n:,}", f"{s:,}"]
+        for m in names:
+            f, fb, mem = table[(n, m)]
+            cells += [f"{f:.3f}", f"{fb:.3f}", f"{mem:.2f}"]
+        lf, lfb, _ = table[(n, "lighthouse")]
+        cells += [f"{table[(n, m)][0] / lf:.1f}x / {table[(n, m)][1] / lfb:.1f}x" for m in names if m != "lighthouse"]
+        lines.append("| " + " | ".join(cells) + " |")
+    stages = list(next(iter(breakdowns.values())))
+    lines += ["", "## Lighthouse breakdown (ms, each stage timed alone)", "",
+              "| N | " + " | ".join(stages) + " | sum fwd | sum bwd |", "|" + "---|" * (len(stages) + 3)]
+    for n, parts in breakdowns.items():
+        fwd = sum(t for s, t in parts.items() if s.startswith("fwd"))
+        bwd = sum(t for s, t in parts.items() if s.startswith("bwd"))
+        lines.append(f"| {n:,} | " + " | ".join(f"{parts[s]:.3f}" for s in stages) + f" | {fwd:.3f} | {bwd:.3f} |")
+    md = args.out_dir / f"attention_{slug}.md"
+    md.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, col, title in ((axes[0], 0, "forward"), (axes[1], 1, "forward + backward")):
+        for m in names:
+            ax.loglog(args.lengths, [table[(n, m)][col] for n in args.lengths], "o-", label=m, base=2)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("latency (ms)")
+        ax.set_title(f"{title}, {gpu}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"B=1 H={args.heads} D={args.head_dim} bf16; Lighthouse L={args.levels} p={args.pooling} topk={args.topk}")
+    fig.tight_layout()
+    fig.savefig(args.out_dir / f"attention_{slug}.png", dpi=120)
+    print(f"wrote {md} and {md.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Evaluation of trained checkpoints: pass-key retrieval and validation loss by position (`lh-eval`)."""

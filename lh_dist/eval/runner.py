@@ -1,0 +1,167 @@
+"""Load a trained checkpoint and run its model for evaluation, on one device or across a CP group.
+
+`ModelRunner` is the only evaluation code that touches devices and process groups; the
+evaluations themselves (`passkey`, `position_loss`) see two plain functions:
+`last_logits(tokens [B, N]) -> [B, V]` and `token_losses(batch [B, N + 1]) -> [B, N]`.
+
+Under context parallelism (`torchrun --nproc-per-node W`, cp_degree W) every rank holds the
+whole prompt, keeps its zigzag shard (chunks r and 2W-1-r) and runs ring attention for the
+dense layers. The last token lies in chunk 2W-1, which CP rank 0 holds at its last local
+position; rank 0 broadcasts those logits so that every rank returns the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from lh_dist.config import TrainConfig, load_config, validate_lighthouse_shape
+from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
+from lh_dist.train.build import PHASES, build_model, set_phase
+from lh_dist.train.checkpoint import STEP_DIR, Checkpointer
+from lh_dist.train.engine import load_model_state
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder `step_XXXXXXXX`, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and path.is_dir():
+        return path
+    latest = Checkpointer(path, keep=1, rank=0).latest()
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (step_XXXXXXXX) nor a run directory "
+                                f"with checkpoints under checkpoints/")
+    return latest
+
+
+def checkpoint_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
+    """The run's config.yaml (two levels above the checkpoint folder) plus `section.field=value` overrides."""
+    path = folder.parent.parent / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder must sit in <run_dir>/checkpoints/")
+    return load_config(path, list(overrides))
+
+
+def trained_phase(folder: Path) -> str | None:
+    """The attention phase of the last training step before the checkpoint, if recorded."""
+    state_file = folder / "trainer_rank_00000.pt"
+    if not state_file.is_file():
+        return None
+    return torch.load(state_file, map_location="cpu", weights_only=False).get("phase")
+
+
+def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
+    """(cp_group, cp_rank, initialized_here): (None, 0, False) on one device, else the whole world
+    as the CP group, initializing torch.distributed if nobody has yet.
+
+    Evaluation has no data parallelism: all ranks work on the same prompt or batch.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cp_degree < 1:
+        raise ValueError(f"--cp must be a positive integer, got {cp_degree}")
+    if world != cp_degree:
+        raise ValueError(f"--cp {cp_degree} needs exactly {cp_degree} ranks (torchrun --nproc-per-node "
+                         f"{cp_degree}); this job has {world}")
+    if cp_degree == 1:
+        return None, 0, False
+    initialized_here = not dist.is_initialized()
+    if initialized_here:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.group.WORLD, dist.get_rank(), initialized_here
+
+
+def pick_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"--device must be one of {DEVICES}, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class ModelRunner:
+    """A checkpoint's model in eval mode, in one attention phase, on one device or a CP group."""
+
+    def __init__(self, checkpoint: str | Path, *, device: str = "auto", cp_degree: int = 1,
+                 phase: str = "dense", overrides: list[str] = ()):
+        if phase not in PHASES:
+            raise ValueError(f"--phase must be one of {PHASES}, got {phase!r}")
+        self.folder = resolve_checkpoint(checkpoint)
+        cfg = checkpoint_config(self.folder, overrides)
+        # Evaluation needs neither recomputation nor compilation.
+        self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
+            cfg.parallel, cp_degree=cp_degree, activation_checkpointing=False, compile=False))
+        self.device = pick_device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.cp_degree, self.phase = cp_degree, phase
+        self.cp_group, self.cp_rank, self._owns_group = init_eval_distributed(cp_degree, self.device)
+        self.step = int(STEP_DIR.match(self.folder.name).group(1))
+        self.trained_phase = trained_phase(self.folder)
+
+        self.model = build_model(self.cfg, self.cp_group)
+        self.model.load_state_dict(load_model_state(self.folder))
+        self.model.to(self.device).eval()
+        set_phase(self.model, phase)
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this rank writes files and prints."""
+        return self.cp_rank == 0
+
+    def check_length(self, seq_len: int, name: str) -> None:
+        """Raise ValueError if `seq_len` cannot be sharded over the CP group or tiled by Lighthouse."""
+        if self.cp_degree > 1:
+            try:
+                check_zigzag_length(seq_len, self.cp_degree)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
+        if self.phase == "lighthouse":
+            cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, seq_len=seq_len))
+            validate_lighthouse_shape(cfg)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, N_local, V] (fp32) of this rank's shard of tokens [B, N]."""
+        n = tokens.shape[1]
+        tokens = tokens.to(self.device)
+        if self.cp_degree > 1:
+            tokens = zigzag_shard(tokens, 1, self.cp_degree, self.cp_rank)
+        positions = zigzag_positions(n, self.cp_degree, self.cp_rank, self.device) if self.cp_degree > 1 \
+            else torch.arange(n, device=self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.device.type == "cuda"):
+            return self.model(tokens, positions).float()
+
+    def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] (fp32, on CPU) at the last position of tokens [B, N]; the same on every rank."""
+        last = self._forward(tokens)[:, -1]  # on CP rank 0 this is global position N - 1
+        if self.cp_degree > 1:
+            last = last.contiguous()
+            dist.broadcast(last, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
+        return last.cpu()
+
+    def token_losses(self, batch: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy [B, N] (fp32, on CPU) of batch [B, N + 1]; the same on every rank."""
+        inputs, targets = batch[:, :-1], batch[:, 1:].to(self.device)
+        if self.cp_degree > 1:
+            targets = zigzag_shard(targets, 1, self.cp_degree, self.cp_rank)
+        logits = self._forward(inputs)  # [B, N_local, V]
+        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        if self.cp_degree > 1:
+            shards = [torch.empty_like(losses) for _ in range(self.cp_degree)]
+            dist.all_gather(shards, losses.contiguous(), group=self.cp_group)
+            losses = zigzag_unshard(shards, dim=1)
+        return losses.cpu()
+
+    def close(self) -> None:
+        """Tear down the process group if this runner started it."""
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
