@@ -12,6 +12,8 @@
 #                   one node without it rendezvouses on a free local port)
 #   RDZV_ID         rendezvous name shared by the nodes of one run (default lh_dist)
 #   LOG_DIR         if set, torchrun writes each rank's stdout/stderr under it and tees them here
+#   STOP_TIMEOUT    seconds torchrun gives its workers to checkpoint after SIGTERM before killing
+#                   them (default 300; torchrun's own default is 30)
 #   RESUME          auto (default: continue from the newest complete checkpoint), none, or a folder
 #   PYTHON          interpreter with lh_dist installed (default .venv/bin/python, else python3)
 #   DRY_RUN=1       validate the config and the DP x CP layout for NNODES * NPROC_PER_NODE ranks,
@@ -54,6 +56,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 
+export PET_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-300}  # read by torchrun as --shutdown-timeout
 # Failures are not retried in place: a restart goes through the checkpoint (a requeue or a rerun).
 args=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts 0)
 if [ -z "${RDZV_ENDPOINT:-}" ]; then

@@ -43,7 +43,8 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 
 LIGHTHOUSE = ["data.seq_len=1024", "data.micro_batch=1", "schedule.lighthouse_steps=4", "lighthouse.levels=2",
-              "lighthouse.pooling=2", "lighthouse.topk=512", "lighthouse.dense_layers=[0]"]
+              "lighthouse.pooling=2", "lighthouse.topk=512", "lighthouse.dense_layers=[0]",
+              "logging.selection_map_interval=2"]
 
 
 def test_two_rank_cp_lighthouse_then_dense_resumes_exactly(tmp_path, stdlib_dataset):
@@ -58,6 +59,9 @@ def test_two_rank_cp_lighthouse_then_dense_resumes_exactly(tmp_path, stdlib_data
     assert "step 4: attention phase is now dense" in r.stdout
     phase = scalars(full, "train/phase_lighthouse")
     assert [phase[s] for s in range(1, 13)] == [1.0] * 4 + [0.0] * 8
+    acc = EventAccumulator(str(full / "tensorboard"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("lighthouse/selection_map")] == [1, 3]  # captured at steps 0 and 2
 
     # The same run in two pieces, stopped past the switch: the resumed run is dense and identical.
     r1 = run(train_cmd(2, split, stdlib_dataset, "schedule.steps=5", *LIGHTHOUSE))

@@ -23,9 +23,14 @@ class PhasedAttention(nn.Module):
         super().__init__()
         self.dense_fn, self.lighthouse_fn = dense_fn, lighthouse_fn
         self.phase = "dense"
+        # When set, the next Lighthouse call keeps its q and k (for the selection-map image).
+        self.capture = False
+        self.captured: tuple[Tensor, Tensor] | None = None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.phase == "lighthouse" and self.lighthouse_fn is not None:
+            if self.capture:
+                self.captured, self.capture = (q.detach()[:1], k.detach()[:1]), False
             return self.lighthouse_fn(q, k, v)
         return self.dense_fn(q, k, v)
 

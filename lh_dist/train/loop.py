@@ -18,7 +18,7 @@ from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
 from lh_dist.train import engine as ds
-from lh_dist.train.build import build_model, default_device, flops_per_step_token, lighthouse_length, phase_at, set_phase
+from lh_dist.train.build import PhasedAttention, build_model, default_device, flops_per_step_token, lighthouse_length, phase_at, set_phase
 from lh_dist.train.checkpoint import Checkpointer
 from lh_dist.train.metrics import Metrics, peak_flops
 
@@ -207,6 +207,7 @@ class Trainer:
                     self.metrics.text(self.step, "phase", f"{step_phase} from step {self.step}")
                 phase = step_phase
 
+            map_layer = self._selection_map_layer(phase)
             t0 = time.time()
             lr = lr_at(cfg, self.step)
             loss, finite = self.train_step(lr)
@@ -229,6 +230,8 @@ class Trainer:
                         f"{self.checkpointer.latest()}")
 
             tokens_per_s = self.tokens_per_step / dt
+            if map_layer is not None and map_layer.captured is not None:
+                self._log_selection_map(map_layer)
             if self.step % cfg.logging.log_interval == 0 or self.step == cfg.schedule.steps:
                 self._log_step(loss, lr, dt, tokens_per_s, phase, peak)
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
@@ -247,6 +250,28 @@ class Trainer:
                 return PREEMPTED_EXIT_CODE
         self.metrics.close()
         return 0
+
+    def _selection_map_layer(self, phase: str):
+        """The first Lighthouse layer, armed to capture its inputs, on steps that log a selection map."""
+        every = self.cfg.logging.selection_map_interval
+        if phase != "lighthouse" or not every or self.rank != 0 or self.step % every:
+            return None
+        layer = next((m for m in self.engine.module.modules()
+                      if isinstance(m, PhasedAttention) and m.lighthouse_fn is not None), None)
+        if layer is not None:
+            layer.capture = True
+        return layer
+
+    def _log_selection_map(self, layer) -> None:
+        from lh_dist.train.selection_map import selection_map
+
+        lh, cp = self.cfg.lighthouse, self.layout.cp_degree
+        q, k = layer.captured
+        layer.captured = None
+        chunk = q.shape[1] // 2 if cp > 1 else q.shape[1]  # under CP: this rank's first zigzag chunk
+        image = selection_map(q[:, :chunk].float(), k[:, :chunk].float(), levels=lh.levels, pooling=lh.pooling,
+                              n_tiles=lh.topk // 128 // (2 * cp if cp > 1 else 1), scorer=lh.scorer)
+        self.metrics.image(self.step, "lighthouse/selection_map", image)
 
     def _log_step(self, loss, lr, dt, tokens_per_s, phase, peak) -> None:
         world = dist.get_world_size()

@@ -1,0 +1,147 @@
+"""`lh-eval` end to end on a tiny checkpoint written by `lh-train` (Lighthouse phase, then dense eval)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lh_dist.eval import runner as runner_module
+from lh_dist.eval.cli import main
+from lh_dist.eval.runner import ModelRunner
+from lh_dist.parallel.spawn import spawn_ranks
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["parallel.cp_degree=1", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.ffn_hidden=128", "data.seq_len=256", "data.micro_batch=1", "schedule.steps=2",
+        "schedule.warmup_steps=1", "schedule.decay=constant", "schedule.lighthouse_steps=2",
+        "lighthouse.levels=2", "lighthouse.pooling=2", "lighthouse.topk=128", "lighthouse.dense_layers=[0]",
+        "checkpoint.interval=2", "logging.eval_batches=1", "logging.eval_interval=2"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, stdlib_dataset):
+    """A run dir whose only checkpoint (step 2) was trained in the Lighthouse phase."""
+    run_dir = tmp_path_factory.mktemp("eval") / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "lh_dist.train.cli", "--config", str(REPO / "configs/tiny-cpu.yaml"),
+           f"data.path={stdlib_dataset}", f"logging.run_dir={run_dir}", *TINY]
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return run_dir
+
+
+def _png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+def test_passkey_writes_heatmap_json_and_png(tiny_run, tmp_path):
+    out = tmp_path / "pk"
+    assert main(["passkey", str(tiny_run), "--lengths", "128,256", "--depths", "0,50,100", "--out", str(out),
+                 "--device", "cpu", "--batch-size", "5"]) == 0
+    result = json.loads((out / "passkey.json").read_text())
+    assert result["step"] == 2 and result["trained_phase"] == "lighthouse" and result["eval_phase"] == "dense"
+    assert result["lengths"] == [128, 256] and result["depths"] == [0, 50, 100]
+    accuracy = np.asarray(result["accuracy"])
+    assert accuracy.shape == (3, 2) and ((accuracy >= 0) & (accuracy <= 1)).all()
+    assert np.asarray(result["predictions"]).shape == (3, 2, 10)
+    assert result["mean"] == pytest.approx(accuracy.mean())
+    _png(out / "passkey.png")
+
+
+def test_passkey_default_lengths_and_output_folder(tiny_run):
+    assert main(["passkey", str(tiny_run / "checkpoints" / "step_00000002"), "--depths", "50"]) == 0
+    result = json.loads((tiny_run / "eval" / "step_00000002" / "passkey.json").read_text())
+    assert result["lengths"] == [170, 256]  # 256 x {2/3, 1}; shorter ones cannot hold the prompt
+
+
+@pytest.mark.parametrize("double, expected", [("oracle", 1.0), ("uniform", 0.1)])
+def test_passkey_cli_scores_logit_test_doubles(tiny_run, tmp_path, monkeypatch, double, expected):
+    digit_ids = [ord(str(d)) for d in range(10)]
+
+    def last_logits(self, prompts):
+        logits = torch.zeros(prompts.shape[0], 257)
+        if double == "oracle":
+            for b, prompt in enumerate(prompts):
+                needle = next(t for t in prompt.tolist() if t in digit_ids)
+                logits[b, needle] = 1.0
+        return logits
+
+    monkeypatch.setattr(runner_module.ModelRunner, "last_logits", last_logits)
+    assert main(["passkey", str(tiny_run), "--lengths", "200", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "passkey.json").read_text())
+    assert np.allclose(result["accuracy"], expected) and result["mean"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("phase, spacing", [("dense", "linear"), ("lighthouse", "log")])
+def test_loss_by_position(tiny_run, tmp_path, phase, spacing):
+    out = tmp_path / phase
+    assert main(["loss", str(tiny_run), "--batches", "3", "--micro-batch", "2", "--buckets", "4",
+                 "--spacing", spacing, "--phase", phase, "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "position_loss.json").read_text())
+    assert result["eval_phase"] == phase and result["seq_len"] == 256
+    assert result["batches"] == 3 and result["sequences"] == 6 and result["tokens"] == 6 * 256
+    buckets = result["buckets"]
+    assert len(buckets) == 4 and buckets[0]["start"] == 0 and buckets[-1]["end"] == 256
+    assert all(a["end"] == b["start"] for a, b in zip(buckets, buckets[1:]))
+    weighted = sum(b["loss"] * b["tokens"] for b in buckets) / result["tokens"]
+    assert weighted == pytest.approx(result["loss"], rel=1e-9)
+    assert 3.0 < result["loss"] < 7.0  # two steps from ln(257) = 5.55
+    _png(out / "position_loss.png")
+
+
+def test_lighthouse_changes_the_loss_and_seq_len_is_checked(tiny_run, tmp_path):
+    losses = {}
+    for phase in ("dense", "lighthouse"):
+        assert main(["loss", str(tiny_run), "--batches", "1", "--phase", phase, "--out", str(tmp_path / phase)]) == 0
+        losses[phase] = json.loads((tmp_path / phase / "position_loss.json").read_text())["loss"]
+    assert losses["dense"] != losses["lighthouse"]
+    # 128 tokens hold fewer than 128 windows of pooling**(levels-1) = 2 tokens: Lighthouse cannot tile them.
+    assert main(["loss", str(tiny_run), "--phase", "lighthouse", "--seq-len", "128", "--out", str(tmp_path)]) == 2
+
+
+def _cp_worker(rank, world_size, run_dir, prompts, batch, expected_last, expected_losses):
+    runner = ModelRunner(run_dir, device="cpu", cp_degree=world_size)
+    # Ring attention reorders fp32 sums only.
+    torch.testing.assert_close(runner.last_logits(prompts), expected_last, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(runner.token_losses(batch), expected_losses, rtol=1e-4, atol=1e-4)
+    runner.close()
+
+
+def test_context_parallel_matches_one_device(tiny_run):
+    single = ModelRunner(tiny_run, device="cpu")
+    torch.manual_seed(0)
+    prompts, batch = torch.randint(0, 256, (2, 128)), torch.randint(0, 256, (2, 257))
+    expected_last, expected_losses = single.last_logits(prompts), single.token_losses(batch)
+    assert expected_last.shape == (2, 257) and expected_losses.shape == (2, 256)
+    spawn_ranks(_cp_worker, 2, tiny_run, prompts, batch, expected_last, expected_losses)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["passkey", "RUN", "--cp", "2"], "--cp 2 needs exactly 2 ranks"),
+    (["passkey", "RUN", "--depths", "0,120"], "--depths must be percentages in [0, 100]"),
+    (["passkey", "RUN", "--lengths", "50"], "length must be >= "),
+    (["passkey", "RUN", "--device", "tpu"], "--device must be one of"),
+    (["loss", "RUN", "--phase", "sparse"], "--phase must be one of"),
+    (["loss", "RUN", "--spacing", "cubic"], "--spacing must be one of"),
+    (["loss", "RUN", "--buckets", "0"], "--buckets must be a positive integer"),
+    (["loss", "RUN", "--buckets", "300"], "num_buckets must be in [1, seq_len=256]"),
+    (["loss", "RUN", "model.dim=-1"], "model.dim must be a positive integer"),
+    (["loss", "NOWHERE"], "is neither a checkpoint folder"),
+])
+def test_bad_arguments_exit_with_a_clear_message(tiny_run, tmp_path, capsys, args, message):
+    args = [str(tiny_run) if a == "RUN" else str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]
+    assert main(args + ["--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_malformed_lists_are_usage_errors(capsys):
+    with pytest.raises(SystemExit):
+        main(["passkey", "RUN", "--lengths", "4k"])
+    assert "--lengths must be comma-separated integers" in capsys.readouterr().err
