@@ -1,0 +1,168 @@
+"""Steady-state training throughput of the paper's model on one GPU: dense vs Lighthouse, and a plain
+PyTorch reference step, everything else equal (bf16 autocast, activation checkpointing per layer,
+AdamW, B=1, random tokens).
+
+    python benchmarks/train_throughput.py --out benchmarks/results
+    python benchmarks/train_throughput.py --seq-lens 98304 --steps 3 --variants dense,lighthouse-1536
+
+Writes train_throughput.md (hardware, commit, command, table) and train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from lh_dist.config import load_config
+from lh_dist.model import Transformer
+from lh_dist.train import engine as ds
+from lh_dist.train.build import build_model, flops_per_step_token, set_phase
+from lh_dist.train.metrics import peak_flops
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("plain", "dense", "lighthouse-1536", "lighthouse-2048")
+
+
+def _sdpa(q, k, v):
+    # The reference path: PyTorch SDPA (cuDNN) on [B, H, N, D], nothing of lh_dist in between.
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+def plain_step_fn(cfg, device):
+    model = Transformer(cfg.model, [_sdpa] * cfg.model.n_layers).to(device)
+    for layer in model.layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay, fused=True)
+    positions = torch.arange(cfg.data.seq_len, device=device)
+
+    def step(tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1], positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, model
+
+
+def lh_dist_step_fn(cfg, device, phase):
+    model = build_model(cfg).to(device)
+    set_phase(model, phase)
+    engine = ds.build_engine(cfg, model, 1, device)
+    positions = torch.arange(cfg.data.seq_len, device=device)
+
+    def step(tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = engine(tokens[:, :-1], positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        engine.backward(loss)
+        engine.step()
+        return loss
+
+    return step, engine
+
+
+def measure(variant: str, seq_len: int, args) -> dict:
+    overrides = [f"data.seq_len={seq_len}", "parallel.activation_checkpointing=true", "parallel.zero_stage=0",
+                 f"schedule.lighthouse_steps={1 if variant.startswith('lighthouse') else 0}"]
+    if variant.startswith("lighthouse"):
+        overrides.append(f"lighthouse.topk={variant.split('-')[1]}")
+    cfg = load_config(args.config, overrides)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    if variant == "plain":
+        step, holder = plain_step_fn(cfg, device)
+        n_matmul = sum(p.numel() for p in holder.parameters()) - holder.embed.weight.numel()
+    else:
+        step, holder = lh_dist_step_fn(cfg, device, "lighthouse" if variant.startswith("lighthouse") else "dense")
+        n_matmul = sum(p.numel() for p in holder.module.parameters()) - holder.module.embed.weight.numel()
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), device=device)
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step(tokens)
+        torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    assert torch.isfinite(loss), f"{variant} at {seq_len}: non-finite loss"
+    median = statistics.median(times)
+    phase = "lighthouse" if variant.startswith("lighthouse") else "dense"
+    flops = flops_per_step_token(cfg, n_matmul, phase) * seq_len / median
+    peak = peak_flops(device)
+    row = {"variant": variant, "seq_len": seq_len, "step_s": median, "tokens_per_s": seq_len / median,
+           "mfu": flops / peak if peak else None, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+           "times": times}
+    print(json.dumps(row), flush=True)
+    del step, holder
+    gc.collect()
+    torch.cuda.empty_cache()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs/paper-530m-98k.yaml"))
+    parser.add_argument("--seq-lens", default="98304,196608")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
+    args = parser.parse_args()
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    ds.init_distributed(torch.device("cuda"))
+    rows = [measure(v, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")]
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    by = {(r["variant"], r["seq_len"]): r for r in rows}
+    lines = [
+        "# Training throughput, one GPU",
+        "",
+        f"- hardware: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+        f"Python {platform.python_version()}",
+        f"- commit: {commit}",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- model: {args.config} (bf16 autocast, activation checkpointing per layer, AdamW, B=1); "
+        f"median of {args.steps} steps after {args.warmup} warm-up",
+        "",
+        "| context | variant | step (s) | tokens/s | vs our dense | MFU | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        dense = by.get(("dense", r["seq_len"]))
+        ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | "
+                     f"{mfu} | {r['peak_mem_gib']:.1f} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    (out / "train_throughput.json").write_text(json.dumps(rows, indent=1))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
