@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lh_dist.data.tokenizer import ByteTokenizer
-from lh_dist.eval.passkey import (PAPER_DEPTHS, QUESTION, default_lengths, digit_token_ids, build_prompt,
+from lh_dist.eval.passkey import (PAPER_DEPTHS, QUESTION, build_prompt, default_lengths, digit_token_ids,
                                   min_prompt_length, needle_offset, passkey_grid)
 
 TOK = ByteTokenizer()

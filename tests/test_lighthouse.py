@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 
 import pytest
@@ -226,7 +227,29 @@ def test_api_argument_errors():
     q = torch.randn(1, 512, 2, 8)
     with pytest.raises(ValueError, match="backend"):
         lighthouse_attention(q, q, q, levels=2, pooling=2, topk=256, backend="cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(ValueError, match="CUDA"):
+            lighthouse_attention(q, q, q, levels=2, pooling=2, topk=256, backend="triton")
     with pytest.raises(ValueError, match="scorer"):
         lighthouse_attention(q, q, q, levels=2, pooling=2, topk=256, scorer="dilated")
     with pytest.raises(ValueError, match="pooling"):
         lighthouse_attention(q, q, q, levels=2, pooling=6, topk=256)
+
+
+def test_scatter_back_keeps_rows_past_the_chunk_end():
+    # Context parallelism forwards these rows to the next chunk.
+    levels, pooling, topk, n = 3, 4, 256, 4096
+    q, k, _ = random_qkv(1, n, 2, 1, 4, dtype=torch.float32, seed=11)
+    sel = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, topk // 128)
+    o = torch.randn(1, sel.length, 2, 4)
+    extra = pooling ** (levels - 1) - 1
+    longer = scatter_back(o, sel, length=n + extra)
+    torch.testing.assert_close(longer[:, :n], scatter_back(o, sel), rtol=0, atol=0)
+    level, window = sel.level_and_window()
+    expected = torch.zeros(extra, 2, 4)
+    for s, (lvl, i) in enumerate(zip(level[0, 0].tolist(), window[0, 0].tolist())):
+        c = pooling**lvl
+        for t in range(max(n, i * c + c - 1), i * c + 2 * c - 1):
+            expected[t - n] += o[0, s]
+    torch.testing.assert_close(longer[0, n:], expected)
+    assert expected.abs().sum() > 0

@@ -2,11 +2,14 @@
 
     lh-eval passkey runs/tiny-cpu --lengths 256,512,1024
     lh-eval loss runs/tiny-cpu --batches 16 --buckets 8 --spacing log
-    lh-eval loss runs/tiny-cpu --phase lighthouse lighthouse.topk=512   # config overrides last
+    lh-eval loss runs/tiny-cpu --phase lighthouse lighthouse.topk=512   # with a config override
     torchrun --nproc-per-node 4 -m lh_dist.eval.cli passkey RUN --cp 4 --lengths 65536,98304
 
-Results go to --out (default <run_dir>/eval/step_XXXXXXXX/): passkey.json + passkey.png,
-position_loss.json + position_loss.png. The pass-key test always runs dense attention.
+Results go to --out (default <run_dir>/eval/step_XXXXXXXX/), each JSON beside its PNG:
+  passkey.json        lengths [L], depths [D], accuracy [D][L], predictions [D][L][10] (the digit
+                      predicted for needle 0..9), mean; the pass-key test always runs dense attention.
+  position_loss.json  loss (token mean), tokens, sequences, buckets [{start, end (exclusive), tokens, loss}].
+Both also record checkpoint, step, trained_phase, eval_phase, cp_degree and device.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .reference import lighthouse_reference
@@ -33,6 +35,8 @@ def lighthouse_attention(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if q.is_cuda else "reference"
+    if backend == "triton" and not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); use 'reference' or 'auto'")
     args = dict(levels=levels, pooling=pooling, topk=topk, scorer=scorer, attention_backend=attention_backend)
     if backend == "reference":
         return lighthouse_reference(q, k, v, **args)
