@@ -26,7 +26,7 @@ def test_overrides_apply_with_types():
     ("schedule.decay=exp", "schedule.decay", "'constant', 'linear', 'cosine'"),
     ("model.n_kv_heads=3", "model.n_kv_heads", "a divisor of model.n_heads"),
     ("parallel.zero_stage=4", "parallel.zero_stage", "one of 0, 1, 2, 3"),
-    ("data.seq_len=510", "data.seq_len", "divisible by 2 * parallel.cp_degree"),
+    ("data.seq_len=1030", "data.seq_len", "divisible by lighthouse.topk/128 = 4 tiles"),
     ("lighthouse.pooling=3", "lighthouse.pooling", "a power of two"),
     ("lighthouse.topk=100", "lighthouse.topk", "multiple of 128"),
     ("model.tie_embeddings=1", "model.tie_embeddings", "true or false"),
@@ -39,12 +39,16 @@ def test_bad_values_name_the_field(override, field, allowed):
 
 
 def test_lighthouse_shape_checked_only_when_used():
-    load_config("configs/tiny-cpu.yaml", ["lighthouse.topk=4096"])  # dense run: not checked
+    dense = ["schedule.lighthouse_steps=0"]
+    load_config("configs/tiny-cpu.yaml", dense + ["lighthouse.topk=4096"])  # dense run: not checked
+    with pytest.raises(ConfigError, match="divisible by 2 \\* parallel.cp_degree"):
+        load_config("configs/tiny-cpu.yaml", dense + ["data.seq_len=510"])
+    with pytest.raises(ConfigError, match="lighthouse.topk"):  # 3 tiles cannot split into 4 zigzag chunks
+        load_config("configs/tiny-cpu.yaml", ["lighthouse.topk=384"])
     with pytest.raises(ConfigError, match="data.seq_len"):
-        load_config("configs/tiny-cpu.yaml", ["schedule.lighthouse_steps=10", "lighthouse.topk=512"])
-    cfg = load_config("configs/tiny-cpu.yaml", ["schedule.lighthouse_steps=10", "lighthouse.topk=512",
-                                                "lighthouse.levels=2", "data.seq_len=2048"])
-    assert cfg.schedule.lighthouse_steps == 10
+        load_config("configs/tiny-cpu.yaml", ["lighthouse.levels=3"])
+    cfg = load_config("configs/tiny-cpu.yaml", ["lighthouse.levels=3", "data.seq_len=2048"])
+    assert cfg.schedule.lighthouse_steps == 40
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -43,12 +43,12 @@ def dense_layer_ids(cfg: TrainConfig) -> set[int]:
 def _attention_fns(cfg: TrainConfig, cp_group) -> tuple:
     """(dense_fn, lighthouse_fn) for local execution or for the CP group."""
     lh, backend = cfg.lighthouse, cfg.model.attention_backend
-    lh_kwargs = dict(levels=lh.levels, pooling=lh.pooling, topk=lh.topk, scorer=lh.scorer, attention_backend=backend)
+    lh_kwargs = dict(levels=lh.levels, pooling=lh.pooling, topk=lh.topk, scorer=lh.scorer, backend=lh.backend,
+                     attention_backend=backend)
     if cp_group is None:
         from lh_dist.ops.lighthouse import lighthouse_attention
 
-        return (partial(attention, causal=True, backend=backend),
-                partial(lighthouse_attention, backend=lh.backend, **lh_kwargs))
+        return (partial(attention, causal=True, backend=backend), partial(lighthouse_attention, **lh_kwargs))
     from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
     from lh_dist.parallel.ring_attention import ring_attention
 
