@@ -137,6 +137,13 @@ def cluster(tmp_path_factory):
             time.sleep(0.5)
         yield c
     finally:
+        if len(daemons) == 3 and all(p.poll() is None for _, p in daemons):
+            # Jobs a failed test left running end first: their processes belong to slurmstepd, not to us.
+            subprocess.run(["scancel", "--user", str(os.getuid())], env=c.env, capture_output=True, timeout=60)
+            deadline = time.time() + 60
+            while time.time() < deadline and subprocess.run(
+                    ["squeue", "-h"], env=c.env, capture_output=True, text=True, timeout=60).stdout.strip():
+                time.sleep(1)
         for name, proc in reversed(daemons):  # slurmd, slurmctld, munged
             if proc.poll() is None:
                 proc.terminate()
