@@ -253,3 +253,178 @@ def test_scatter_back_keeps_rows_past_the_chunk_end():
             expected[t - n] += o[0, s]
     torch.testing.assert_close(longer[0, n:], expected)
     assert expected.abs().sum() > 0
+
+
+def fixed_selection_layer(q, k, v, levels, pooling, topk, attention_backend="auto"):
+    """The layer as a function of (q, k, v) with the selection computed once from (q, k) and then frozen.
+
+    Selection carries no gradient (DESIGN.md §2.7), so this is the function whose derivative the
+    backward pass computes; freezing it also keeps finite differences from crossing a top-k boundary.
+    """
+    sel = select(*pyramid_scores(q, k, levels, pooling), q.shape[1], levels, pooling, topk // 128)
+
+    def layer(q_, k_, v_):
+        gathered = (gather_pyramid(x, sel) for x in (q_, k_, v_))
+        return scatter_back(causal_attention(*gathered, backend=attention_backend), sel)
+
+    return sel, layer
+
+
+@pytest.mark.parametrize("attention_backend", ["math", "cpu_flash"])
+def test_reference_grads_match_finite_differences(attention_backend):
+    # Smallest valid layout: one tile of 256 coarsest windows (L=2, p=2), so the top-k refines
+    # 128 of them and both leaves and picked entries (with their level-0 children) are gathered.
+    levels, pooling, topk, n = 2, 2, 128, 512
+    q, k, v = random_qkv(1, n, 2, 1, 4, seed=21)
+    sel, layer = fixed_selection_layer(q, k, v, levels, pooling, topk, attention_backend)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    # Float64 central differences with eps=1e-6 have truncation error O(eps^2) and rounding error
+    # O(1e-16 / eps) ~ 1e-10 relative to O(1) outputs, far inside gradcheck's atol=1e-5, rtol=1e-3;
+    # a wrong gradient (e.g. a missing 1/c pooling factor or a misrouted scatter) is off by O(1).
+    # fast_mode compares u^T J v for random u, v over all of q, k, v in a few evaluations instead of
+    # one per input element (8192 here).
+    assert torch.autograd.gradcheck(layer, leaves, eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
+    # Also check full columns of the Jacobian for a few single input elements, at tokens that sit
+    # at different levels of the gathered set (a refined window's child, a leaf window, the last token).
+    gathered_leaf0 = (sel.inverse[0, 0, :n] >= 0).nonzero().flatten()
+    not_refined = (sel.inverse[0, 0, :n] < 0).nonzero().flatten()
+    tokens = [int(gathered_leaf0[len(gathered_leaf0) // 2]), int(not_refined[len(not_refined) // 2]), n - 1]
+    grad_out = torch.randn(1, n, 2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(22))
+    analytic = torch.autograd.grad(layer(*leaves), leaves, grad_out)
+    eps = 1e-6
+    for which in range(3):
+        for t in tokens:
+            for d in (0, 3):
+                plus = [x.detach().clone() for x in leaves]
+                minus = [x.detach().clone() for x in leaves]
+                plus[which][0, t, 0, d] += eps
+                minus[which][0, t, 0, d] -= eps
+                numeric = ((layer(*plus) - layer(*minus)) * grad_out).sum() / (2 * eps)
+                # Same error budget as above: |error| ~ 1e-10 relative; allow 1e-6 absolute.
+                torch.testing.assert_close(analytic[which][0, t, 0, d], numeric, rtol=1e-6, atol=1e-6,
+                                           msg=f"d/d{'qkv'[which]}[{t}, 0, {d}]")
+
+
+# Small valid layouts (n = p^(L-1) * topk, the minimum): one and two tiles, L = 2..4, p = 2 and 4.
+SMALL_CONFIGS = [(2, 2, 128, 256), (2, 2, 256, 512), (3, 2, 128, 512), (2, 4, 128, 512), (4, 2, 128, 1024)]
+
+
+@pytest.mark.parametrize("levels,pooling,topk,n", SMALL_CONFIGS)
+def test_causal_given_selection_perturbation_and_gradient(levels, pooling, topk, n):
+    # DESIGN.md §2.8: with the selection fixed, outputs before t are a function of tokens < t only.
+    # test_causal_given_selection checks single output rows of one config; this checks whole
+    # prefixes, by value and by gradient, at many t (tile edges, window edges, odd positions).
+    q, k, v = random_qkv(1, n, 4, 2, 4, seed=levels * 10 + pooling + topk)
+    _, layer = fixed_selection_layer(q, k, v, levels, pooling, topk)
+    base = layer(q, k, v)
+    coarse = pooling ** (levels - 1)
+    tile = n * 128 // topk
+    ts = {1, coarse - 1, coarse, coarse + 1, tile - 1, tile, n // 3, n // 2 + 1, n - coarse, n - 2, n - 1}
+    ts = sorted(t for t in ts | set(torch.randint(1, n, (8,), generator=torch.Generator().manual_seed(n)).tolist())
+                if t < n)
+    gen = torch.Generator().manual_seed(23)
+    weights = torch.randn(1, n, 4, 4, dtype=torch.float64, generator=gen)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = layer(*leaves)
+    for t in ts:
+        for which in range(3):
+            moved = [q, k, v]
+            moved[which] = moved[which].clone()
+            moved[which][:, t] += 3 * torch.randn(moved[which][:, t].shape, dtype=torch.float64, generator=gen)
+            changed = layer(*moved)
+            # Bitwise: a masked key contributes exp(-inf) = 0 exactly and pooled windows that do not
+            # hold token t are recomputed from identical values, so there is no rounding slack to allow.
+            assert torch.equal(changed[:, :t], base[:, :t]), f"out[<{t}] moved with {'qkv'[which]}[{t}]"
+            # The perturbation must be visible from t on (the level-0 entry of t or its window reaches
+            # position t + c - 1 at the latest), or the check above would prove nothing.
+            assert not torch.equal(changed[:, t:], base[:, t:]), f"{'qkv'[which]}[{t}] changed nothing"
+        grads = torch.autograd.grad((out[:, :t] * weights[:, :t]).sum(), leaves, retain_graph=True)
+        for name, g in zip("qkv", grads):
+            assert g[:, t:].abs().max() == 0, f"d out[<{t}] / d {name}[>={t}] must be exactly zero"
+            # Positions 0 .. p^(L-1) - 2 may receive no entry at all (DESIGN.md §2.6), and an
+            # entry first in causal order attends only to itself, so its output is its own v with
+            # no q or k gradient. Past 2 p^(L-1) tokens some output has attended to two entries.
+            if base[:, :t].abs().max() > 0 and (name == "v" or t > 2 * coarse):
+                assert g[:, :t].abs().max() > 0, f"d out[<{t}] / d {name}[<{t}] must not vanish"
+
+
+def test_selection_is_not_causal():
+    # DESIGN.md §2.8: a tile's top-k reads all of its tokens, so a later token can change which
+    # earlier windows are refined. One tile (L=2, p=2, topk=128, n=512) of 256 level-1 windows.
+    # Norms fall with position for both q and k, so the 64 picked by query score are windows
+    # 0..63 and the 64 picked by key score among the rest are 64..127; windows 128..255 are leaves.
+    levels, pooling, topk, n = 2, 2, 128, 512
+    q, k, v = random_qkv(1, n, 2, 1, 4, seed=24)
+    falling = (2.0 - torch.arange(n, dtype=torch.float64) / n).view(1, n, 1, 1)  # in (1, 2]
+    q = q / q.norm(dim=-1, keepdim=True) * falling
+    k = k / k.norm(dim=-1, keepdim=True) * falling
+    sel, layer = fixed_selection_layer(q, k, v, levels, pooling, topk)
+    refined = sel.inverse[0, 0, :n : pooling] >= 0  # window i is refined iff its first child is gathered
+    assert torch.equal(refined.nonzero().flatten(), torch.arange(128))
+    # Boost the norm of token t = 401, the late token of leaf window 200: the window now tops the
+    # query ranking and displaces window 63, which is then the best by key score among the rest
+    # and displaces window 127 from the key-score picks. Window 127 ends at token 255 < t.
+    t = 401
+    q2, k2 = q.clone(), k.clone()
+    q2[:, t] *= 10
+    k2[:, t] *= 10
+    sel2, _ = fixed_selection_layer(q2, k2, v, levels, pooling, topk)
+    refined2 = sel2.inverse[0, 0, :n : pooling] >= 0
+    assert torch.equal(refined2.nonzero().flatten(), torch.cat([torch.arange(127), torch.tensor([t // pooling])]))
+    out_free = lighthouse_attention(q2, k2, v, levels=levels, pooling=pooling, topk=topk, backend="reference")
+    base = layer(q, k, v)
+    # Token 254 was gathered as the child of window 127 and is not any more, so the output at
+    # position 254 < t loses that entry: an earlier output depends on a later token.
+    assert not torch.equal(out_free[:, :t], base[:, :t])
+    assert (out_free[:, 254] - base[:, 254]).abs().max() > 1e-3
+    # With the original selection held fixed, the same change leaves every earlier output exactly as is.
+    assert torch.equal(layer(q2, k2, v)[:, :t], base[:, :t])
+
+
+def test_gqa_with_identical_heads_equals_repeated_kv_heads():
+    # The query score of a KV head is the max over its group (DESIGN.md §2.2). If the heads of a
+    # group are identical, that max is each head's own score, so the GQA layer must equal the
+    # layer with one KV head per query head (k, v repeated): same selections, same outputs.
+    levels, pooling, topk, n = 3, 2, 256, 1024
+    q, k, v = random_qkv(2, n, 4, 2, 8, seed=25)
+    q = q[:, :, [0, 0, 2, 2]].clone()  # heads 0, 1 identical; heads 2, 3 identical
+    args = dict(levels=levels, pooling=pooling, topk=topk, backend="reference")
+    k4, v4 = k.repeat_interleave(2, dim=2), v.repeat_interleave(2, dim=2)  # query head h reads k4[h] = k[h // 2]
+    sel_gqa = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, topk // 128)
+    sel_mha = select(*pyramid_scores(q, k4, levels, pooling), n, levels, pooling, topk // 128)
+    assert torch.equal(sel_gqa.index.repeat_interleave(2, dim=1), sel_mha.index)
+    # The two KV heads select differently, so a head routed to the wrong KV head would be caught.
+    assert not torch.equal(sel_gqa.index[:, 0], sel_gqa.index[:, 1])
+    for attention_backend in ("math", "cpu_flash"):
+        gqa = lighthouse_attention(q, k, v, attention_backend=attention_backend, **args)
+        mha = lighthouse_attention(q, k4, v4, attention_backend=attention_backend, **args)
+        # Both backends repeat KV heads before computing, so the arithmetic is identical: exact.
+        torch.testing.assert_close(gqa, mha, rtol=0, atol=0)
+        torch.testing.assert_close(gqa[:, :, 0], gqa[:, :, 1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("levels,pooling,topk,n", CONFIGS[:3])
+def test_gathered_entries_sorted_by_causal_key(levels, pooling, topk, n):
+    # DESIGN.md §2.4, checked from the Selection alone (test_gathered_length_and_structure checks
+    # uniqueness and the inverse map, not the order). An entry at level l >= 1 was picked iff its
+    # children were gathered; its key is c*(i+1) - 2^-l, a leaf's c*i. Keys must strictly increase
+    # along every (batch, KV head) row, tile after tile.
+    q, k, _ = random_qkv(2, n, 4, 2, 4, dtype=torch.float32, seed=26)
+    n_tiles = topk // 128
+    sel = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, n_tiles)
+    level, window = sel.level_and_window()
+    offsets = torch.tensor(sel.offsets)
+    c = pooling**level
+    first_child = offsets[(level - 1).clamp(min=0)] + window * pooling
+    picked = (level > 0) & (sel.inverse.gather(-1, first_child.clamp(max=sel.inverse.shape[-1] - 1)) >= 0)
+    # Keys in units of 2^-(L-1) token, so that they are integers.
+    unit = 2 ** (levels - 1)
+    key = torch.where(picked, (window + 1) * c * unit - 2 ** (levels - 1 - level), window * c * unit)
+    assert (key.diff(dim=-1) > 0).all()
+    # Each tile refines exactly 128 entries per level >= 1, and tiles occupy consecutive blocks of index.
+    per_tile = sel.length // n_tiles
+    tile_of_entry = (window * c) // (n // n_tiles)
+    assert torch.equal(tile_of_entry, (torch.arange(sel.length) // per_tile).expand_as(tile_of_entry))
+    for lvl in range(1, levels):
+        counts = ((level == lvl) & picked).view(2, 2, n_tiles, per_tile).sum(-1)
+        assert (counts == 128).all()
