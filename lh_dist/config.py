@@ -223,19 +223,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+_LIGHTHOUSE_ARG_FIELDS = {"n": "data.seq_len", "levels": "lighthouse.levels", "pooling": "lighthouse.pooling",
+                         "topk": "lighthouse.topk", "chunks": "parallel.cp_degree", "tile": "data.seq_len",
+                         "each": "data.seq_len"}
+
+
 def validate_lighthouse_shape(cfg: TrainConfig) -> None:
-    """Check that Lighthouse can tile the training sequence, for every CP rank."""
-    lh, n, cp = cfg.lighthouse, cfg.data.seq_len, cfg.parallel.cp_degree
-    tiles = lh.topk // 128
-    if cp > 1:  # tiles must not straddle the 2 * cp zigzag chunks
-        _check(tiles % (2 * cp) == 0, "lighthouse.topk",
-               f"such that topk/128 tiles divide into 2 * parallel.cp_degree = {2 * cp} chunks", lh.topk)
-    _check(n % tiles == 0, "data.seq_len", f"divisible by lighthouse.topk/128 = {tiles} tiles", n)
-    coarsest = lh.pooling ** (lh.levels - 1)
-    tile = n // tiles
-    _check(tile % coarsest == 0 and tile // coarsest >= 128, "data.seq_len",
-           f"such that each of the {tiles} tiles holds at least 128 windows of pooling**(levels-1) = "
-           f"{coarsest} tokens (seq_len >= {tiles * 128 * coarsest}, a multiple of {tiles * coarsest})", n)
+    """Check that Lighthouse can tile the training sequence on every CP rank (the kernels' own rules)."""
+    from lh_dist.ops.lighthouse import validate_lighthouse_args
+
+    lh, cp = cfg.lighthouse, cfg.parallel.cp_degree
+    try:
+        # CP cuts the sequence into 2 * cp zigzag chunks that select independently.
+        validate_lighthouse_args(cfg.data.seq_len, lh.levels, lh.pooling, lh.topk, chunks=2 * cp if cp > 1 else 1)
+    except ValueError as e:
+        field = _LIGHTHOUSE_ARG_FIELDS.get(str(e).split()[0].split("/")[0], "lighthouse")
+        raise ConfigError(f"{field}: {e} (here n = data.seq_len, chunks = 2 * parallel.cp_degree)") from None
 
 
 # ---- loading -------------------------------------------------------------------------------

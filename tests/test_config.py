@@ -26,7 +26,7 @@ def test_overrides_apply_with_types():
     ("schedule.decay=exp", "schedule.decay", "'constant', 'linear', 'cosine'"),
     ("model.n_kv_heads=3", "model.n_kv_heads", "a divisor of model.n_heads"),
     ("parallel.zero_stage=4", "parallel.zero_stage", "one of 0, 1, 2, 3"),
-    ("data.seq_len=1030", "data.seq_len", "divisible by lighthouse.topk/128 = 4 tiles"),
+    ("data.seq_len=1030", "data.seq_len", "multiple of topk/128 = 4 tiles"),
     ("lighthouse.pooling=3", "lighthouse.pooling", "a power of two"),
     ("lighthouse.topk=100", "lighthouse.topk", "multiple of 128"),
     ("model.tie_embeddings=1", "model.tie_embeddings", "true or false"),
