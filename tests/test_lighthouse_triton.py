@@ -57,7 +57,8 @@ def _check_against_float64(levels, pooling, topk, n, h, hkv, d, dtype, device, s
     """Triton output and grads must be as close to float64 as the reference in the same dtype."""
     from lh_dist.ops.lighthouse.fast import select_fast
 
-    b = 2 if device == "cuda" else 1
+    # One sequence at long lengths: the float64 baseline materializes S x S scores per head.
+    b = 2 if device == "cuda" and n < 65536 else 1
     q, k, v = _inputs(b, n, h, hkv, d, dtype, device, seed)
     index, inverse = select_fast(q, k, levels, pooling, topk // 128)
     ref_sel = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, topk // 128)
@@ -104,7 +105,8 @@ def test_interpreter_compiles_without_graph_break():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("levels,pooling,topk,n,h,hkv,d", [(3, 4, 256, 4096, 4, 2, 64), (3, 4, 512, 16384, 8, 2, 128),
-                                                           (2, 2, 256, 512, 2, 2, 128), (4, 2, 256, 2048, 4, 1, 128)])
+                                                           (2, 2, 256, 512, 2, 2, 128), (4, 2, 256, 2048, 4, 1, 128),
+                                                           (3, 4, 2048, 131072, 2, 1, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_matches_reference(levels, pooling, topk, n, h, hkv, d, dtype):
     _check_against_float64(levels, pooling, topk, n, h, hkv, d, dtype, "cuda", seed=levels + n)
