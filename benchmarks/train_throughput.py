@@ -121,7 +121,7 @@ def measure(variant: str, seq_len: int, args) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(REPO / "configs/paper-530m-98k.yaml"))
+    parser.add_argument("--config", default="configs/paper-530m-98k.yaml")
     parser.add_argument("--seq-lens", default="98304,196608")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1)

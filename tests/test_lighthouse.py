@@ -1,4 +1,4 @@
-"""Lighthouse reference vs a literal, loop-based float64 reading of DESIGN.md §2."""
+"""Lighthouse reference vs a literal, loop-based float64 reading of docs/DESIGN.md §2."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ CONFIGS = [(3, 4, 256, 4096), (2, 2, 256, 512), (4, 2, 256, 2048), (3, 4, 512, 8
 
 
 def literal_entries(q_norm: list[float], k_norm: list[float], n: int, levels: int, p: int, topk: int):
-    """DESIGN.md §2 steps 2-4 for one (batch, KV head): emitted (level, window) in causal order."""
+    """docs/DESIGN.md §2 steps 2-4 for one (batch, KV head): emitted (level, window) in causal order."""
 
     def score(norms, lvl, i):
         return max(norms[i * p**lvl : (i + 1) * p**lvl])
@@ -258,7 +258,7 @@ def test_scatter_back_keeps_rows_past_the_chunk_end():
 def fixed_selection_layer(q, k, v, levels, pooling, topk, attention_backend="auto"):
     """The layer as a function of (q, k, v) with the selection computed once from (q, k) and then frozen.
 
-    Selection carries no gradient (DESIGN.md §2.7), so this is the function whose derivative the
+    Selection carries no gradient (docs/DESIGN.md §2.7), so this is the function whose derivative the
     backward pass computes; freezing it also keeps finite differences from crossing a top-k boundary.
     """
     sel = select(*pyramid_scores(q, k, levels, pooling), q.shape[1], levels, pooling, topk // 128)
@@ -311,7 +311,7 @@ SMALL_CONFIGS = [(2, 2, 128, 256), (2, 2, 256, 512), (3, 2, 128, 512), (2, 4, 12
 
 @pytest.mark.parametrize("levels,pooling,topk,n", SMALL_CONFIGS)
 def test_causal_given_selection_perturbation_and_gradient(levels, pooling, topk, n):
-    # DESIGN.md §2.8: with the selection fixed, outputs before t are a function of tokens < t only.
+    # docs/DESIGN.md §2.8: with the selection fixed, outputs before t are a function of tokens < t only.
     # test_causal_given_selection checks single output rows of one config; this checks whole
     # prefixes, by value and by gradient, at many t (tile edges, window edges, odd positions).
     q, k, v = random_qkv(1, n, 4, 2, 4, seed=levels * 10 + pooling + topk)
@@ -341,7 +341,7 @@ def test_causal_given_selection_perturbation_and_gradient(levels, pooling, topk,
         grads = torch.autograd.grad((out[:, :t] * weights[:, :t]).sum(), leaves, retain_graph=True)
         for name, g in zip("qkv", grads):
             assert g[:, t:].abs().max() == 0, f"d out[<{t}] / d {name}[>={t}] must be exactly zero"
-            # Positions 0 .. p^(L-1) - 2 may receive no entry at all (DESIGN.md §2.6), and an
+            # Positions 0 .. p^(L-1) - 2 may receive no entry at all (docs/DESIGN.md §2.6), and an
             # entry first in causal order attends only to itself, so its output is its own v with
             # no q or k gradient. Past 2 p^(L-1) tokens some output has attended to two entries.
             if base[:, :t].abs().max() > 0 and (name == "v" or t > 2 * coarse):
@@ -349,7 +349,7 @@ def test_causal_given_selection_perturbation_and_gradient(levels, pooling, topk,
 
 
 def test_selection_is_not_causal():
-    # DESIGN.md §2.8: a tile's top-k reads all of its tokens, so a later token can change which
+    # docs/DESIGN.md §2.8: a tile's top-k reads all of its tokens, so a later token can change which
     # earlier windows are refined. One tile (L=2, p=2, topk=128, n=512) of 256 level-1 windows.
     # Norms fall with position for both q and k, so the 64 picked by query score are windows
     # 0..63 and the 64 picked by key score among the rest are 64..127; windows 128..255 are leaves.
@@ -382,7 +382,7 @@ def test_selection_is_not_causal():
 
 
 def test_gqa_with_identical_heads_equals_repeated_kv_heads():
-    # The query score of a KV head is the max over its group (DESIGN.md §2.2). If the heads of a
+    # The query score of a KV head is the max over its group (docs/DESIGN.md §2.2). If the heads of a
     # group are identical, that max is each head's own score, so the GQA layer must equal the
     # layer with one KV head per query head (k, v repeated): same selections, same outputs.
     levels, pooling, topk, n = 3, 2, 256, 1024
@@ -405,7 +405,7 @@ def test_gqa_with_identical_heads_equals_repeated_kv_heads():
 
 @pytest.mark.parametrize("levels,pooling,topk,n", CONFIGS[:3])
 def test_gathered_entries_sorted_by_causal_key(levels, pooling, topk, n):
-    # DESIGN.md §2.4, checked from the Selection alone (test_gathered_length_and_structure checks
+    # docs/DESIGN.md §2.4, checked from the Selection alone (test_gathered_length_and_structure checks
     # uniqueness and the inverse map, not the order). An entry at level l >= 1 was picked iff its
     # children were gathered; its key is c*(i+1) - 2^-l, a leaf's c*i. Keys must strictly increase
     # along every (batch, KV head) row, tile after tile.

@@ -33,7 +33,8 @@ def run_script(body: str, tmp_path: Path, data: Path, *overrides: str) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset, stage):
     result = run_script("""
         trainer = Trainer(cfg, resume="none")
         real_loss = trainer._loss
@@ -46,7 +47,9 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset):
         for step in range(4):
             trainer.step = step
             trainer.train_step(1e-2)
-            snapshots.append(torch.cat([p.detach().flatten() for p in trainer.engine.module.parameters()]))
+            # ZeRO 3 keeps each rank's partition in ds_tensor; the module holds placeholders.
+            snapshots.append(torch.cat([getattr(p, "ds_tensor", p).detach().flatten().clone()
+                                        for p in trainer.engine.module.parameters()]))
         result["unchanged_on_nan"] = bool(torch.equal(snapshots[1], snapshots[2]))
         result["changed_otherwise"] = not torch.equal(snapshots[2], snapshots[3])
         trainer.step = 4
@@ -55,7 +58,8 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset):
             trainer.run()
         except Exception as e:
             result["error"] = f"{type(e).__name__}: {e}"
-    """, tmp_path, stdlib_dataset, "schedule.steps=20", "schedule.max_nonfinite_steps=3")
+    """, tmp_path, stdlib_dataset, "schedule.steps=20", "schedule.max_nonfinite_steps=3",
+                        f"parallel.zero_stage={stage}")
     assert result["unchanged_on_nan"] and result["changed_otherwise"]
     assert result["error"].startswith("NonFiniteLossError: 3 non-finite losses in a row")
     assert "schedule.max_nonfinite_steps=3" in result["error"]

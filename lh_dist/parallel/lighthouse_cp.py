@@ -1,4 +1,4 @@
-"""Lighthouse attention under context parallelism (DESIGN.md §3).
+"""Lighthouse attention under context parallelism (docs/DESIGN.md §3).
 
 Each rank holds two zigzag chunks of the sequence (chunks r and 2W-1-r of 2W).
 Tiles never straddle chunks, so pooling, scoring and selection run per chunk

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lh_dist.config import TrainConfig
+from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import attention
 
@@ -87,8 +87,10 @@ def phase_at(cfg: TrainConfig, step: int) -> str:
 
 def lighthouse_length(cfg: TrainConfig) -> int:
     """Gathered length S = N / p^(L-1) + (L-1) p k of a Lighthouse layer for the training sequence."""
+    from lh_dist.ops.lighthouse import gathered_length
+
     lh = cfg.lighthouse
-    return cfg.data.seq_len // lh.pooling ** (lh.levels - 1) + (lh.levels - 1) * lh.pooling * lh.topk
+    return gathered_length(cfg.data.seq_len, lh.levels, lh.pooling, lh.topk // 128)
 
 
 def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> float:
@@ -104,6 +106,8 @@ def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> 
 
 
 def default_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device must be 'auto' or 'cpu' on a machine without CUDA, got 'cuda'")
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

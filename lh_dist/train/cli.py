@@ -1,6 +1,6 @@
 """`lh-train`: train from a YAML config plus `section.field=value` overrides.
 
-    lh-train --config configs/tiny-cpu.yaml schedule.steps=100
+    lh-train --config configs/tiny-cpu.yaml parallel.cp_degree=1 schedule.steps=100
     torchrun --nproc-per-node 2 -m lh_dist.train.cli --config configs/tiny-cpu.yaml parallel.cp_degree=2
     lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16
 """
@@ -10,8 +10,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from lh_dist.config import ConfigError, TrainConfig, load_config
+
+
+def resolve_degrees(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(dp, cp) for this world size; ConfigError naming the field when they do not fit."""
+    cp = cfg.parallel.cp_degree
+    if world_size % cp:
+        raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world_size}")
+    dp = cfg.parallel.dp_degree or world_size // cp
+    if dp * cp != world_size:
+        raise ConfigError(f"parallel.dp_degree must be 0 (auto) or world size / parallel.cp_degree = "
+                          f"{world_size // cp}, got {dp}")
+    return dp, cp
 
 
 def describe_plan(cfg: TrainConfig, world_size: int) -> str:
@@ -19,17 +32,18 @@ def describe_plan(cfg: TrainConfig, world_size: int) -> str:
     from lh_dist.parallel.mesh import plan_layout
     from lh_dist.train.build import dense_layer_ids, lighthouse_length
 
-    cp = cfg.parallel.cp_degree
-    if world_size % cp:
-        raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world_size}")
-    dp = cfg.parallel.dp_degree or world_size // cp
+    dp, cp = resolve_degrees(cfg, world_size)
     plan = plan_layout(world_size, dp, cp)
+    if cp > 1:
+        sharding = (f"cut into {2 * cp} zigzag chunks, 2 per rank: {cfg.data.seq_len // cp:,} tokens per rank")
+    else:
+        sharding = "not sharded (cp 1)"
     seqs = cfg.data.micro_batch * cfg.optim.grad_accum * dp
     lines = [
         f"world size {world_size} = dp {dp} x cp {cp} (CP innermost: consecutive ranks share a sample)",
         f"CP groups (ranks sharing one sample): {list(plan.cp_group_ranks)}",
         f"DP groups: {list(plan.dp_group_ranks)}",
-        f"sequence {cfg.data.seq_len:,} tokens; {cfg.data.seq_len // cp:,} per rank in {2 * cp} zigzag chunks",
+        f"sequence {cfg.data.seq_len:,} tokens, {sharding}",
         f"batch: micro_batch {cfg.data.micro_batch} x grad_accum {cfg.optim.grad_accum} x dp {dp} = {seqs} "
         f"sequences = {seqs * cfg.data.seq_len:,} tokens per step",
         f"steps {cfg.schedule.steps}: Lighthouse for {cfg.schedule.lighthouse_steps}, dense after",
@@ -42,6 +56,12 @@ def describe_plan(cfg: TrainConfig, world_size: int) -> str:
     return "\n".join(lines)
 
 
+def _positive_int(text: str) -> int:
+    if not str(text).isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"world size must be a positive integer, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="auto",
                         help="'auto' (latest complete checkpoint in the run dir, if any), 'none', or a checkpoint folder")
     parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; do not train")
-    parser.add_argument("--world-size", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+    parser.add_argument("--world-size", type=_positive_int, default=None,
                         help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
     parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            print(describe_plan(cfg, args.world_size))
+            world = args.world_size or _positive_int(os.environ.get("WORLD_SIZE", "1"))
+            print(describe_plan(cfg, world))
             return 0
-    except ConfigError as e:
+        if args.resume not in ("auto", "none") and not Path(args.resume).is_dir():
+            raise ConfigError(f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {args.resume!r}")
+    except (ConfigError, argparse.ArgumentTypeError) as e:
         print(f"lh-train: config error: {e}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ their local mean losses is the sample's mean loss.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -24,11 +25,13 @@ def init_distributed(device: torch.device) -> None:
     if device.type == "cpu":
         # DeepSpeed guesses the accelerator; on CPU-only machines say so to keep it quiet and certain.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29511")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
+    if "WORLD_SIZE" not in os.environ:
+        # A plain `lh-train` without torchrun: a world of one on a free local port.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
 

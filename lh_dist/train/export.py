@@ -1,6 +1,6 @@
 """`lh-export`: turn a checkpoint into a Hugging Face Llama folder (config.json + model.safetensors).
 
-    lh-export runs/tiny-cpu/checkpoints/step_00000150 --out exported/tiny
+    lh-export runs/tiny-cpu/checkpoints/step_00000060 --out exported/tiny
     lh-export runs/tiny-cpu --out exported/tiny          # the newest checkpoint of a run
 
 Our RoPE pairs (x[i], x[i + D/2]) like Hugging Face's Llama, so weights map one to one.
@@ -74,7 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     args = parser.parse_args(argv)
-    print(f"wrote {export(args.checkpoint, args.out, args.dtype)}")
+    try:
+        print(f"wrote {export(args.checkpoint, args.out, args.dtype)}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"lh-export: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import time
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lh_dist.config import ConfigError, TrainConfig, save_config
+from lh_dist.train.cli import resolve_degrees
 from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
@@ -71,30 +71,20 @@ def _all_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _ensure_rendezvous_env() -> None:
-    """Let a plain `lh-train` (no torchrun) run as a world of one on a free local port."""
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str = "auto"):
         self.cfg = cfg
-        info = read_dataset_info(cfg.data.path)
+        try:
+            info = read_dataset_info(cfg.data.path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.path: {e}") from None
         if info["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({info['vocab_size']} in "
                               f"{cfg.data.path}), got {cfg.model.vocab_size}")
         self.device = default_device(cfg)
-        _ensure_rendezvous_env()
+        dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         ds.init_distributed(self.device)
         world = dist.get_world_size()
-        cp = cfg.parallel.cp_degree
-        dp = cfg.parallel.dp_degree or world // cp
-        if world % cp:
-            raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world}")
         self.layout = init_parallel_layout(dp, cp)
         if self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -121,7 +111,10 @@ class Trainer:
 
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.rank)
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
-        folder = self.checkpointer.resolve(resume)
+        # Rank 0 decides, so every rank loads the same checkpoint even if their directory views differ.
+        choice = [str(self.checkpointer.resolve(resume) or "") if self.rank == 0 else None]
+        dist.broadcast_object_list(choice, src=0)
+        folder = Path(choice[0]) if choice[0] else None
         self.metrics = Metrics(self.run_dir, self.rank, cfg.schedule.steps)
         if folder is not None:
             state = self.checkpointer.load(self.engine, folder)

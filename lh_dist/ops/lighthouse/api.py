@@ -23,7 +23,7 @@ def lighthouse_attention(
     backend: str = "auto",
     attention_backend: str = "auto",
 ) -> torch.Tensor:
-    """Lighthouse attention (DESIGN.md §2): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
+    """Lighthouse attention (docs/DESIGN.md §2): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
     Causal given the selection. backend: "auto" (Triton on CUDA, else reference), "reference"
     or "triton"; attention_backend picks the kernel of the inner attention (lh_dist.ops.attention).

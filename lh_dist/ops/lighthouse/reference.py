@@ -1,4 +1,4 @@
-"""Plain PyTorch Lighthouse attention: the definition of correctness (DESIGN.md §2).
+"""Plain PyTorch Lighthouse attention: the definition of correctness (docs/DESIGN.md §2).
 
 Runs on CPU and GPU with autograd end to end. The pieces are separate so that context
 parallelism can run them per chunk of the sequence:

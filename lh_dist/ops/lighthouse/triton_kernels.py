@@ -1,6 +1,6 @@
 """Triton kernels of the Lighthouse fast path, and thin launchers around them.
 
-Four kernels, each one pass and free of atomics (DESIGN.md §4):
+Four kernels, each one pass and free of atomics (docs/DESIGN.md §4):
     scores        q, k -> query/key score pyramids (norms, group max, window max), fp32
     select        per (batch, KV head, tile): coarse-to-fine selection, sorted into causal order
     segment       gathered rows from token windows: window means (gather-pool) or, shifted by

@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, the loop, checkpoints, metrics, export."""
