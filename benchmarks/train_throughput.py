@@ -46,6 +46,8 @@ def plain_step_fn(cfg, device):
     model = Transformer(cfg.model, [_sdpa] * cfg.model.n_layers).to(device)
     for layer in model.layers:
         layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+        if cfg.parallel.compile:
+            layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             weight_decay=cfg.optim.weight_decay, fused=True)
     positions = torch.arange(cfg.data.seq_len, device=device)
@@ -82,6 +84,7 @@ def lh_dist_step_fn(cfg, device, phase):
 
 def measure(variant: str, seq_len: int, args) -> dict:
     overrides = [f"data.seq_len={seq_len}", "parallel.activation_checkpointing=true", "parallel.zero_stage=0",
+                 f"parallel.compile={str(args.compile).lower()}",
                  f"schedule.lighthouse_steps={1 if variant.startswith('lighthouse') else 0}"]
     if variant.startswith("lighthouse"):
         overrides.append(f"lighthouse.topk={variant.split('-')[1]}")
@@ -126,6 +129,7 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile every block (all variants)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
     os.environ.setdefault("RANK", "0")
@@ -138,13 +142,14 @@ def main() -> int:
                             text=True).stdout.strip() or "unknown"
     by = {(r["variant"], r["seq_len"]): r for r in rows}
     lines = [
-        "# Training throughput, one GPU",
+        f"# Training throughput, one GPU{' (torch.compile)' if args.compile else ''}",
         "",
         f"- hardware: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"Python {platform.python_version()}",
         f"- commit: {commit}",
         f"- command: `python {' '.join(sys.argv)}`",
-        f"- model: {args.config} (bf16 autocast, activation checkpointing per layer, AdamW, B=1); "
+        f"- model: {args.config} (bf16 autocast, activation checkpointing per layer, AdamW, B=1"
+        f"{', torch.compile per block' if args.compile else ''}); "
         f"median of {args.steps} steps after {args.warmup} warm-up",
         "",
         "| context | variant | step (s) | tokens/s | vs our dense | MFU | peak memory (GiB) |",
@@ -158,8 +163,9 @@ def main() -> int:
                      f"{mfu} | {r['peak_mem_gib']:.1f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
-    (out / "train_throughput.json").write_text(json.dumps(rows, indent=1))
+    name = "train_throughput_compiled" if args.compile else "train_throughput"
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
     return 0
 

@@ -384,6 +384,9 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# Opaque to torch.compile: the kernels are already fused, and the dispatch reads data pointers
+# (alignment checks) that Dynamo cannot trace; the rest of a compiled block fuses around it.
+@torch.compiler.disable
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
               backend: str = "auto") -> Tensor:
     """Differentiable attention through `attention_forward` / `attention_backward`; returns out."""
