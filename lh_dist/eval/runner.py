@@ -20,33 +20,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lh_dist.config import TrainConfig, load_config, validate_lighthouse_shape
+from lh_dist.config import validate_lighthouse_shape
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
 from lh_dist.train.build import PHASES, build_model, set_phase
-from lh_dist.train.checkpoint import STEP_DIR, Checkpointer
+from lh_dist.train.checkpoint import STEP_DIR, checkpoint_config, resolve_checkpoint
 from lh_dist.train.engine import load_model_state
 
 DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder `step_XXXXXXXX`, or the newest complete checkpoint of a run directory."""
-    path = Path(path)
-    if STEP_DIR.match(path.name) and path.is_dir():
-        return path
-    latest = Checkpointer(path, keep=1, rank=0).latest()
-    if latest is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (step_XXXXXXXX) nor a run directory "
-                                f"with checkpoints under checkpoints/")
-    return latest
-
-
-def checkpoint_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
-    """The run's config.yaml (two levels above the checkpoint folder) plus `section.field=value` overrides."""
-    path = folder.parent.parent / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a checkpoint folder must sit in <run_dir>/checkpoints/")
-    return load_config(path, list(overrides))
 
 
 def trained_phase(folder: Path) -> str | None:

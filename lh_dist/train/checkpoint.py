@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lh_dist.config import TrainConfig, load_config
 from lh_dist.train.engine import load_engine, save_engine
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -103,3 +104,23 @@ class Checkpointer:
         if not folder.is_dir() or not STEP_DIR.match(folder.name):
             raise ValueError(f"--resume must be 'auto', 'none' or a checkpoint folder step_XXXXXXXX, got {resume!r}")
         return folder
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder `step_XXXXXXXX`, or the newest complete checkpoint of a run directory."""
+    path = Path(path)
+    if STEP_DIR.match(path.name) and path.is_dir():
+        return path
+    latest = Checkpointer(path, keep=1, rank=0).latest()
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a checkpoint folder (step_XXXXXXXX) nor a run directory "
+                                f"with checkpoints under checkpoints/")
+    return latest
+
+
+def checkpoint_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
+    """The run's config.yaml (two levels above the checkpoint folder) plus `section.field=value` overrides."""
+    path = folder.parent.parent / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a checkpoint folder must sit in <run_dir>/checkpoints/")
+    return load_config(path, list(overrides))

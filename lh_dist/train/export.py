@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from lh_dist.config import TrainConfig, load_config
-from lh_dist.train.checkpoint import Checkpointer
+from lh_dist.config import TrainConfig
+from lh_dist.train.checkpoint import checkpoint_config, resolve_checkpoint
 from lh_dist.train.engine import load_model_state
 
 _LAYER_NAMES = {
@@ -50,13 +50,8 @@ def hf_config(cfg: TrainConfig, dtype: str) -> dict:
 def export(checkpoint: Path, out: Path, dtype: str = "float32") -> Path:
     from safetensors.torch import save_file
 
-    checkpoint = Path(checkpoint)
-    if not checkpoint.name.startswith("step_"):
-        latest = Checkpointer(checkpoint, keep=1, rank=0).latest()
-        if latest is None:
-            raise FileNotFoundError(f"{checkpoint} is neither a checkpoint folder nor a run directory with checkpoints")
-        checkpoint = latest
-    cfg = load_config(checkpoint.parent.parent / "config.yaml")
+    checkpoint = resolve_checkpoint(checkpoint)
+    cfg = checkpoint_config(checkpoint)
     state = load_model_state(checkpoint)
     if cfg.model.tie_embeddings:
         state.pop("output.weight", None)
