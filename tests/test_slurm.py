@@ -218,12 +218,16 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, tmp_path, stdlib_dataset
     info = cluster.wait_for(job_id, lambda j: int(j["Restarts"]) >= 1 and j["JobState"] == "PENDING"
                             or j["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), timeout=120, what="requeue")
     assert info["Restarts"] == "1" and info["JobState"] == "PENDING", cluster.log_tail()
-    # SLURM holds a requeued batch job for about two minutes (Reason=BeginTime); let it start now.
+    # SLURM holds a requeued batch job for about two minutes (Reason=BeginTime); let it start sooner,
+    # but not within the second its old credential was revoked: slurmd compares whole-second
+    # timestamps and would kill the new start ("Job credential revoked").
+    time.sleep(3)
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     info = cluster.wait_for(job_id, lambda j: j["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "REQUEUED"),
                             timeout=240, what="end")
     log = (cluster.root / f"lh-preempt-{job_id}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", \
+        log + cluster.log_tail()
 
     # The first attempt checkpointed where it stopped; the second resumed exactly there.
     stopped = re.search(r"stop signal received: checkpointed step (\d+)", log)
