@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -132,9 +131,6 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile every block (all variants)")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_PORT", "29533")
     ds.init_distributed(torch.device("cuda"))
     rows = [measure(v, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")]
 

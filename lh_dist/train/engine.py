@@ -20,11 +20,11 @@ from lh_dist.config import TrainConfig
 
 def init_distributed(device: torch.device) -> None:
     """Initialize torch.distributed through DeepSpeed from torchrun's environment variables."""
+    if device.type == "cpu":
+        # DeepSpeed guesses the accelerator when it is imported; on CPU say so, to keep it certain and quiet.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    if device.type == "cpu":
-        # DeepSpeed guesses the accelerator; on CPU-only machines say so to keep it quiet and certain.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "WORLD_SIZE" not in os.environ:
         # A plain `lh-train` without torchrun: a world of one on a free local port.
         with socket.socket() as s:

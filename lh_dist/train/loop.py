@@ -190,7 +190,6 @@ class Trainer:
         cfg = self.cfg
         phase = None
         peak = peak_flops(self.device)
-        last_saved = self.step
         while self.step < cfg.schedule.steps:
             step_phase = phase_at(cfg, self.step)
             if step_phase != phase:
@@ -235,9 +234,8 @@ class Trainer:
             stopping = self.stop.agreed(self.device)
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.schedule.steps:
                 self.save()
-                last_saved = self.step
             if stopping:
-                self.metrics.log(f"stop signal received: checkpointed step {last_saved}, exiting with "
+                self.metrics.log(f"stop signal received: checkpointed step {self.step}, exiting with "
                                  f"{PREEMPTED_EXIT_CODE}")
                 self.metrics.close()
                 return PREEMPTED_EXIT_CODE

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 class Metrics:
-    """Writes only on rank 0; other ranks get a no-op object with the same methods."""
+    """Every rank makes one; only rank 0 writes (TensorBoard events, console lines)."""
 
     def __init__(self, run_dir: str | Path, rank: int, total_steps: int):
         self.enabled = rank == 0
@@ -59,7 +58,7 @@ class Metrics:
 
     def log(self, message: str) -> None:
         if self.enabled:
-            print(message, file=sys.stdout, flush=True)
+            print(message, flush=True)
 
     def close(self) -> None:
         if self.writer is not None:
