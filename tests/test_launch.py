@@ -4,7 +4,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +11,13 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lh_dist.parallel.spawn import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
          "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
          "schedule.lighthouse_steps=0", "logging.log_interval=1", "logging.eval_interval=5",
          "logging.eval_batches=2", "checkpoint.interval=5"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(**knobs: str) -> dict:

@@ -8,7 +8,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lh_dist.parallel.spawn import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
@@ -29,12 +30,6 @@ pytestmark = [
                        reason="SLURM is not installed (apt-get install slurm-wlm slurmctld slurmd munge slurm-client)"),
     pytest.mark.skipif(os.geteuid() != 0, reason="the test cluster's daemons run as root"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SLURM_CONF = """\

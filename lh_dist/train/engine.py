@@ -9,13 +9,13 @@ their local mean losses is the sample's mean loss.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lh_dist.config import TrainConfig
+from lh_dist.parallel.spawn import free_port
 
 
 def init_distributed(device: torch.device) -> None:
@@ -27,10 +27,7 @@ def init_distributed(device: torch.device) -> None:
 
     if "WORLD_SIZE" not in os.environ:
         # A plain `lh-train` without torchrun: a world of one on a free local port.
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0",
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     backend = "nccl" if device.type == "cuda" else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
