@@ -8,6 +8,8 @@ their local mean losses is the sample's mean loss.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -23,6 +25,9 @@ def init_distributed(device: torch.device) -> None:
     if device.type == "cpu":
         # DeepSpeed guesses the accelerator when it is imported; on CPU say so, to keep it certain and quiet.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Importing DeepSpeed imports torch's extension builder, which warns on every rank of a machine
+        # without CUDA that it "found no CUDA runtime"; nothing here builds CUDA code.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
 
     if "WORLD_SIZE" not in os.environ:
@@ -33,6 +38,16 @@ def init_distributed(device: torch.device) -> None:
     deepspeed.init_distributed(dist_backend=backend)
 
 
+def deepspeed_clips(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether DeepSpeed clips the gradients and keeps their norm.
+
+    Its ZeRO and bf16 optimizers compute the global norm while clipping and keep it
+    (`get_global_grad_norm`). Plain fp32 without ZeRO clips with a helper that throws the
+    norm away, so there `optimizer_step` clips instead.
+    """
+    return cfg.parallel.zero_stage > 0 or device.type == "cuda"
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed config for this run; DeepSpeed counts every rank (DP x CP) as data parallel."""
     bf16 = device.type == "cuda"
@@ -40,7 +55,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) ->
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": cfg.optim.grad_accum,
         "train_batch_size": cfg.data.micro_batch * cfg.optim.grad_accum * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": cfg.optim.grad_clip if deepspeed_clips(cfg, device) else 0.0,
         "bf16": {"enabled": bf16},
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "optimizer": {
@@ -94,9 +109,22 @@ def load_engine(engine, folder: Path) -> None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
 
 
-def grad_norm(engine) -> float:
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+def optimizer_step(engine, cfg: TrainConfig, device: torch.device) -> float:
+    """`engine.step()` at the end of a gradient accumulation: clip, update, and return the global
+    gradient norm before clipping, the one the clipping used (NaN if DeepSpeed kept none).
+
+    On the plain fp32 path DeepSpeed has averaged the gradients over all ranks (DP x CP)
+    during the last backward, so every rank holds the full gradient and its local norm
+    is the global one.
+    """
+    if deepspeed_clips(cfg, device):
+        engine.step()
+        norm = engine.get_global_grad_norm()
+    else:
+        max_norm = cfg.optim.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
+        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), max_norm)
+        engine.step()
+    return float(norm) if norm is not None else math.nan
 
 
 def load_model_state(folder: Path) -> dict:

@@ -18,7 +18,8 @@ from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
 from lh_dist.train import engine as ds
-from lh_dist.train.build import PhasedAttention, build_model, default_device, flops_per_step_token, lighthouse_length, phase_at, set_phase
+from lh_dist.train.build import (PhasedAttention, build_model, default_device, dense_layer_ids, flops_per_step_token,
+                                 lighthouse_length, phase_at, set_phase)
 from lh_dist.train.checkpoint import Checkpointer
 from lh_dist.train.metrics import Metrics, peak_flops
 
@@ -138,12 +139,13 @@ class Trainer:
         return inputs, targets
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.engine(inputs, self.positions)  # [B, N_local, V]
+        # No autocast here: the engine runs the model in its own precision (bf16 weights on GPUs)
+        # and switches an outer autocast off anyway, with a warning.
+        logits = self.engine(inputs, self.positions)  # [B, N_local, V]
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
-    def train_step(self, lr: float) -> tuple[float, bool]:
-        """Forward/backward every micro-batch and update; returns (mean loss, finite)."""
+    def train_step(self, lr: float) -> tuple[float, bool, float]:
+        """Forward/backward every micro-batch and update; returns (mean loss, finite, grad norm before clipping)."""
         losses, finite = [], True
         accum = self.cfg.optim.grad_accum
         for micro in range(accum):
@@ -161,9 +163,11 @@ class Trainer:
                 # A zero learning rate leaves every parameter unchanged: the step is skipped.
                 ds.set_lr(self.engine, lr if finite else 0.0)
             self.engine.backward(loss)
-            self.engine.step()
+            if micro < accum - 1:
+                self.engine.step()  # DeepSpeed only counts the micro-step
+        grad_norm = ds.optimizer_step(self.engine, self.cfg, self.device)
         mean = _all_mean(torch.stack(losses).mean().float())
-        return float(mean), finite
+        return float(mean), finite, grad_norm
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -176,8 +180,11 @@ class Trainer:
         return float(_all_mean(total / count))
 
     def trainer_state(self) -> dict:
+        # tokens_seen and the last losses are for readers of the checkpoint (lh-export's model card).
         return {"step": self.step, "phase": phase_at(self.cfg, max(self.step - 1, 0)),
-                "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total}
+                "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
+                "tokens_seen": self.step * self.tokens_per_step, "train_loss": self.metrics.last_train,
+                "val_loss": self.metrics.last_val}
 
     def save(self) -> Path:
         folder = self.checkpointer.save(self.engine, self.step, self.trainer_state())
@@ -187,26 +194,45 @@ class Trainer:
     # ---- the loop ---------------------------------------------------------------------------
 
     def run(self) -> int:
+        """Train to schedule.steps; 0 when done, PREEMPTED_EXIT_CODE after a stop signal. Every
+        ending, a failure included, closes with a summary paragraph on the console."""
+        self.metrics.start(self.step, self.cfg.to_dict())
+        try:
+            code = self._train()
+            status = "complete" if code == 0 else f"stopped by {signal.Signals(self.stop.signum).name}"
+            return code
+        except BaseException as e:
+            status = f"failed ({type(e).__name__})"
+            raise
+        finally:
+            self.metrics.summary(status, self.step, self.tokens_per_step, self.cfg.schedule.lighthouse_steps,
+                                 self.checkpointer.latest())
+            self.metrics.close()
+
+    def _train(self) -> int:
         cfg = self.cfg
         phase = None
         peak = peak_flops(self.device)
         while self.step < cfg.schedule.steps:
             step_phase = phase_at(cfg, self.step)
             if step_phase != phase:
+                if phase is not None:
+                    self._log_step(phase, peak)  # each logged interval stays within one phase
                 set_phase(self.engine.module, step_phase)
                 if phase is not None or self.step > 0:
                     self.metrics.log(f"step {self.step}: attention phase is now {step_phase}")
-                    self.metrics.text(self.step, "phase", f"{step_phase} from step {self.step}")
                 phase = step_phase
 
             map_layer = self._selection_map_layer(phase)
             t0 = time.time()
             lr = lr_at(cfg, self.step)
-            loss, finite = self.train_step(lr)
+            loss, finite, grad_norm = self.train_step(lr)
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
             self.step += 1
+            self.metrics.step_done(loss=loss, grad_norm=grad_norm, lr=lr, tokens=self.tokens_per_step, seconds=dt,
+                                   finite=finite)
 
             if finite:
                 self.nonfinite_run = 0
@@ -221,31 +247,27 @@ class Trainer:
                         f"{cfg.schedule.max_nonfinite_steps}); stopping. The last good checkpoint is "
                         f"{self.checkpointer.latest()}")
 
-            tokens_per_s = self.tokens_per_step / dt
             if map_layer is not None and map_layer.captured is not None:
-                self._log_selection_map(map_layer)
-            if self.step % cfg.logging.log_interval == 0 or self.step == cfg.schedule.steps:
-                self._log_step(loss, lr, dt, tokens_per_s, phase, peak)
-            if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
-                val = self.validate()
-                self.metrics.scalars(self.step, {"val/loss": val})
-                self.metrics.log(f"step {self.step}: validation loss {val:.4f}")
-
+                self._log_selection_map(map_layer, phase)
             stopping = self.stop.agreed(self.device)
+            if stopping or self.step % cfg.logging.log_interval == 0 or self.step == cfg.schedule.steps:
+                self._log_step(phase, peak)
+            if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
+                self.metrics.validation(self.step, self.validate())
+
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.schedule.steps:
                 self.save()
             if stopping:
                 self.metrics.log(f"stop signal received: checkpointed step {self.step}, exiting with "
                                  f"{PREEMPTED_EXIT_CODE}")
-                self.metrics.close()
                 return PREEMPTED_EXIT_CODE
-        self.metrics.close()
         return 0
 
     def _selection_map_layer(self, phase: str):
         """The first Lighthouse layer, armed to capture its inputs, on steps that log a selection map."""
         every = self.cfg.logging.selection_map_interval
-        if phase != "lighthouse" or not every or self.rank != 0 or self.step % every:
+        # Armed for the step that ends on a multiple of `every`, so images share the scalars' steps.
+        if phase != "lighthouse" or not every or self.rank != 0 or (self.step + 1) % every:
             return None
         layer = next((m for m in self.engine.module.modules()
                       if isinstance(m, PhasedAttention) and m.lighthouse_fn is not None), None)
@@ -253,25 +275,33 @@ class Trainer:
             layer.capture = True
         return layer
 
-    def _log_selection_map(self, layer) -> None:
+    def _log_selection_map(self, layer, phase: str) -> None:
         from lh_dist.train.selection_map import selection_map
 
         lh, cp = self.cfg.lighthouse, self.layout.cp_degree
         q, k = layer.captured
         layer.captured = None
         chunk = q.shape[1] // 2 if cp > 1 else q.shape[1]  # under CP: this rank's first zigzag chunk
+        layer_id = min(set(range(self.cfg.model.n_layers)) - dense_layer_ids(self.cfg))  # the first Lighthouse layer
         image = selection_map(q[:, :chunk].float(), k[:, :chunk].float(), levels=lh.levels, pooling=lh.pooling,
-                              n_tiles=lh.topk // 128 // (2 * cp if cp > 1 else 1), scorer=lh.scorer)
+                              n_tiles=lh.topk // 128 // (2 * cp if cp > 1 else 1), scorer=lh.scorer,
+                              title=f"{self.run_dir.name}, step {self.step} ({phase} phase): layer {layer_id}, "
+                                    f"KV head 0" + (", CP rank 0's first chunk" if cp > 1 else ""))
         self.metrics.image(self.step, "lighthouse/selection_map", image)
 
-    def _log_step(self, loss, lr, dt, tokens_per_s, phase, peak) -> None:
+    def _log_step(self, phase: str, peak: float | None) -> None:
+        """Scalars and the console line for the steps since the last log (tags: README.md, TensorBoard)."""
+        means = self.metrics.take_means(self.step)
+        if means is None:
+            return
         world = dist.get_world_size()
+        tokens_per_s = means["tokens_per_s"]
         values = {
-            "train/loss": loss, "train/lr": lr, "train/grad_norm": ds.grad_norm(self.engine),
-            "perf/step_time_s": dt, "perf/tokens_per_s": tokens_per_s,
+            "train/loss": means["loss"], "train/grad_norm": means["grad_norm"], "train/lr": means["lr"],
+            "train/tokens_seen": self.step * self.tokens_per_step, "train/nonfinite_steps": self.nonfinite_total,
+            "perf/step_time_s": means["step_time_s"], "perf/tokens_per_s": tokens_per_s,
             "perf/tokens_per_s_per_device": tokens_per_s / world,
-            "train/phase_lighthouse": 1.0 if phase == "lighthouse" else 0.0,
-            "train/nonfinite_steps": self.nonfinite_total,
+            "lighthouse/active": 1.0 if phase == "lighthouse" else 0.0,
         }
         if phase == "lighthouse":
             s = lighthouse_length(self.cfg)
@@ -281,5 +311,6 @@ class Trainer:
             values["perf/mfu"] = flops / peak
         if self.device.type == "cuda":
             values["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.device)  # the next line shows the next interval's peak
         self.metrics.scalars(self.step, values)
-        self.metrics.progress(self.step, loss, tokens_per_s, phase, lr)
+        self.metrics.progress(self.step, values, phase)

@@ -1,11 +1,23 @@
-"""Metrics: TensorBoard scalars and images on rank 0, and a console progress line."""
+"""Metrics: TensorBoard events and console lines, written by rank 0.
+
+Every `logging.log_interval` steps the trainer logs the means over the steps since its
+last log (loss, grad norm, throughput), as TensorBoard scalars and as one console line:
+
+    step     20/60  loss 4.1234  grad 0.842  lr 3.00e-03  3,612 tok/s  mem 1.2 GiB  lighthouse  elapsed 0:00:41  eta 0:01:22
+
+`mem` (peak GPU memory of the interval) appears on GPUs only. The time left assumes the
+pace since this process started, checkpoints and validation included. A run ends with
+a one-paragraph summary, also when it is stopped or fails.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 # Dense bf16 tensor-core peak, for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
@@ -18,19 +30,150 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-class Metrics:
-    """Every rank makes one; only rank 0 writes (TensorBoard events, console lines)."""
+class StepMeans:
+    """Per-step values since the last log; `take` returns their means and starts over.
 
-    def __init__(self, run_dir: str | Path, rank: int, total_steps: int):
+    Steps whose loss was not finite (skipped updates) count for time and tokens only,
+    so that one bad step does not hide the loss of the others.
+    """
+
+    def __init__(self):
+        self._clear()
+
+    def _clear(self) -> None:
+        self.steps = self.finite = self.tokens = 0
+        self.seconds = self.loss = self.grad_norm = 0.0
+        self.lr = math.nan
+
+    def add(self, *, loss: float, grad_norm: float, lr: float, tokens: int, seconds: float, finite: bool = True):
+        self.steps += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        self.lr = lr
+        if finite:
+            self.finite += 1
+            self.loss += loss
+            self.grad_norm += grad_norm
+
+    def take(self) -> dict | None:
+        """{loss, grad_norm, lr (the last step's), tokens_per_s, step_time_s, steps}, or None without steps."""
+        if not self.steps:
+            return None
+        n = self.finite or math.nan  # no finite step: NaN means
+        out = {"loss": self.loss / n, "grad_norm": self.grad_norm / n, "lr": self.lr,
+               "tokens_per_s": self.tokens / max(self.seconds, 1e-9), "step_time_s": self.seconds / self.steps,
+               "steps": self.steps}
+        self._clear()
+        return out
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(step: int, total_steps: int, values: dict[str, float], phase: str, elapsed: float,
+                  eta: float) -> str:
+    """The console line of a logged step, from its TensorBoard values (see the module docstring)."""
+    parts = [f"step {step:>6}/{total_steps}", f"loss {values['train/loss']:.4f}",
+             f"grad {values['train/grad_norm']:.3g}", f"lr {values['train/lr']:.2e}",
+             f"{values['perf/tokens_per_s']:,.0f} tok/s"]
+    if "perf/peak_memory_gib" in values:
+        parts.append(f"mem {values['perf/peak_memory_gib']:.1f} GiB")
+    parts += [phase, f"elapsed {duration(elapsed)}", f"eta {duration(eta)}"]
+    return "  ".join(parts)
+
+
+def run_summary(*, status: str, step: int, total_steps: int, start_step: int, seconds: float,
+                tokens_per_step: int, lighthouse_steps: int, train_loss: tuple[int, int, float] | None,
+                val_loss: tuple[int, float] | None, checkpoint: Path | None) -> str:
+    """One paragraph on a finished, stopped or failed run.
+
+    train_loss is (first step, last step, mean loss) of the last logged interval;
+    val_loss is (step, loss) of the last validation in this process.
+    """
+    done = step - start_step
+    lighthouse = max(0, min(step, lighthouse_steps) - min(start_step, lighthouse_steps))
+    tokens = done * tokens_per_step
+    sentences = [
+        f"run {status} at step {step:,}/{total_steps:,} after {duration(seconds)}"
+        + (f" (resumed at step {start_step:,})" if start_step else "") + ".",
+        f"This process trained {done:,} steps ({lighthouse:,} Lighthouse, {done - lighthouse:,} dense) on "
+        f"{tokens:,} tokens, {tokens / max(seconds, 1e-9):,.0f} tokens/s overall; {step * tokens_per_step:,} tokens "
+        f"in total.",
+    ]
+    if train_loss is not None:
+        first, last, loss = train_loss
+        steps = f"step {last:,}" if first == last else f"steps {first:,}-{last:,}"
+        sentences.append(f"Final train loss {loss:.4f} (mean of {steps})"
+                         + (f", validation loss {val_loss[1]:.4f} (step {val_loss[0]:,})." if val_loss else
+                            "; no validation in this process."))
+    sentences.append(f"Newest checkpoint: {checkpoint}." if checkpoint else "No checkpoint was written.")
+    return "lh_dist: " + " ".join(sentences)
+
+
+class Metrics:
+    """Every rank makes one and feeds it the same values; only rank 0 writes (events, console)."""
+
+    def __init__(self, run_dir: str | Path, rank: int, total_steps: int, clock=time.monotonic):
         self.enabled = rank == 0
         self.total_steps = total_steps
+        self.clock = clock
         self.writer = None
         if self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        self._t0 = time.time()
-        self._step0 = None
+        self.means = StepMeans()
+        self.start_step, self._t0 = 0, clock()
+        self._interval_start = 1
+        self.last_train: tuple[int, int, float] | None = None  # (first step, last step, mean loss)
+        self.last_val: tuple[int, float] | None = None  # (step, loss)
+
+    def start(self, step: int, config: dict) -> None:
+        """The loop begins at `step`: times count from now; the resolved config goes to TensorBoard."""
+        self.start_step, self._t0 = step, self.clock()
+        self._interval_start = step + 1
+        # Indented four spaces: TensorBoard renders text as Markdown, and this keeps it a code block.
+        text = "\n".join("    " + line for line in yaml.safe_dump(config, sort_keys=False).splitlines())
+        self.text(step, "train/config", text)
+
+    @property
+    def elapsed(self) -> float:
+        return self.clock() - self._t0
+
+    def eta(self, step: int) -> float:
+        """Seconds left at the pace since `start`."""
+        return self.elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
+
+    def step_done(self, **values) -> None:
+        """Record one optimizer step (see `StepMeans.add`)."""
+        self.means.add(**values)
+
+    def take_means(self, step: int) -> dict | None:
+        """The means since the last call (see `StepMeans.take`), remembered for the summary."""
+        means = self.means.take()
+        if means is not None:
+            self.last_train = (self._interval_start, step, means["loss"])
+            self._interval_start = step + 1
+        return means
+
+    def validation(self, step: int, loss: float) -> None:
+        self.last_val = (step, loss)
+        self.scalars(step, {"val/loss": loss})
+        self.log(f"step {step}: validation loss {loss:.4f}")
+
+    def progress(self, step: int, values: dict[str, float], phase: str) -> None:
+        if self.enabled:
+            print(progress_line(step, self.total_steps, values, phase, self.elapsed, self.eta(step)), flush=True)
+
+    def summary(self, status: str, step: int, tokens_per_step: int, lighthouse_steps: int,
+                checkpoint: Path | None) -> None:
+        self.log(run_summary(status=status, step=step, total_steps=self.total_steps, start_step=self.start_step,
+                             seconds=self.elapsed, tokens_per_step=tokens_per_step,
+                             lighthouse_steps=lighthouse_steps, train_loss=self.last_train,
+                             val_loss=self.last_val, checkpoint=checkpoint))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -45,17 +188,6 @@ class Metrics:
         if self.writer is not None:
             self.writer.add_text(tag, message, step)
 
-    def progress(self, step: int, loss: float, tokens_per_s: float, phase: str, lr: float) -> None:
-        """One console line per call: step, loss, throughput and time left at the current pace."""
-        if not self.enabled:
-            return
-        if self._step0 is None:
-            self._step0, self._t0 = step - 1, time.time()
-        done = step - self._step0
-        eta = (time.time() - self._t0) / max(done, 1) * (self.total_steps - step)
-        print(f"step {step:>6}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {tokens_per_s:,.0f} tok/s  "
-              f"{phase}  eta {_duration(eta)}", flush=True)
-
     def log(self, message: str) -> None:
         if self.enabled:
             print(message, flush=True)
@@ -64,8 +196,4 @@ class Metrics:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+            self.writer = None

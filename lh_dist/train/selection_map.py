@@ -1,5 +1,5 @@
 """An image of one Lighthouse layer's selection, for TensorBoard: which windows of which level
-a head kept (refined), emitted as a leaf, or skipped."""
+a head skipped, attended as a leaf, or refined (its children became candidates)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,18 @@ import torch
 
 from lh_dist.ops.lighthouse import pyramid_scores, select
 
-# Skipped, emitted as a leaf, refined (its children were candidates).
-_COLORS = np.array([[20, 20, 30], [70, 130, 200], [250, 200, 60]], dtype=np.uint8)
+STATES = ("skipped", "attended (leaf)", "refined (children considered)")
+# Okabe-Ito colours, distinguishable with every common colour-vision deficiency.
+_COLORS = ("#3b3b3b", "#0072B2", "#E69F00")
 
 
 @torch.no_grad()
-def selection_map(q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling: int, n_tiles: int,
-                  scorer: str = "norm", width: int = 1024, row_height: int = 24) -> np.ndarray:
-    """HWC uint8 image for batch 0, KV head 0 of q [B, N, H, D], k [B, N, Hkv, D].
+def selection_states(q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling: int, n_tiles: int,
+                     scorer: str = "norm", width: int = 1024) -> np.ndarray:
+    """int array [levels, min(N, width)]: the state (index into STATES) of each token's window at each
+    level, coarsest level first, for batch 0 and KV head 0 of q [B, N, H, D], k [B, N, Hkv, D].
 
-    Row l (coarsest level on top) shows, for every token, the state of its level-l window.
+    Longer sequences are shown `width` columns wide; a column shows the most advanced state of its tokens.
     """
     n = q.shape[1]
     q_scores, k_scores = pyramid_scores(q[:1], k[:1], levels, pooling, scorer)
@@ -32,5 +34,34 @@ def selection_map(q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling: int
             state = state + (children[:, 0] >= 0).long()  # 2: refined
         per_token = state.repeat_interleave(pooling**lvl)  # [N]
         cols = per_token[: n - n % width].view(width, -1).amax(1) if n >= width else per_token
-        rows.append(np.repeat(_COLORS[cols.numpy()][None], row_height, axis=0))
-    return np.concatenate(rows, axis=0)
+        rows.append(cols.numpy())
+    return np.stack(rows)
+
+
+def render_states(states: np.ndarray, *, pooling: int, n: int, title: str = "") -> np.ndarray:
+    """HWC uint8 image (1100 px wide, 230 + 50 per level high) of `selection_states`, with axes and a legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    levels = states.shape[0]
+    fig = Figure(figsize=(11, 1.8 + 0.5 * levels), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.imshow(states, cmap=ListedColormap(_COLORS), vmin=0, vmax=len(STATES) - 1, aspect="auto",
+              interpolation="nearest", extent=(0, n, levels - 0.5, -0.5))
+    ax.set_yticks(range(levels), [f"level {lvl} ({pooling**lvl} tok)" for lvl in range(levels - 1, -1, -1)])
+    ax.set_xlabel("token position")
+    ax.set_title(title, fontsize=10)
+    fig.legend(handles=[Patch(color=c, label=s) for c, s in zip(_COLORS, STATES)], loc="outside lower center",
+               ncol=len(STATES), frameon=False, fontsize=9)
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def selection_map(q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling: int, n_tiles: int,
+                  scorer: str = "norm", title: str = "") -> np.ndarray:
+    """HWC uint8 image of the selection of q [B, N, H, D], k [B, N, Hkv, D] (batch 0, KV head 0)."""
+    states = selection_states(q, k, levels=levels, pooling=pooling, n_tiles=n_tiles, scorer=scorer)
+    return render_states(states, pooling=pooling, n=q.shape[1], title=title)
