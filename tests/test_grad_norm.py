@@ -65,12 +65,15 @@ def reference_norm(cfg, dp: int, dtype: torch.dtype) -> float:
     return float(torch.sqrt(sum(p.grad.double().pow(2).sum() for p in model.parameters())))
 
 
-@pytest.mark.parametrize("nproc, layout", [
-    (2, ["parallel.cp_degree=2", "data.micro_batch=1", "optim.grad_accum=2"]),  # CP: ranks split each sample
-    (2, ["parallel.cp_degree=1", "data.micro_batch=2"]),  # DP: ranks hold different samples
-], ids=["cp2-accum2", "dp2"])
-def test_grad_norm_equals_the_hand_computed_norm(tmp_path, stdlib_dataset, nproc, layout):
-    overrides = [f"data.path={stdlib_dataset}", "device=cpu", *SMALL, *layout]
+@pytest.mark.parametrize("nproc, device, layout", [
+    (2, "cpu", ["parallel.cp_degree=2", "data.micro_batch=1", "optim.grad_accum=2"]),  # CP: ranks split each sample
+    (2, "cpu", ["parallel.cp_degree=1", "data.micro_batch=2"]),  # DP: ranks hold different samples
+    pytest.param(1, "cuda", ["parallel.cp_degree=1", "data.micro_batch=2"], marks=pytest.mark.gpu),  # bf16
+], ids=["cp2-accum2", "dp2", "cuda-bf16"])
+def test_grad_norm_equals_the_hand_computed_norm(tmp_path, stdlib_dataset, nproc, device, layout):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    overrides = [f"data.path={stdlib_dataset}", f"device={device}", *SMALL, *layout]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     (tmp_path / "worker.py").write_text(WORKER)
@@ -82,10 +85,12 @@ def test_grad_norm_equals_the_hand_computed_norm(tmp_path, stdlib_dataset, nproc
     cfg = load_config(None, overrides + [f"logging.run_dir={tmp_path}"])
     dp = nproc // cfg.parallel.cp_degree
     exact = reference_norm(cfg, dp, torch.float64)
-    single = reference_norm(cfg, dp, torch.float32)
-    # Sharding and ZeRO only reorder fp32 sums: allow twice the error of one fp32 device against
-    # float64, plus a few ulps of the norm in case that device happened to land very close.
-    tol = 2 * abs(single - exact) + 4 * torch.finfo(torch.float32).eps * exact
+    # On GPUs DeepSpeed trains bf16 weights; the CPU twin trains fp32.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    single = reference_norm(cfg, dp, dtype)
+    # Sharding and ZeRO only reorder sums: allow twice the error of one device in the training dtype
+    # against float64, plus a few ulps of the norm in case that device happened to land very close.
+    tol = 2 * abs(single - exact) + 4 * torch.finfo(dtype).eps * exact
     assert exact > 2 * cfg.optim.grad_clip  # the reported norm is the one before clipping
     for rank in range(nproc):
         norms = json.loads((tmp_path / f"rank{rank}.json").read_text())
