@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lh_dist.eval import runner as runner_module
-from lh_dist.eval.cli import main
+from lh_dist.eval.cli import main, output_path
 from lh_dist.eval.runner import ModelRunner
 from lh_dist.parallel.spawn import spawn_ranks
 
@@ -43,22 +43,28 @@ def _png(path: Path) -> None:
 
 def test_passkey_writes_heatmap_json_and_png(tiny_run, tmp_path):
     out = tmp_path / "pk"
-    assert main(["passkey", str(tiny_run), "--lengths", "128,256", "--depths", "0,50,100", "--out", str(out),
-                 "--device", "cpu", "--batch-size", "5"]) == 0
-    result = json.loads((out / "passkey.json").read_text())
+    argv = ["passkey", str(tiny_run), "--lengths", "128,256", "--depths", "0,50,100", "--out", str(out),
+            "--device", "cpu", "--batch-size", "5"]
+    assert main(argv) == 0
+    path = out / "step_00000002" / "passkey-128_256-depths0_50_100.json"
+    assert output_path(argv) == path
+    result = json.loads(path.read_text())
     assert result["step"] == 2 and result["trained_phase"] == "lighthouse" and result["eval_phase"] == "dense"
     assert result["lengths"] == [128, 256] and result["depths"] == [0, 50, 100]
     accuracy = np.asarray(result["accuracy"])
     assert accuracy.shape == (3, 2) and ((accuracy >= 0) & (accuracy <= 1)).all()
     assert np.asarray(result["predictions"]).shape == (3, 2, 10)
-    assert result["mean"] == pytest.approx(accuracy.mean())
-    _png(out / "passkey.png")
+    assert result["mean"] == pytest.approx(accuracy.mean(), abs=1e-6)  # the JSON holds 6 digits
+    assert result["run"] == "run"
+    _png(path.with_suffix(".png"))
 
 
 def test_passkey_default_lengths_and_output_folder(tiny_run):
-    assert main(["passkey", str(tiny_run / "checkpoints" / "step_00000002"), "--depths", "50"]) == 0
-    result = json.loads((tiny_run / "eval" / "step_00000002" / "passkey.json").read_text())
-    assert result["lengths"] == [170, 256]  # 256 x {2/3, 1}; shorter ones cannot hold the prompt
+    argv = ["passkey", str(tiny_run / "checkpoints" / "step_00000002"), "--depths", "50"]
+    path = tiny_run / "eval" / "step_00000002" / "passkey-170_256-depths50.json"
+    assert output_path(argv) == path  # 256 x {2/3, 1}; shorter ones cannot hold the prompt
+    assert main(argv) == 0
+    assert json.loads(path.read_text())["lengths"] == [170, 256]
 
 
 @pytest.mark.parametrize("double, expected", [("oracle", 1.0), ("uniform", 0.1)])
@@ -75,33 +81,62 @@ def test_passkey_cli_scores_logit_test_doubles(tiny_run, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(runner_module.ModelRunner, "last_logits", last_logits)
     assert main(["passkey", str(tiny_run), "--lengths", "200", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "passkey.json").read_text())
+    result = json.loads((tmp_path / "step_00000002" / "passkey-200.json").read_text())
     assert np.allclose(result["accuracy"], expected) and result["mean"] == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("phase, spacing", [("dense", "linear"), ("lighthouse", "log")])
 def test_loss_by_position(tiny_run, tmp_path, phase, spacing):
-    out = tmp_path / phase
-    assert main(["loss", str(tiny_run), "--batches", "3", "--micro-batch", "2", "--buckets", "4",
-                 "--spacing", spacing, "--phase", phase, "--out", str(out), "--device", "cpu"]) == 0
-    result = json.loads((out / "position_loss.json").read_text())
+    argv = ["loss", str(tiny_run), "--batches", "3", "--micro-batch", "2", "--buckets", "4",
+            "--spacing", spacing, "--phase", phase, "--out", str(tmp_path), "--device", "cpu", "--bits-per-byte"]
+    assert main(argv) == 0
+    path = tmp_path / "step_00000002" / f"loss-{phase}-{spacing}4-batches3x2.json"
+    assert output_path(argv) == path
+    result = json.loads(path.read_text())
     assert result["eval_phase"] == phase and result["seq_len"] == 256
     assert result["batches"] == 3 and result["sequences"] == 6 and result["tokens"] == 6 * 256
     buckets = result["buckets"]
     assert len(buckets) == 4 and buckets[0]["start"] == 0 and buckets[-1]["end"] == 256
     assert all(a["end"] == b["start"] for a, b in zip(buckets, buckets[1:]))
     weighted = sum(b["loss"] * b["tokens"] for b in buckets) / result["tokens"]
-    assert weighted == pytest.approx(result["loss"], rel=1e-9)
+    assert weighted == pytest.approx(result["loss"], rel=1e-5)  # each value rounded to 6 digits
     assert 3.0 < result["loss"] < 7.0  # two steps from ln(257) = 5.55
-    _png(out / "position_loss.png")
+    assert all(b["stderr"] > 0 for b in buckets)
+    # Byte-level: every target is one byte except end-of-document tokens.
+    assert 0 < result["bytes"] <= result["tokens"] and result["bytes"] == sum(b["bytes"] for b in buckets)
+    nats = sum(b["loss"] * b["tokens"] for b in buckets)
+    assert result["bits_per_byte"] == pytest.approx(nats / np.log(2) / result["bytes"], rel=1e-5)
+    _png(path.with_suffix(".png"))
 
 
-def test_lighthouse_changes_the_loss_and_seq_len_is_checked(tiny_run, tmp_path):
-    losses = {}
-    for phase in ("dense", "lighthouse"):
-        assert main(["loss", str(tiny_run), "--batches", "1", "--phase", phase, "--out", str(tmp_path / phase)]) == 0
-        losses[phase] = json.loads((tmp_path / phase / "position_loss.json").read_text())["loss"]
-    assert losses["dense"] != losses["lighthouse"]
+def test_outputs_never_overwrite_each_other_and_are_indexed(tiny_run, tmp_path):
+    runs = [["loss", "--batches", "1", "--phase", "dense"], ["loss", "--batches", "1", "--phase", "lighthouse"],
+            ["passkey", "--lengths", "128"], ["passkey", "--lengths", "128,256", "--depths", "50"],
+            ["loss", "--batches", "1", "--phase", "dense", "model.attention_backend=math"]]
+    paths = []
+    for command, *options in runs:
+        argv = [command, str(tiny_run), "--out", str(tmp_path), *options]
+        assert main(argv) == 0
+        paths.append(output_path(argv))
+    assert [p.name for p in paths[:4]] == ["loss-dense-batches1x1.json", "loss-lighthouse-batches1x1.json",
+                                           "passkey-128.json", "passkey-128_256-depths50.json"]
+    assert paths[4].name.startswith("loss-dense-batches1x1-cfg") and len(set(paths)) == 5
+    assert all(p.is_file() and p.with_suffix(".png").is_file() for p in paths)
+    losses = {p.name: json.loads(p.read_text())["loss"] for p in paths if p.name.startswith("loss")}
+    assert losses["loss-dense-batches1x1.json"] != losses["loss-lighthouse-batches1x1.json"]
+
+    index = json.loads((tmp_path / "index.json").read_text())["outputs"]
+    assert [e["json"] for e in index] == [str(p.relative_to(tmp_path)) for p in paths]
+    assert index[1]["kind"] == "loss" and index[1]["eval_phase"] == "lighthouse" and index[1]["step"] == 2
+    assert index[1]["result"]["loss"] == losses["loss-lighthouse-batches1x1.json"]
+    assert index[2]["result"]["mean_accuracy"] == json.loads(paths[2].read_text())["mean"]
+    # The same evaluation again replaces its own files and its index entry.
+    assert main(["loss", str(tiny_run), "--out", str(tmp_path), "--batches", "1"]) == 0
+    index = json.loads((tmp_path / "index.json").read_text())["outputs"]
+    assert len(index) == 5 and index[-1]["json"] == "step_00000002/loss-dense-batches1x1.json"
+
+
+def test_seq_len_is_checked(tiny_run, tmp_path):
     # 128 tokens hold fewer than 128 windows of pooling**(levels-1) = 2 tokens: Lighthouse cannot tile them.
     assert main(["loss", str(tiny_run), "--phase", "lighthouse", "--seq-len", "128", "--out", str(tmp_path)]) == 2
 

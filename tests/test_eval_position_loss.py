@@ -54,3 +54,22 @@ def test_position_loss_rejects_wrong_shapes_and_empty_input():
         PositionLoss(8).add(torch.zeros(2, 9))
     with pytest.raises(ValueError, match="no validation batches"):
         evaluate_position_loss(lambda b: b, [], 8, [0, 8], log=None)
+
+
+def test_standard_error_over_sequences_and_bits_per_byte():
+    seq_len, edges = 8, [0, 4, 8]
+    losses = torch.tensor([[1.0] * 4 + [2.0] * 4, [3.0] * 4 + [2.0] * 4, [2.0] * 8])  # [3, 8]
+    eod = 256
+    targets = torch.full((3, seq_len), 65)
+    targets[0, 7] = eod  # an end-of-document token: no byte
+    result = evaluate_position_loss(lambda b: losses, [torch.cat([targets[:, :1], targets], 1)], seq_len, edges,
+                                    log=None, token_bytes_fn=lambda t: (t != eod).long())
+    first, second = result["buckets"]
+    # Sequence means of the first bucket are 1, 3, 2: sample std 1, over sqrt(3) sequences.
+    assert first["loss"] == pytest.approx(2.0) and first["stderr"] == pytest.approx(1 / np.sqrt(3))
+    assert second["stderr"] == 0.0
+    assert result["bytes"] == 23 and second["bytes"] == 11
+    assert result["bits_per_byte"] == pytest.approx(losses.sum().item() / np.log(2) / 23)
+    assert second["bits_per_byte"] == pytest.approx(2.0 * 12 / np.log(2) / 11)
+    single = evaluate_position_loss(lambda b: losses[:1], [torch.zeros(1, seq_len + 1)], seq_len, edges, log=None)
+    assert single["buckets"][0]["stderr"] is None and "bits_per_byte" not in single

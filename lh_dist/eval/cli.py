@@ -5,21 +5,35 @@
     lh-eval loss runs/tiny-cpu --phase lighthouse lighthouse.topk=512   # with a config override
     torchrun --nproc-per-node 4 -m lh_dist.eval.cli passkey RUN --cp 4 --lengths 65536,98304
 
-Results go to --out (default <run_dir>/eval/step_XXXXXXXX/), each JSON beside its PNG:
-  passkey.json        lengths [L], depths [D], accuracy [D][L], predictions [D][L][10] (the digit
-                      predicted for needle 0..9), mean; the pass-key test always runs dense attention.
-  position_loss.json  loss (token mean), tokens, sequences, buckets [{start, end (exclusive), tokens, loss}].
-Both also record checkpoint, step, trained_phase, eval_phase, cp_degree and device.
+Outputs go under the root --out (default <run_dir>/eval), one JSON and one PNG of the same
+name per evaluation, named by what was evaluated (defaults left out), so that nothing
+overwrites anything else; `output_path(argv)` returns the JSON path for a command line:
+
+  step_XXXXXXXX/passkey-<lengths joined by _>[-depths<d_d..>][-seed<s>][-cfg<hash>].json
+      e.g. passkey-256_512_1024.json. lengths [L], depths [D], accuracy [D][L], predictions
+      [D][L][10] (the digit predicted for needle 0..9), mean; always dense attention.
+  step_XXXXXXXX/loss-<phase>[-seq<N>][-<spacing><buckets>][-batches<B>x<micro>][-cfg<hash>].json
+      e.g. loss-dense.json, loss-lighthouse-log16.json. loss (nats/token), tokens, sequences,
+      bits_per_byte and bytes (byte-level tokenizer), buckets [{start, end (exclusive), tokens,
+      loss, stderr (over sequences), bytes, bits_per_byte}].
+  index.json  {"outputs": [{json, png, written, kind, run, step, checkpoint, trained_phase,
+      eval_phase, result (the headline number), args}]}, one entry per JSON under the root.
+
+`-cfg<hash>` stands for config overrides, --data or --tokenizer (held in full in the JSON).
+Every JSON also records run, checkpoint, step, trained_phase, eval_phase, cp_degree and
+device; floats are rounded to 6 significant digits.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from lh_dist.config import ConfigError
+from lh_dist.eval.outputs import DEFAULT_DEPTHS, DEFAULT_LOSS, loss_name, passkey_name, update_index, write_json
+
+SPACINGS = ("linear", "log")
 
 
 def _int_list(name: str):
@@ -34,57 +48,131 @@ def _int_list(name: str):
     return parse
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the examples' line breaks and shows every default."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lh-eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lh-eval", description=__doc__, formatter_class=_HelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{passkey,loss}")
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("checkpoint", type=Path, help="checkpoint folder step_XXXXXXXX, or a run directory")
-    common.add_argument("--out", type=Path, help="output folder (default: <run_dir>/eval/<checkpoint name>)")
-    common.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    common.add_argument("checkpoint", type=Path, help="checkpoint folder step_XXXXXXXX, or a run directory "
+                                                      "(its newest checkpoint)")
+    common.add_argument("--out", type=Path, default=None,
+                        help="output root: results go to <out>/step_XXXXXXXX/, the index to <out>/index.json "
+                             "(default: <run_dir>/eval)")
+    common.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}", help="device to run on")
     common.add_argument("--cp", type=int, default=1,
-                        help="context-parallel degree; run under torchrun with this many ranks (default: 1)")
+                        help="context-parallel degree; run under torchrun with this many ranks")
     common.add_argument("overrides", nargs="*", help="config overrides section.field=value")
 
-    passkey = commands.add_parser("passkey", parents=[common], help="pass-key retrieval heatmap (dense attention)")
-    passkey.add_argument("--lengths", type=_int_list("--lengths"),
-                         help="context lengths in tokens (default: the paper's 4K..96K scaled to the training "
-                              "seq_len: seq_len x 1/24, 1/12, 1/6, 1/3, 2/3, 1)")
-    passkey.add_argument("--depths", type=_int_list("--depths"), default=[0, 15, 30, 50, 70, 85, 100],
-                         help="needle depths in percent (default: 0,15,30,50,70,85,100)")
-    passkey.add_argument("--seed", type=int, default=0, help="filler seed (default: 0)")
-    passkey.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass (default: 1)")
-    passkey.add_argument("--tokenizer", help="tokenizer spec: 'byte' or a tokenizer.json (default: the one "
-                                             "recorded in the training dataset's lh_data.json)")
+    passkey = commands.add_parser(
+        "passkey", parents=[common], formatter_class=_HelpFormatter, help="pass-key retrieval heatmap",
+        description="Pass-key retrieval (needle in a haystack): one digit hidden at several depths of prompts of "
+                    "several lengths; accuracy per cell, chance 0.1. Always dense attention.",
+        epilog="example:\n  lh-eval passkey runs/tiny-cpu --lengths 256,512,1024 --depths 0,50,100\n"
+               "  -> runs/tiny-cpu/eval/step_00000060/passkey-256_512_1024-depths0_50_100.json (+ .png)")
+    passkey.add_argument("--lengths", type=_int_list("--lengths"), default=None,
+                         help="context lengths in tokens, comma-separated (default: the paper's 4K..96K scaled to "
+                              "the training seq_len: seq_len x 1/24, 1/12, 1/6, 1/3, 2/3, 1)")
+    passkey.add_argument("--depths", type=_int_list("--depths"), default=DEFAULT_DEPTHS,
+                         help="needle depths in percent, comma-separated")
+    passkey.add_argument("--seed", type=int, default=0, help="filler seed")
+    passkey.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass")
+    passkey.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the one recorded in "
+                                                           "the training dataset's lh_data.json)")
 
-    loss = commands.add_parser("loss", parents=[common], help="validation loss by position bucket")
-    loss.add_argument("--seq-len", type=int, help="sequence length (default: the config's data.seq_len)")
-    loss.add_argument("--batches", type=int, default=8, help="validation batches (default: 8)")
-    loss.add_argument("--micro-batch", type=int, default=1, help="sequences per batch (default: 1)")
-    loss.add_argument("--buckets", type=int, default=8, help="position buckets (default: 8)")
-    loss.add_argument("--spacing", default="linear", help="bucket spacing: linear or log (default: linear)")
-    loss.add_argument("--phase", default="dense",
-                      help="attention of the non-dense layers: dense or lighthouse (default: dense)")
-    loss.add_argument("--data", help="dataset folder or URL (default: the config's data.path)")
+    loss = commands.add_parser(
+        "loss", parents=[common], formatter_class=_HelpFormatter, help="validation loss by position bucket",
+        description="Validation loss overall and by position bucket, with standard errors over sequences, token "
+                    "counts and (byte-level tokenizer) bits per byte.",
+        epilog="examples:\n  lh-eval loss runs/tiny-cpu                      -> .../step_00000060/loss-dense.json\n"
+               "  lh-eval loss runs/tiny-cpu --phase lighthouse --buckets 16 --spacing log\n"
+               "                                                  -> .../loss-lighthouse-log16.json")
+    loss.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the config's data.seq_len)")
+    loss.add_argument("--batches", type=int, default=DEFAULT_LOSS["batches"], help="validation batches")
+    loss.add_argument("--micro-batch", type=int, default=DEFAULT_LOSS["micro_batch"], help="sequences per batch")
+    loss.add_argument("--buckets", type=int, default=DEFAULT_LOSS["buckets"], help="position buckets")
+    loss.add_argument("--spacing", default=DEFAULT_LOSS["spacing"], metavar="{linear,log}",
+                      help="bucket widths: equal, or growing geometrically from position 1")
+    loss.add_argument("--phase", default="dense", metavar="{dense,lighthouse}",
+                      help="attention of the layers not listed in lighthouse.dense_layers")
+    loss.add_argument("--data", default=None, help="dataset folder or URL (default: the config's data.path)")
+    loss.add_argument("--bits-per-byte", action="store_true",
+                      help="plot bits per byte instead of nats per token (byte-level tokenizer; the JSON has both)")
     return parser
 
 
-def _out_dir(args, runner) -> Path:
-    out = args.out or runner.folder.parent.parent / "eval" / runner.folder.name
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+def _tokenizer_spec(args, cfg) -> tuple[str, bool]:
+    """(tokenizer spec, whether it differs from the one the training data recorded)."""
+    from lh_dist.data.loader import read_dataset_info
+
+    recorded = read_dataset_info(cfg.data.path).get("tokenizer", "byte")
+    return args.tokenizer or recorded, bool(args.tokenizer) and args.tokenizer != recorded
+
+
+def _tokenizer(args, cfg):
+    from lh_dist.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(_tokenizer_spec(args, cfg)[0])
+
+
+def _passkey_lengths(args, cfg, tokenizer) -> list[int]:
+    from lh_dist.eval.passkey import default_lengths
+
+    lengths = args.lengths or default_lengths(cfg.data.seq_len, tokenizer, multiple=2 * args.cp)
+    if not lengths:
+        raise ValueError(f"the training seq_len {cfg.data.seq_len} is too short for the default lengths; "
+                         f"pass --lengths")
+    return lengths
+
+
+def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Path:
+    if args.command == "passkey":
+        lengths = lengths or _passkey_lengths(args, cfg, _tokenizer(args, cfg))
+        spec, differs = _tokenizer_spec(args, cfg)
+        name = passkey_name(lengths, args.depths, args.seed, args.overrides, spec if differs else None)
+    else:
+        seq_len = args.seq_len if args.seq_len != cfg.data.seq_len else None
+        data = args.data if args.data != cfg.data.path else None
+        name = loss_name(args.phase, seq_len, args.buckets, args.spacing, args.batches, args.micro_batch,
+                         args.overrides, data)
+    root = args.out or folder.parent.parent / "eval"
+    return root / folder.name / f"{name}.json"
+
+
+def output_path(argv: list[str]) -> Path:
+    """The JSON file that `lh-eval <argv>` writes (its PNG has the same stem). Reads the checkpoint's
+    config (and, for default passkey lengths, the dataset's tokenizer); evaluates nothing."""
+    from lh_dist.train.checkpoint import checkpoint_config, resolve_checkpoint
+
+    args = parse_args(argv)
+    folder = resolve_checkpoint(args.checkpoint)
+    return _json_path(args, folder, checkpoint_config(folder, args.overrides))
 
 
 def _header(runner) -> dict:
-    return {"checkpoint": str(runner.folder), "step": runner.step, "trained_phase": runner.trained_phase,
-            "eval_phase": runner.phase, "cp_degree": runner.cp_degree, "device": str(runner.device)}
+    return {"run": runner.folder.parent.parent.name, "checkpoint": str(runner.folder), "step": runner.step,
+            "trained_phase": runner.trained_phase, "eval_phase": runner.phase, "cp_degree": runner.cp_degree,
+            "device": str(runner.device)}
+
+
+def _title(runner) -> str:
+    return (f"{runner.folder.parent.parent.name}, step {runner.step:,} "
+            f"(trained: {runner.trained_phase or 'unknown'} phase; evaluated: {runner.phase} attention)")
+
+
+def _write(args, runner, path: Path, result: dict, headline: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    update_index(path.parent.parent, path, {"kind": args.command, **{k: result[k] for k in (
+        "run", "step", "checkpoint", "trained_phase", "eval_phase")}, "result": headline, "args": settings})
 
 
 def run_passkey(args) -> Path | None:
-    from lh_dist.data.loader import read_dataset_info
-    from lh_dist.data.tokenizer import load_tokenizer
-    from lh_dist.eval.passkey import default_lengths, passkey_grid
+    from lh_dist.eval.passkey import passkey_grid
     from lh_dist.eval.plotting import passkey_heatmap
     from lh_dist.eval.runner import ModelRunner
 
@@ -94,11 +182,8 @@ def run_passkey(args) -> Path | None:
         raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
     runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase="dense",
                          overrides=args.overrides)
-    tokenizer = load_tokenizer(args.tokenizer or read_dataset_info(runner.cfg.data.path).get("tokenizer", "byte"))
-    lengths = args.lengths or default_lengths(runner.cfg.data.seq_len, tokenizer, multiple=2 * args.cp)
-    if not lengths:
-        raise ValueError(f"the training seq_len {runner.cfg.data.seq_len} is too short for the default lengths; "
-                         f"pass --lengths")
+    tokenizer = _tokenizer(args, runner.cfg)
+    lengths = _passkey_lengths(args, runner.cfg, tokenizer)
     for n in lengths:
         runner.check_length(n, "--lengths")
     log = print if runner.is_main else None
@@ -107,19 +192,19 @@ def run_passkey(args) -> Path | None:
     runner.close()
     if not runner.is_main:
         return None
-    out = _out_dir(args, runner)
+    path = _json_path(args, runner.folder, runner.cfg, lengths)
     result = _header(runner) | {"lengths": lengths, "depths": args.depths, "seed": args.seed,
-                                "tokenizer": tokenizer.spec} | grid
-    (out / "passkey.json").write_text(json.dumps(result, indent=1))
-    passkey_heatmap(grid["accuracy"], args.depths, lengths, out / "passkey.png", title=f"step {runner.step}")
-    print(f"passkey mean accuracy {grid['mean']:.3f} (chance 0.1); wrote {out}/passkey.json, passkey.png")
-    return out
+                                "tokenizer": tokenizer.spec, "overrides": args.overrides} | grid
+    _write(args, runner, path, result, {"mean_accuracy": grid["mean"]})
+    passkey_heatmap(grid["accuracy"], args.depths, lengths, path.with_suffix(".png"), title=_title(runner))
+    print(f"passkey mean accuracy {grid['mean']:.3f} (chance 0.1); wrote {path} and .png")
+    return path
 
 
 def run_loss(args) -> Path | None:
-    from lh_dist.data.loader import PackedLoader
+    from lh_dist.data.loader import PackedLoader, read_dataset_info
     from lh_dist.eval.plotting import position_loss_plot
-    from lh_dist.eval.position_loss import SPACINGS, bucket_edges, evaluate_position_loss
+    from lh_dist.eval.position_loss import bucket_edges, evaluate_position_loss
     from lh_dist.eval.runner import ModelRunner
 
     for name in ("batches", "micro_batch", "buckets"):
@@ -135,24 +220,32 @@ def run_loss(args) -> Path | None:
     runner.check_length(seq_len, "--seq-len")
     edges = bucket_edges(seq_len, args.buckets, args.spacing)
     data = args.data or runner.cfg.data.path
+    info = read_dataset_info(data)
+    if args.bits_per_byte and info.get("tokenizer", "byte") != "byte":
+        raise ValueError(f"--bits-per-byte needs the byte-level tokenizer; {data} uses {info['tokenizer']}")
+    # A byte-level target is one byte, except the end-of-document token.
+    token_bytes = (lambda t: (t != info["eod_id"]).long()) if info.get("tokenizer", "byte") == "byte" else None
     # Every rank reads the same batches: evaluation has no data parallelism.
     loader = PackedLoader(data, "val", seq_len=seq_len, micro_batch=args.micro_batch, dp_rank=0, dp_degree=1,
                           cp_degree=args.cp, seed=runner.cfg.seed, max_batches=args.batches,
                           cache_dir=str(runner.folder.parent.parent / "data_cache"))
     log = print if runner.is_main else None
-    result = evaluate_position_loss(runner.token_losses, loader, seq_len, edges, log=log)
+    result = evaluate_position_loss(runner.token_losses, loader, seq_len, edges, log=log, token_bytes_fn=token_bytes)
     runner.close()
     if not runner.is_main:
         return None
-    out = _out_dir(args, runner)
+    path = _json_path(args, runner.folder, runner.cfg)
     result = _header(runner) | {"data": str(data), "seq_len": seq_len, "batches": len(loader),
-                                "micro_batch": args.micro_batch, "spacing": args.spacing} | result
-    (out / "position_loss.json").write_text(json.dumps(result, indent=1))
-    position_loss_plot(result["buckets"], result["loss"], out / "position_loss.png", log_x=args.spacing == "log",
-                       title=f"step {runner.step} ({args.phase})")
-    print(f"validation loss {result['loss']:.4f} over {result['tokens']:,} tokens; "
-          f"wrote {out}/position_loss.json, position_loss.png")
-    return out
+                                "micro_batch": args.micro_batch, "spacing": args.spacing,
+                                "overrides": args.overrides} | result
+    headline = {"loss": result["loss"]} | ({"bits_per_byte": result["bits_per_byte"]} if token_bytes else {})
+    _write(args, runner, path, result, headline)
+    overall = result["bits_per_byte"] if args.bits_per_byte else result["loss"]
+    position_loss_plot(result["buckets"], overall, path.with_suffix(".png"), log_x=args.spacing == "log",
+                       title=_title(runner), bits_per_byte=args.bits_per_byte)
+    bpb = f" ({result['bits_per_byte']:.4f} bits/byte)" if token_bytes else ""
+    print(f"validation loss {result['loss']:.4f}{bpb} over {result['tokens']:,} tokens; wrote {path} and .png")
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,11 +2,18 @@
 
 Losses are summed per position over every validation sequence, then grouped into buckets
 of positions. A bucket's loss is the mean over all its tokens, so the token-weighted mean of
-the bucket losses is exactly the overall loss.
+the bucket losses is exactly the overall loss. Its standard error is taken over sequences
+(the tokens of one sequence are not independent samples): the standard deviation of the
+per-sequence bucket means divided by sqrt(sequences).
+
+With byte counts per target token (the byte-level tokenizer: 1, end-of-document: 0), the
+loss is also given in bits per byte: total nats / ln 2 / total bytes, the measure that does
+not depend on the tokenizer.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -34,46 +41,76 @@ def bucket_edges(seq_len: int, num_buckets: int, spacing: str = "linear") -> lis
 
 
 class PositionLoss:
-    """Running per-position loss sums over sequences of one length."""
+    """Running per-position loss (and byte) sums over sequences of one length, plus each
+    sequence's bucket means for the standard errors."""
 
-    def __init__(self, seq_len: int):
+    def __init__(self, seq_len: int, edges: list[int] | None = None):
         self.seq_len = seq_len
+        self.edges = edges or [0, seq_len]
         self.loss_sum = torch.zeros(seq_len, dtype=torch.float64)
-        self.num_sequences = 0
+        self.byte_sum = torch.zeros(seq_len, dtype=torch.float64)
+        self.has_bytes = True
+        self.sequence_means: list[torch.Tensor] = []  # [B, buckets] per add
 
-    def add(self, losses: torch.Tensor) -> None:
-        """Add token losses [B, seq_len]."""
+    def add(self, losses: torch.Tensor, num_bytes: torch.Tensor | None = None) -> None:
+        """Add token losses [B, seq_len] and, if known, the bytes [B, seq_len] of each target token."""
         if losses.dim() != 2 or losses.shape[1] != self.seq_len:
             raise ValueError(f"losses must be [B, {self.seq_len}], got {tuple(losses.shape)}")
-        self.loss_sum += losses.double().sum(0).cpu()
-        self.num_sequences += losses.shape[0]
+        losses = losses.double().cpu()
+        self.loss_sum += losses.sum(0)
+        if num_bytes is None:
+            self.has_bytes = False
+        else:
+            self.byte_sum += num_bytes.double().cpu().sum(0)
+        self.sequence_means.append(torch.stack([losses[:, a:b].mean(1) for a, b in zip(self.edges, self.edges[1:])], 1))
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(m.shape[0] for m in self.sequence_means)
 
     @property
     def overall(self) -> float:
         return float(self.loss_sum.sum() / (self.num_sequences * self.seq_len))
 
-    def buckets(self, edges: list[int]) -> list[dict]:
-        """[{"start", "end" (exclusive), "tokens", "loss"}] for consecutive edges."""
+    def bits_per_byte(self, start: int = 0, end: int | None = None) -> float | None:
+        if not self.has_bytes:
+            return None
+        num_bytes = float(self.byte_sum[start:end].sum())
+        return float(self.loss_sum[start:end].sum()) / math.log(2) / num_bytes if num_bytes else None
+
+    def buckets(self) -> list[dict]:
+        """[{"start", "end" (exclusive), "tokens", "loss", "stderr", "bytes", "bits_per_byte"}] per bucket;
+        stderr is None for one sequence, the byte fields without byte counts."""
+        means = torch.cat(self.sequence_means)  # [S, buckets]
+        n = means.shape[0]
         out = []
-        for start, end in zip(edges[:-1], edges[1:]):
-            tokens = (end - start) * self.num_sequences
-            out.append({"start": start, "end": end, "tokens": tokens,
-                        "loss": float(self.loss_sum[start:end].sum() / tokens)})
+        for i, (start, end) in enumerate(zip(self.edges[:-1], self.edges[1:])):
+            tokens = (end - start) * n
+            bucket = {"start": start, "end": end, "tokens": tokens,
+                      "loss": float(self.loss_sum[start:end].sum() / tokens),
+                      "stderr": float(means[:, i].std() / math.sqrt(n)) if n > 1 else None}
+            if self.has_bytes:
+                bucket |= {"bytes": int(self.byte_sum[start:end].sum()), "bits_per_byte": self.bits_per_byte(start, end)}
+            out.append(bucket)
         return out
 
 
 def evaluate_position_loss(token_losses_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[torch.Tensor],
-                           seq_len: int, edges: list[int], log: Callable[[str], None] | None = print) -> dict:
+                           seq_len: int, edges: list[int], log: Callable[[str], None] | None = print,
+                           token_bytes_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Loss overall and per bucket of positions over validation batches [B, seq_len + 1].
 
-    token_losses_fn maps a batch to next-token losses [B, seq_len].
+    token_losses_fn maps a batch to next-token losses [B, seq_len]; token_bytes_fn, if given,
+    maps target ids [B, seq_len] to their lengths in bytes.
     """
-    acc = PositionLoss(seq_len)
+    acc = PositionLoss(seq_len, edges)
     for i, batch in enumerate(batches):
-        acc.add(token_losses_fn(batch))
+        acc.add(token_losses_fn(batch), token_bytes_fn(batch[:, 1:]) if token_bytes_fn else None)
         if log is not None:
             log(f"loss batch {i + 1}: running loss {acc.overall:.4f}")
     if acc.num_sequences == 0:
         raise ValueError("no validation batches to evaluate")
-    return {"loss": acc.overall, "tokens": acc.num_sequences * seq_len, "sequences": acc.num_sequences,
-            "buckets": acc.buckets(edges)}
+    result = {"loss": acc.overall, "tokens": acc.num_sequences * seq_len, "sequences": acc.num_sequences}
+    if acc.has_bytes:
+        result |= {"bytes": int(acc.byte_sum.sum()), "bits_per_byte": acc.bits_per_byte()}
+    return result | {"buckets": acc.buckets()}
