@@ -3,6 +3,10 @@
     lh-train --config configs/tiny-cpu.yaml parallel.cp_degree=1 schedule.steps=100
     torchrun --nproc-per-node 2 -m lh_dist.train.cli --config configs/tiny-cpu.yaml parallel.cp_degree=2
     lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16
+    lh-train --config configs/tiny-cpu.yaml --print-config     # every field, resolved
+
+Config sections: model, lighthouse, parallel, data, optim, schedule, checkpoint, logging
+(fields and their meaning: lh_dist/config.py; --print-config lists them with their values).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import yaml
 
 from lh_dist.config import ConfigError, TrainConfig, load_config
 
@@ -65,19 +71,33 @@ def _positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML run file (default: built-in defaults)")
+    parser.add_argument("--config", metavar="YAML", help="run file, e.g. configs/tiny-cpu.yaml (default: the "
+                                                         "built-in defaults of lh_dist/config.py)")
     parser.add_argument("--resume", default="auto",
                         help="'auto' (latest complete checkpoint in the run dir, if any), 'none', or a checkpoint folder")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; do not train")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the config, print the DP x CP layout and batch math, and exit")
     parser.add_argument("--world-size", type=_positive_int, default=None,
-                        help="world size assumed by --dry-run (default: $WORLD_SIZE or 1)")
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
+                        help="number of ranks --dry-run plans for (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (every field, overrides applied) as YAML and exit")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
+                        help="config overrides, e.g. schedule.steps=100 parallel.cp_degree=1")
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.print_config:
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+            return 0
         if args.dry_run:
             world = args.world_size or _positive_int(os.environ.get("WORLD_SIZE", "1"))
-            print(describe_plan(cfg, world))
+            try:
+                print(describe_plan(cfg, world))
+            except ConfigError as e:
+                if args.world_size is None and "world size" in str(e):
+                    raise ConfigError(f"{e} (--dry-run plans for {world} rank(s): pass --world-size N to plan "
+                                      f"for N ranks)") from None
+                raise
             return 0
         if args.resume not in ("auto", "none") and not Path(args.resume).is_dir():
             raise ConfigError(f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {args.resume!r}")
