@@ -52,7 +52,7 @@ def test_stdlib_cli_round_trip(tmp_path):
 
 def test_refuses_non_empty_output_unless_overwrite(tmp_path, capsys):
     (tmp_path / "note.txt").write_text("keep me")
-    args = ["stdlib", "--out", str(tmp_path), "--max-docs", "3"]
+    args = ["stdlib", "--out", str(tmp_path), "--max-docs", "3", "--val-fraction", "0.3"]
     assert main(args) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--overwrite"]) == 0
@@ -74,7 +74,7 @@ def test_at_least_one_validation_document(tmp_path):
 def test_jsonl_and_text_sources_through_cli(tmp_path):
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text("".join(json.dumps({"body": f"document number {i}"}) + "\n" for i in range(20)))
-    assert main(["jsonl", "--out", str(tmp_path / "j"), "--field", "body", str(jsonl)]) == 0
+    assert main(["jsonl", "--out", str(tmp_path / "j"), "--field", "body", "--val-tokens", "50", str(jsonl)]) == 0
     docs = _read_split(tmp_path / "j", "train") + _read_split(tmp_path / "j", "val")
     texts = sorted(bytes(d.astype(np.uint8)).decode() for d in docs)
     assert texts == sorted(f"document number {i}" for i in range(20))
@@ -82,7 +82,7 @@ def test_jsonl_and_text_sources_through_cli(tmp_path):
     (tmp_path / "docs").mkdir()
     for i in range(4):
         (tmp_path / "docs" / f"{i}.md").write_text(f"# page {i}\n")
-    assert main(["text", "--out", str(tmp_path / "t"), f"{tmp_path}/docs/*.md"]) == 0
+    assert main(["text", "--out", str(tmp_path / "t"), "--val-fraction", "0.25", f"{tmp_path}/docs/*.md"]) == 0
     info = json.loads((tmp_path / "t" / "lh_data.json").read_text())
     assert info["splits"]["train"]["documents"] + info["splits"]["val"]["documents"] == 4
 
@@ -101,9 +101,53 @@ def test_hf_tokenizer_dataset_records_its_spec(tmp_path):
     )
     tok.save(str(tmp_path / "tokenizer.json"))
     out = tmp_path / "data"
-    assert main(["stdlib", "--out", str(out), "--max-docs", "5", "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    assert main(["stdlib", "--out", str(out), "--max-docs", "5", "--val-fraction", "0.2", "--tokenizer",
+                 str(tmp_path / "tokenizer.json")]) == 0
     info = json.loads((out / "lh_data.json").read_text())
     assert info["tokenizer"] == str(tmp_path / "tokenizer.json")
     assert (info["eod_id"], info["vocab_size"]) == (tok.token_to_id("</s>"), tok.get_vocab_size())
     texts = {tok.decode(d.tolist()) for split in ("train", "val") for d in _read_split(out, split)}
     assert texts == {t for _, t in itertools.islice(((n, t) for n, t in stdlib_documents() if t), 5)}
+
+
+def _docs(lengths):
+    return [(f"doc{i}", "x" * n) for i, n in enumerate(lengths)]
+
+
+def test_val_tokens_takes_whole_documents_in_score_order(tmp_path):
+    docs = _docs([300 + 37 * i for i in range(60)])
+    info = write_dataset(docs, tmp_path, ByteTokenizer(), source="test", val_tokens=2000, log=lambda _: None)
+    val = _read_split(tmp_path, "val")
+    assert 2000 <= info["splits"]["val"]["tokens"] == sum(map(len, val)) <= 4000
+    # The split is the lowest-scored documents that fit, whatever the source order.
+    names = {len(t): n for n, t in docs}
+    chosen = sorted(names[len(d)] for d in val)
+    info2 = write_dataset(docs[::-1], tmp_path / "rev", ByteTokenizer(), source="test", val_tokens=2000,
+                          log=lambda _: None)
+    assert sorted(names[len(d)] for d in _read_split(tmp_path / "rev", "val")) == chosen
+    assert info2["content_sha256"] != info["content_sha256"]  # other order, other token stream
+    again = write_dataset(docs, tmp_path / "again", ByteTokenizer(), source="test", val_tokens=2000,
+                          shard_size=2048, log=lambda _: None)
+    assert again["content_sha256"] == info["content_sha256"]  # shard size does not matter
+    assert info["validation"] == {"val_tokens": 2000}
+
+
+def test_val_tokens_too_large_for_the_corpus_is_refused_and_leaves_nothing(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["stdlib", "--out", str(out), "--max-docs", "4", "--val-tokens", "10000000"]) == 2
+    assert "too few for 10,000,000 validation tokens" in capsys.readouterr().err
+    assert not out.exists()  # nothing left that would block a rerun
+    assert main(["stdlib", "--out", str(out), "--max-docs", "4", "--val-fraction", "0.3"]) == 0
+
+
+def test_min_doc_tokens_skips_short_documents(tmp_path):
+    docs = _docs([10, 5000, 20, 6000, 7000, 30])
+    info = write_dataset(docs, tmp_path, ByteTokenizer(), source="test", val_tokens=4000, min_doc_tokens=1000,
+                         log=lambda _: None)
+    lengths = sorted(map(len, _read_split(tmp_path, "train") + _read_split(tmp_path, "val")))
+    assert lengths == [5000, 6000, 7000] and info["min_doc_tokens"] == 1000
+
+
+def test_one_shot_iterator_with_val_tokens_is_a_clear_error(tmp_path):
+    with pytest.raises(TypeError, match="two passes"):
+        write_dataset(iter(_docs([100] * 10)), tmp_path, ByteTokenizer(), source="test", val_tokens=100)

@@ -4,6 +4,7 @@ The name identifies a document for the train/validation split, so it must not
 depend on the machine's state beyond the inputs given.
 """
 
+import fnmatch
 import glob
 import json
 import os
@@ -76,3 +77,55 @@ def jsonl_documents(patterns: list[str], field: str = "text") -> Iterator[tuple[
                 if not isinstance(record, dict) or not isinstance(record.get(field), str):
                     raise ValueError(f"{where}: expected an object with a string field {field!r}")
                 yield where, record[field]
+
+
+def tree_documents(
+    roots: list[str], include: list[str], exclude: list[str] = (), depth: int | None = None,
+    log=print,
+) -> Iterator[tuple[str, str]]:
+    """Documents made of the files of directory trees, e.g. source code grouped by package.
+
+    A file is taken when its path relative to its root matches an `include` glob
+    and no `exclude` glob (`fnmatch` rules: `*` also matches `/`, so `*.py`
+    matches at any depth and `*/tests/*` drops every tests folder). Files are
+    grouped into documents by directory: with `depth=None`, one document per
+    directory holding the files directly in it; with `depth=N`, one document per
+    directory N levels below the root, holding its whole subtree (files above
+    that level go with their own directory). Within a document the files follow
+    the walk order (a directory's files, then its subdirectories, each sorted by
+    name), each preceded by a line `# file: <relative path>`. A document is named
+    `<root as given>:<directory>`. Files that are not UTF-8 are skipped and counted.
+    """
+    if not include:
+        raise ValueError("tree needs at least one --include glob, e.g. '*.py'")
+    if depth is not None and depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    skipped = 0
+    for root in roots:
+        base = Path(root)
+        if not base.is_dir():
+            raise NotADirectoryError(f"tree root {root} is not a directory")
+        key, parts = None, []
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(base).as_posix()
+            components = [] if rel_dir == "." else rel_dir.split("/")
+            dir_key = "/".join(components if depth is None else components[:depth]) or "."
+            if dir_key != key:
+                if parts:
+                    yield f"{root}:{key}", "".join(parts)
+                key, parts = dir_key, []
+            for name in sorted(filenames):
+                rel = name if not components else f"{rel_dir}/{name}"
+                if not any(fnmatch.fnmatch(rel, g) for g in include) or any(fnmatch.fnmatch(rel, g) for g in exclude):
+                    continue
+                try:
+                    text = Path(dirpath, name).read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError):
+                    skipped += 1
+                    continue
+                parts.append(f"# file: {rel}\n{text}\n")
+        if parts:
+            yield f"{root}:{key}", "".join(parts)
+    if skipped:
+        log(f"lh-data: skipped {skipped} files that are not readable UTF-8 text")

@@ -5,7 +5,8 @@ Layout of a dataset directory `OUT`:
     OUT/train/            MDS shards + index.json; one sample = one document's token ids
     OUT/train/doc_lengths.npy   token count of each sample, in sample order
     OUT/val/              the same for the validation split
-    OUT/lh_data.json      tokenizer, vocab_size, eod_id, token dtype, counts per split, source
+    OUT/lh_data.json      tokenizer, vocab_size, eod_id, token dtype, counts per split, source,
+                          how validation was chosen, content_sha256 (of both splits' samples)
 
 `doc_lengths.npy` lets a reader plan the packing of an epoch without opening
 any shard. `lh_data.json` is written last: a directory without it is incomplete.
@@ -44,6 +45,7 @@ class _SplitWriter:
         self.directory = directory
         self.dtype = dtype
         self.lengths: list[int] = []
+        self.digest = hashlib.sha256()  # of each sample's length and token ids, as int64, in sample order
         self._writer = MDSWriter(
             out=str(directory),
             columns={"tokens": f"ndarray:{dtype}"},
@@ -53,6 +55,7 @@ class _SplitWriter:
 
     def add(self, tokens: np.ndarray) -> None:
         self._writer.write({"tokens": tokens.astype(self.dtype)})
+        self.digest.update(np.int64(len(tokens)).tobytes() + np.ascontiguousarray(tokens, dtype=np.int64).tobytes())
         self.lengths.append(len(tokens))
 
     def finish(self) -> dict:
@@ -61,13 +64,18 @@ class _SplitWriter:
         return {"documents": len(self.lengths), "tokens": int(sum(self.lengths))}
 
 
+DEFAULT_VAL_TOKENS = 2_000_000
+
+
 def write_dataset(
-    documents: Iterable[tuple[str, str]],
+    documents: Iterable[tuple[str, str]] | Callable[[], Iterable[tuple[str, str]]],
     out: str | Path,
     tokenizer,
     *,
     source: str,
-    val_fraction: float = 0.01,
+    val_tokens: int | None = None,
+    val_fraction: float | None = None,
+    min_doc_tokens: int = 1,
     max_docs: int | None = None,
     shard_size: int | str = "64mb",
     overwrite: bool = False,
@@ -75,33 +83,99 @@ def write_dataset(
 ) -> dict:
     """Tokenize `(name, text)` documents into `out/train`, `out/val` and `out/lh_data.json`.
 
-    A document goes to validation when `validation_score(name) < val_fraction`;
-    if none does, the document with the lowest score does, so validation is never
-    empty. Empty documents are skipped. Returns the metadata written to lh_data.json.
+    The validation split is made of whole documents, chosen by `validation_score(name)`
+    so that it does not depend on the order of the source:
+    - `val_tokens=N` (the default, N = DEFAULT_VAL_TOKENS): documents in increasing
+      score, each taken if the split stays within 2N tokens, until it holds N. This
+      needs two passes over `documents` (a list, or a function returning a fresh iterator).
+    - `val_fraction=f`: the documents with a score below f, or the lowest-scored one
+      if none is; one pass.
+    Documents shorter than `min_doc_tokens` are skipped; `max_docs` counts the kept
+    ones. On any error, what this call wrote is removed, so a rerun can start afresh.
+    Returns the metadata written to lh_data.json.
     """
-    if not 0.0 < val_fraction < 1.0:
+    if val_tokens is not None and val_fraction is not None:
+        raise ValueError("give val_tokens or val_fraction, not both")
+    if val_fraction is None and val_tokens is None:
+        val_tokens = DEFAULT_VAL_TOKENS
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if val_tokens is not None and val_tokens < 1:
+        raise ValueError(f"val_tokens must be a positive integer, got {val_tokens}")
     if max_docs is not None and max_docs < 2:
         raise ValueError(f"max_docs must be >= 2 (one train and one val document), got {max_docs}")
+    if min_doc_tokens < 1:
+        raise ValueError(f"min_doc_tokens must be >= 1, got {min_doc_tokens}")
     out = Path(out)
-    _prepare_output(out, overwrite)
+    created = _prepare_output(out, overwrite)
+    try:
+        return _write(documents, out, tokenizer, source, val_tokens, val_fraction, min_doc_tokens, max_docs,
+                      shard_size, log)
+    except BaseException:
+        _remove_dataset(out)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
 
+
+def _kept_documents(documents, tokenizer, min_doc_tokens, max_docs, log, what):
+    """(name, tokens) of the documents kept, with progress on long corpora."""
+    source = documents() if callable(documents) else documents
+    kept = num_tokens = 0
+    start = last_log = time.monotonic()
+    for name, text in source:
+        if max_docs is not None and kept >= max_docs:
+            break
+        tokens = tokenizer.encode(text)
+        if len(tokens) < min_doc_tokens:
+            continue
+        kept += 1
+        num_tokens += len(tokens)
+        yield name, tokens
+        if time.monotonic() - last_log > 5.0:
+            last_log = time.monotonic()
+            log(f"lh-data: {what}: {kept} documents, {num_tokens / 1e6:.1f}M tokens, {last_log - start:.0f}s")
+
+
+def _validation_names(documents, tokenizer, val_tokens, min_doc_tokens, max_docs, log) -> set[str]:
+    """Names of the documents that form a validation split of at least `val_tokens` tokens."""
+    if not callable(documents) and iter(documents) is documents:
+        raise TypeError("val_tokens needs two passes: pass a list or a function returning an iterator")
+    lengths = {name: len(tokens) for name, tokens in
+               _kept_documents(documents, tokenizer, min_doc_tokens, max_docs, log, "counting")}
+    total = sum(lengths.values())
+    if total < 2 * val_tokens:
+        raise ValueError(f"the corpus has {total:,} tokens in {len(lengths)} documents, too few for "
+                         f"{val_tokens:,} validation tokens (at most half goes to validation); "
+                         f"lower --val-tokens")
+    chosen, size = set(), 0
+    for name in sorted(lengths, key=validation_score):
+        if size + lengths[name] <= 2 * val_tokens:
+            chosen.add(name)
+            size += lengths[name]
+            if size >= val_tokens:
+                return chosen
+    raise ValueError(f"no set of whole documents holds between {val_tokens:,} and {2 * val_tokens:,} tokens "
+                     f"(the documents are too long); raise --val-tokens or make smaller documents")
+
+
+def _write(documents, out, tokenizer, source, val_tokens, val_fraction, min_doc_tokens, max_docs, shard_size, log):
+    start = time.monotonic()
+    val_names = None
+    if val_tokens is not None:
+        val_names = _validation_names(documents, tokenizer, val_tokens, min_doc_tokens, max_docs, log)
     dtype = token_dtype(tokenizer.vocab_size)
     train = _SplitWriter(out / "train", dtype, shard_size)
     val = _SplitWriter(out / "val", dtype, shard_size)
-    # The train document with the lowest score is held back, so that it can go to
-    # validation at the end if no document scored below val_fraction.
+    # Under val_fraction, the train document with the lowest score is held back, so
+    # that it can go to validation at the end if no document scored below val_fraction.
     held: tuple[float, np.ndarray] | None = None
-    num_docs = num_tokens = 0
-    start = last_log = time.monotonic()
-    for name, text in documents:
-        if max_docs is not None and num_docs >= max_docs:
-            break
-        tokens = tokenizer.encode(text)
-        if len(tokens) == 0:
-            continue
+    num_docs = 0
+    for name, tokens in _kept_documents(documents, tokenizer, min_doc_tokens, max_docs, log, "writing"):
         num_docs += 1
-        num_tokens += len(tokens)
+        if val_names is not None:
+            (val if name in val_names else train).add(tokens)
+            continue
         score = validation_score(name)
         if score < val_fraction:
             val.add(tokens)
@@ -111,12 +185,13 @@ def write_dataset(
             held = (score, tokens)
         else:
             train.add(tokens)
-        if time.monotonic() - last_log > 5.0:
-            last_log = time.monotonic()
-            log(f"lh-data: {num_docs} documents, {num_tokens / 1e6:.1f}M tokens, {last_log - start:.0f}s")
     if num_docs < 2:
-        raise ValueError(f"source {source!r} gave {num_docs} non-empty documents; at least 2 are needed")
-    (val if not val.lengths else train).add(held[1])
+        raise ValueError(f"source {source!r} gave {num_docs} documents of at least {min_doc_tokens} tokens; "
+                         "at least 2 are needed")
+    if held is not None:
+        (val if not val.lengths else train).add(held[1])
+    if not train.lengths:
+        raise ValueError(f"source {source!r}: every document went to validation; lower the validation size")
 
     info = {
         "format_version": FORMAT_VERSION,
@@ -125,27 +200,37 @@ def write_dataset(
         "eod_id": tokenizer.eod_id,
         "dtype": dtype,
         "source": source,
-        "val_fraction": val_fraction,
+        "validation": {"val_tokens": val_tokens} if val_tokens is not None else {"val_fraction": val_fraction},
+        "min_doc_tokens": min_doc_tokens,
         "splits": {"train": train.finish(), "val": val.finish()},
     }
+    # Equal datasets have equal hashes, whatever their shard sizes.
+    info["content_sha256"] = hashlib.sha256((train.digest.hexdigest() + val.digest.hexdigest()).encode()).hexdigest()
     (out / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     splits = info["splits"]
     log(
         f"lh-data: wrote {out}: train {splits['train']['documents']} documents / "
-        f"{splits['train']['tokens']} tokens, val {splits['val']['documents']} documents / "
-        f"{splits['val']['tokens']} tokens, {time.monotonic() - start:.1f}s"
+        f"{splits['train']['tokens']:,} tokens, val {splits['val']['documents']} documents / "
+        f"{splits['val']['tokens']:,} tokens, {time.monotonic() - start:.1f}s"
     )
     return info
 
 
-def _prepare_output(out: Path, overwrite: bool) -> None:
+def _remove_dataset(out: Path) -> None:
+    """Remove only what this module writes, never unrelated files."""
+    (out / DATASET_INFO).unlink(missing_ok=True)
+    for split in SPLITS:
+        shutil.rmtree(out / split, ignore_errors=True)
+
+
+def _prepare_output(out: Path, overwrite: bool) -> bool:
+    """Make `out` ready to write; True if this call created it."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output {out} is not empty; pass overwrite=True (--overwrite) to replace it")
-        # Remove only what this module writes, never unrelated files.
-        (out / DATASET_INFO).unlink(missing_ok=True)
-        for split in SPLITS:
-            shutil.rmtree(out / split, ignore_errors=True)
+        _remove_dataset(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    return created

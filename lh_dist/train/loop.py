@@ -64,6 +64,23 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
+def check_split_sizes(cfg: TrainConfig, info: dict, dp: int) -> None:
+    """ConfigError, before any work, when a split cannot fill what the run reads from it:
+    one batch of training, and logging.eval_batches batches of validation, on every DP rank."""
+    sample = cfg.data.seq_len + 1
+    per_batch = cfg.data.micro_batch * dp
+    for split, batches in (("train", 1), ("val", cfg.logging.eval_batches)):
+        counts = info["splits"][split]
+        samples = (counts["tokens"] + counts["documents"]) // sample  # each document ends with one EOD token
+        if samples < batches * per_batch:
+            raise ConfigError(
+                f"data.path: split {split!r} of {cfg.data.path} holds {counts['tokens']:,} tokens, "
+                f"{samples} samples of data.seq_len + 1 = {sample:,}; the run needs {batches * per_batch} "
+                f"({batches} batch(es) x micro_batch {cfg.data.micro_batch} x dp {dp})"
+                + ("; rebuild it with a larger lh-data --val-tokens or lower logging.eval_batches"
+                   if split == "val" else ""))
+
+
 def _all_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         x = x.clone()
@@ -84,6 +101,7 @@ class Trainer:
                               f"{cfg.data.path}), got {cfg.model.vocab_size}")
         self.device = default_device(cfg)
         dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+        check_split_sizes(cfg, info, dp)
         ds.init_distributed(self.device)
         world = dist.get_world_size()
         self.layout = init_parallel_layout(dp, cp)
