@@ -163,10 +163,11 @@ def train(args) -> Path:
 # ---- the report -----------------------------------------------------------------------------
 
 def _eval_json(folder: Path) -> dict:
-    files = sorted(folder.glob("*.json"))
-    if not files:
+    """The result lh-eval wrote under the output root `folder`: the newest one its index names."""
+    index = folder / "index.json"
+    if not index.is_file():
         raise FileNotFoundError(f"no evaluation result in {folder}")
-    return json.loads(files[0].read_text())
+    return json.loads((folder / json.loads(index.read_text())["outputs"][-1]["json"]).read_text())
 
 
 def load_run(folder: Path) -> dict:

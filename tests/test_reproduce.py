@@ -52,8 +52,8 @@ def test_reproduce_two_runs_and_report(tmp_path):
         assert record["data"]["content_sha256"] == info["content_sha256"]
         scalars = json.loads((folder / "scalars.json").read_text())
         assert [s for s, _, _ in scalars["val/loss"]] == list(range(2, 13, 2))
-        assert len(list((folder / "eval_loss").glob("*.json"))) == 1
-        assert len(list((folder / "eval_passkey").glob("*.json"))) == 1
+        assert len(list((folder / "eval_loss").glob("step_*/*.json"))) == 1
+        assert len(list((folder / "eval_passkey").glob("step_*/*.json"))) == 1
         assert not (tmp_path / "work" / name).exists()  # no checkpoints left behind
 
     md = tmp_path / "report" / "reproduction.md"
