@@ -74,17 +74,28 @@ def test_two_rank_cp_lighthouse_then_dense_resumes_exactly(tmp_path, stdlib_data
     assert sorted(losses) == list(range(1, 21))
     assert sorted(scalars(full, "val/loss")) == [5, 10, 15, 20]
     assert "step 4: attention phase is now dense" in r.stdout
-    phase = scalars(full, "train/phase_lighthouse")
+    phase = scalars(full, "lighthouse/active")
     assert [phase[s] for s in range(1, 21)] == [1.0] * 4 + [0.0] * 16
-    acc = EventAccumulator(str(full / "tensorboard"), size_guidance={"images": 0})
+    acc = EventAccumulator(str(full / "tensorboard"), size_guidance={"images": 0, "tensors": 0})
     acc.Reload()
-    assert [e.step for e in acc.Images("lighthouse/selection_map")] == [1, 3]  # captured at steps 0 and 2
+    images = acc.Images("lighthouse/selection_map")
+    assert [e.step for e in images] == [2, 4]  # on the scalars' steps (every 2 in the Lighthouse phase)
+    assert images[0].width >= 1000 and images[0].height >= 200
 
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s",
-            "perf/tokens_per_s_per_device", "perf/step_time_s", "train/phase_lighthouse",
-            "train/nonfinite_steps", "lighthouse/S", "lighthouse/S_over_N"} <= tags
+    assert tags == {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
+                    "train/nonfinite_steps", "perf/tokens_per_s", "perf/tokens_per_s_per_device", "perf/step_time_s",
+                    "lighthouse/active", "lighthouse/S", "lighthouse/S_over_N"}  # perf/mfu, memory: GPUs only
     assert scalars(full, "lighthouse/S")[1] == 1024 // 2 + 2 * 512  # N/p^(L-1) + (L-1) p k
+    assert scalars(full, "train/tokens_seen")[20] == 20 * 1024  # seq_len x micro_batch 1 x dp 1
+    config_text = acc.Tensors("train/config/text_summary")
+    assert config_text[0].step == 0 and b"topk: 512" in config_text[0].tensor_proto.string_val[0]
+    lines = r.stdout.splitlines()
+    first = next(line for line in lines if line.startswith("step      1/20"))
+    assert "eta 0:00:00" not in first and "grad " in first and "elapsed " in first and " lighthouse " in first
+    assert lines[-1].startswith("lh_dist: run complete at step 20/20 after ")
+    assert "(4 Lighthouse, 16 dense)" in lines[-1] and "validation loss" in lines[-1]
+    assert lines[-1].endswith(f"Newest checkpoint: {full / 'checkpoints' / 'step_00000020'}.")
 
     # The same run killed (SIGKILL) once it has written a checkpoint past the switch, then resumed:
     # the resumed run is dense and its losses equal the uninterrupted run's. (The killed run is set
@@ -157,6 +168,9 @@ def test_sigterm_checkpoints_and_exits_with_documented_code(tmp_path, stdlib_dat
     assert proc.returncode == PREEMPTED_EXIT_CODE, "".join(lines) + out
     saved = sorted((run_dir / "checkpoints").iterdir())
     assert len(saved) == 1 and int(saved[0].name.split("_")[1]) >= 3
+    summary = out.splitlines()[-1]
+    assert summary.startswith(f"lh_dist: run stopped by SIGTERM at step {int(saved[0].name[5:])}/100,000 after ")
+    assert summary.endswith(f"Newest checkpoint: {saved[0]}."), summary
 
 
 def test_config_error_before_any_work(tmp_path):

@@ -105,8 +105,8 @@ def run_summary(*, status: str, step: int, total_steps: int, start_step: int, se
     ]
     if train_loss is not None:
         first, last, loss = train_loss
-        steps = f"step {last:,}" if first == last else f"steps {first:,}-{last:,}"
-        sentences.append(f"Final train loss {loss:.4f} (mean of {steps})"
+        steps = f"step {last:,}" if first == last else f"mean of steps {first:,}-{last:,}"
+        sentences.append(f"Final train loss {loss:.4f} ({steps})"
                          + (f", validation loss {val_loss[1]:.4f} (step {val_loss[0]:,})." if val_loss else
                             "; no validation in this process."))
     sentences.append(f"Newest checkpoint: {checkpoint}." if checkpoint else "No checkpoint was written.")
