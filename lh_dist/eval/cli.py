@@ -48,8 +48,15 @@ def _int_list(name: str):
     return parse
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks and shows every default."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks; adds "(default: X)" where the help does not say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.option_strings and action.default is not None
+                and action.default is not False and action.default is not argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,15 +76,16 @@ def _parser() -> argparse.ArgumentParser:
 
     passkey = commands.add_parser(
         "passkey", parents=[common], formatter_class=_HelpFormatter, help="pass-key retrieval heatmap",
-        description="Pass-key retrieval (needle in a haystack): one digit hidden at several depths of prompts of "
-                    "several lengths; accuracy per cell, chance 0.1. Always dense attention.",
+        description="Pass-key retrieval (needle in a haystack): one digit hidden at several depths of prompts\n"
+                    "of several lengths; accuracy per cell, chance 0.1. Always dense attention.",
         epilog="example:\n  lh-eval passkey runs/tiny-cpu --lengths 256,512,1024 --depths 0,50,100\n"
                "  -> runs/tiny-cpu/eval/step_00000060/passkey-256_512_1024-depths0_50_100.json (+ .png)")
     passkey.add_argument("--lengths", type=_int_list("--lengths"), default=None,
                          help="context lengths in tokens, comma-separated (default: the paper's 4K..96K scaled to "
                               "the training seq_len: seq_len x 1/24, 1/12, 1/6, 1/3, 2/3, 1)")
     passkey.add_argument("--depths", type=_int_list("--depths"), default=DEFAULT_DEPTHS,
-                         help="needle depths in percent, comma-separated")
+                         help="needle depths in percent, comma-separated (default: "
+                              + ",".join(map(str, DEFAULT_DEPTHS)) + ")")
     passkey.add_argument("--seed", type=int, default=0, help="filler seed")
     passkey.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass")
     passkey.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the one recorded in "
@@ -85,8 +93,8 @@ def _parser() -> argparse.ArgumentParser:
 
     loss = commands.add_parser(
         "loss", parents=[common], formatter_class=_HelpFormatter, help="validation loss by position bucket",
-        description="Validation loss overall and by position bucket, with standard errors over sequences, token "
-                    "counts and (byte-level tokenizer) bits per byte.",
+        description="Validation loss overall and by position bucket, with standard errors over sequences,\n"
+                    "token counts and (byte-level tokenizer) bits per byte.",
         epilog="examples:\n  lh-eval loss runs/tiny-cpu                      -> .../step_00000060/loss-dense.json\n"
                "  lh-eval loss runs/tiny-cpu --phase lighthouse --buckets 16 --spacing log\n"
                "                                                  -> .../loss-lighthouse-log16.json")
@@ -100,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
                       help="attention of the layers not listed in lighthouse.dense_layers")
     loss.add_argument("--data", default=None, help="dataset folder or URL (default: the config's data.path)")
     loss.add_argument("--bits-per-byte", action="store_true",
-                      help="plot bits per byte instead of nats per token (byte-level tokenizer; the JSON has both)")
+                      help="plot bits per byte instead of nats per token (byte-level tokenizer; the JSON holds both)")
     return parser
 
 
