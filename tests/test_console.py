@@ -43,6 +43,6 @@ def test_summary_paragraph():
                     "30 steps (10 Lighthouse, 20 dense) on 61,440 tokens, 492 tokens/s overall; 122,880 tokens in "
                     "total. Final train loss 2.9123 (mean of steps 51-60), validation loss 2.9500 (step 60). "
                     "Newest checkpoint: ck/step_60.")
-    stopped = run_summary(status="stopped by SIGTERM", step=3, total_steps=10, start_step=0, seconds=1, tokens_per_step=1,
-                          lighthouse_steps=0, train_loss=(3, 3, 5.0), val_loss=None, checkpoint=None)
+    stopped = run_summary(status="stopped by SIGTERM", step=3, total_steps=10, start_step=0, seconds=1,
+                          tokens_per_step=1, lighthouse_steps=0, train_loss=(3, 3, 5.0), val_loss=None, checkpoint=None)
     assert "(step 3); no validation in this process. No checkpoint was written." in stopped

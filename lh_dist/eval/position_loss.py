@@ -90,7 +90,8 @@ class PositionLoss:
                       "loss": float(self.loss_sum[start:end].sum() / tokens),
                       "stderr": float(means[:, i].std() / math.sqrt(n)) if n > 1 else None}
             if self.has_bytes:
-                bucket |= {"bytes": int(self.byte_sum[start:end].sum()), "bits_per_byte": self.bits_per_byte(start, end)}
+                bucket |= {"bytes": int(self.byte_sum[start:end].sum()),
+                           "bits_per_byte": self.bits_per_byte(start, end)}
             out.append(bucket)
         return out
 
