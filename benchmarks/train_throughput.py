@@ -167,6 +167,7 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile every block (all variants)")
     parser.add_argument("--name", default=None,
                         help="output file stem (default train_throughput, or train_throughput_compiled)")
+    parser.add_argument("--commit", default=None, help="commit to report when the tree has no .git")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
     backends = args.backends.split(",")
@@ -183,8 +184,8 @@ def main() -> int:
     rows = [measure(v, b, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")
             for b in (backends[:1] if v == "plain" else backends)]
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
     by = {(r["variant"], r["backend"], r["seq_len"]): r for r in rows}
     lines = [
         f"# Training throughput, one GPU{' (torch.compile)' if args.compile else ''}",
