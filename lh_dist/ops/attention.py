@@ -14,7 +14,7 @@ Causal masking is bottom-right aligned: query i sees keys j <= i + (Nk - Nq).
 Backends (`BACKENDS`):
     flash_attn  FlashAttention-4 (the flash-attn-4 package, `flash_attn.cute`), CUDA sm90+
                 (Hopper, Blackwell), fp16/bf16, native GQA. Checked once per process (per
-                device, dtype and head dim) against plain attention in float32 before its
+                device, dtype and head dim) against plain attention in float64 before its
                 first use; a kernel that fails is never used.
     cudnn       torch.ops.aten._scaled_dot_product_cudnn_attention(+_backward), fp16/bf16.
     flash       torch.ops.aten._scaled_dot_product_flash_attention(+_backward), fp16/bf16.
