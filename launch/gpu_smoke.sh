@@ -90,13 +90,9 @@ if [ "${PAPER:-1}" != 0 ]; then
   echo "== the paper config on one GPU: 3 Lighthouse + 2 dense steps at 98,304 tokens"
   data=runs/data/stdlib
   val=$("$PYTHON" -c "import json; print(json.load(open('$data/lh_data.json'))['splits']['val']['tokens'])")
-  if [ "$val" -lt 98305 ]; then
+  if [ "$val" -lt 98305 ]; then  # a corpus built before lh-data sized validation for 98K samples
     data=$SMOKE_DIR/data
-    if "$PYTHON" -m lh_dist.data.cli stdlib -h | grep -q -- --val-tokens; then
-      "$PYTHON" -m lh_dist.data.cli stdlib --out "$data" --val-tokens 200000 >/dev/null
-    else
-      "$PYTHON" -m lh_dist.data.cli stdlib --out "$data" --val-fraction 0.05 >/dev/null
-    fi
+    "$PYTHON" -m lh_dist.data.cli stdlib --out "$data" --val-tokens 200000 >/dev/null
   fi
   start=$(date +%s)
   "$PYTHON" -m lh_dist.train.cli --config configs/paper-530m-98k.yaml data.path="$data" \
