@@ -89,11 +89,14 @@ def ensure_data(args) -> dict:
 # ---- one training ---------------------------------------------------------------------------
 
 def _commit() -> str:
+    """The commit under test: $LH_DIST_COMMIT when set (a copied tree may carry a stale .git), else git's."""
+    if os.environ.get("LH_DIST_COMMIT"):
+        return os.environ["LH_DIST_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("LH_DIST_COMMIT", "unknown")
+        return "unknown"
 
 
 def _hardware() -> str:
@@ -163,11 +166,15 @@ def train(args) -> Path:
 # ---- the report -----------------------------------------------------------------------------
 
 def _eval_json(folder: Path) -> dict:
-    """The result lh-eval wrote under the output root `folder`: the newest one its index names."""
+    """The result lh-eval wrote under the output root `folder`: the newest one its index names
+    (results recorded before lh-eval kept an index hold their one JSON in `folder` itself)."""
     index = folder / "index.json"
-    if not index.is_file():
+    if index.is_file():
+        return json.loads((folder / json.loads(index.read_text())["outputs"][-1]["json"]).read_text())
+    files = sorted(folder.glob("*.json"))
+    if not files:
         raise FileNotFoundError(f"no evaluation result in {folder}")
-    return json.loads((folder / json.loads(index.read_text())["outputs"][-1]["json"]).read_text())
+    return json.loads(files[0].read_text())
 
 
 def load_run(folder: Path) -> dict:
@@ -327,12 +334,13 @@ def report(args) -> Path:
     plots = _plots(runs, out_md.parent, prefix)
     summaries = [summarize(r, None if r is base else base) for r in runs]
     (out_md.parent / f"{prefix}summary.json").write_text(json.dumps(summaries, indent=1))
-    out_md.write_text(_markdown(runs, summaries, plots))
+    notes = Path(args.notes).read_text().strip() if args.notes else ""
+    out_md.write_text(_markdown(runs, summaries, plots, notes))
     _log(f"wrote {out_md} and {len(plots)} plots")
     return out_md
 
 
-def _markdown(runs: list[dict], summaries: list[dict], plots: list[str]) -> str:
+def _markdown(runs: list[dict], summaries: list[dict], plots: list[str], notes: str = "") -> str:
     base, sb = runs[0], summaries[0]
     data = base["data"]
     splits = data["splits"]
@@ -346,6 +354,9 @@ def _markdown(runs: list[dict], summaries: list[dict], plots: list[str]) -> str:
         f"{splits['val']['tokens']:,} tokens (whole documents not in train); content SHA-256 "
         f"`{data['content_sha256']}`.",
         "",
+        *_verdicts(summaries),
+        "",
+        *([notes, ""] if notes else []),
         "Validation loss is the mean over the last three evaluations (the same held-out batches every time). "
         "Wall-clock is measured from the start of `lh-train` (startup included) on the same machine. "
         f"\"Back within {CLOSE}\" is the first evaluation after the switch whose loss is within {CLOSE} of the "
@@ -391,6 +402,21 @@ def _markdown(runs: list[dict], summaries: list[dict], plots: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _verdicts(summaries: list[dict]) -> list[str]:
+    """One sentence per Lighthouse run, against the dense baseline (the first summary)."""
+    base, lines = summaries[0], []
+    for s in summaries[1:]:
+        reached = s["reached_baseline_final"]
+        when = (f"reaches dense's final loss at step {reached['step']}, after {reached['wall_s'] / 60:.2f} min against "
+                f"{base['train_wall_s'] / 60:.2f} min for dense's whole run ({base['train_wall_s'] / reached['wall_s']:.2f}x "
+                "sooner)" if reached else "does not reach dense's final loss")
+        lines.append(f"- **{s['name']}** (Lighthouse for {s['lighthouse_steps']} of {s['steps']} steps) ends "
+                     f"{abs(s['final_val_diff']):.3f} {'below' if s['final_val_diff'] < 0 else 'above'} dense "
+                     f"({s['final_val']:.4f} vs {base['final_val']:.4f}) and {when}; its whole training took "
+                     f"{s['train_wall_s'] / base['train_wall_s']:.2f} of dense's wall-clock.")
+    return lines
+
+
 def _seq_tokens(run: dict) -> int:
     return int(yaml.safe_load((run["folder"] / "config.yaml").read_text())["data"]["seq_len"])
 
@@ -422,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--results", default=str(DEFAULT_RESULTS), help="results root (default: runs/reproduce/results)")
     rep.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduction.md"),
                      help="report file; plots go beside it (default: benchmarks/results/reproduction.md)")
+    rep.add_argument("--notes", help="a markdown file of observations to include in the report")
     # Overrides may come after options, where argparse no longer fills the positional list.
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]

@@ -4,8 +4,13 @@ AdamW, B=1, random tokens).
 
     python benchmarks/train_throughput.py --out benchmarks/results
     python benchmarks/train_throughput.py --seq-lens 98304 --steps 3 --variants dense,lighthouse-1536
+    python benchmarks/train_throughput.py --seq-lens 98304 --variants dense,lighthouse-2048 \
+        --backends cudnn,flash_attn --engine torch --name train_throughput_fa4
 
-Writes train_throughput.md (hardware, commit, command, table) and train_throughput.json.
+--backends runs every lh_dist variant once per attention kernel (model.attention_backend), side
+by side in one run; the first is the baseline of the "vs" columns. --engine torch steps lh_dist's
+model with PyTorch's fused AdamW instead of DeepSpeed (for machines without DeepSpeed; the
+"plain" variant always does). Writes <name>.md (hardware, commit, command, table) and <name>.json.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lh_dist.config import load_config
+from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
 from lh_dist.model import Transformer
 from lh_dist.train import engine as ds
 from lh_dist.train.build import build_model, flops_per_step_token, set_phase
@@ -64,6 +70,27 @@ def plain_step_fn(cfg, device):
     return step, model
 
 
+def torch_step_fn(cfg, device, phase):
+    """lh_dist's model (its attention, checkpointing and compile) stepped by fused AdamW, no DeepSpeed."""
+    model = build_model(cfg).to(device)
+    set_phase(model, phase)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay, fused=True)
+    positions = torch.arange(cfg.data.seq_len, device=device)
+
+    def step(tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1], positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, model
+
+
 def lh_dist_step_fn(cfg, device, phase):
     model = build_model(cfg).to(device)
     set_phase(model, phase)
@@ -81,21 +108,25 @@ def lh_dist_step_fn(cfg, device, phase):
     return step, engine
 
 
-def measure(variant: str, seq_len: int, args) -> dict:
+def measure(variant: str, backend: str, seq_len: int, args) -> dict:
     overrides = [f"data.seq_len={seq_len}", "parallel.activation_checkpointing=true", "parallel.zero_stage=0",
-                 f"parallel.compile={str(args.compile).lower()}",
+                 f"parallel.compile={str(args.compile).lower()}", f"model.attention_backend={backend}",
                  f"schedule.lighthouse_steps={1 if variant.startswith('lighthouse') else 0}"]
     if variant.startswith("lighthouse"):
         overrides.append(f"lighthouse.topk={variant.split('-')[1]}")
     cfg = load_config(args.config, overrides)
     device = torch.device("cuda")
     torch.manual_seed(0)
+    phase = "lighthouse" if variant.startswith("lighthouse") else "dense"
     if variant == "plain":
         step, holder = plain_step_fn(cfg, device)
-        n_matmul = sum(p.numel() for p in holder.parameters()) - holder.embed.weight.numel()
+    elif args.engine == "torch":
+        step, holder = torch_step_fn(cfg, device, phase)
     else:
-        step, holder = lh_dist_step_fn(cfg, device, "lighthouse" if variant.startswith("lighthouse") else "dense")
-        n_matmul = sum(p.numel() for p in holder.module.parameters()) - holder.module.embed.weight.numel()
+        step, holder = lh_dist_step_fn(cfg, device, phase)
+    module = getattr(holder, "module", holder)  # a DeepSpeed engine wraps the model
+    n_matmul = sum(p.numel() for p in module.parameters()) - module.embed.weight.numel()
+    del module
     tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), device=device)
     torch.cuda.reset_peak_memory_stats()
     times = []
@@ -108,10 +139,10 @@ def measure(variant: str, seq_len: int, args) -> dict:
             times.append(time.perf_counter() - t0)
     assert torch.isfinite(loss), f"{variant} at {seq_len}: non-finite loss"
     median = statistics.median(times)
-    phase = "lighthouse" if variant.startswith("lighthouse") else "dense"
     flops = flops_per_step_token(cfg, n_matmul, phase) * seq_len / median
     peak = peak_flops(device)
-    row = {"variant": variant, "seq_len": seq_len, "step_s": median, "tokens_per_s": seq_len / median,
+    row = {"variant": variant, "backend": "sdpa" if variant == "plain" else backend, "seq_len": seq_len,
+           "step_s": median, "tokens_per_s": seq_len / median,
            "mfu": flops / peak if peak else None, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
            "times": times}
     print(json.dumps(row), flush=True)
@@ -128,15 +159,34 @@ def main() -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--backends", default="auto",
+                        help="comma-separated lh_dist attention backends (model.attention_backend) for the lh_dist "
+                             "variants, each run in turn; the first is the baseline")
+    parser.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
+                        help="what steps the lh_dist variants: DeepSpeed (as lh-train) or PyTorch's fused AdamW")
     parser.add_argument("--compile", action="store_true", help="torch.compile every block (all variants)")
+    parser.add_argument("--name", default=None,
+                        help="output file stem (default train_throughput, or train_throughput_compiled)")
+    parser.add_argument("--commit", default=None, help="commit to report when the tree has no .git")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
-    ds.init_distributed(torch.device("cuda"))
-    rows = [measure(v, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")]
+    backends = args.backends.split(",")
+    unknown = [name for name in backends if name not in BACKENDS]
+    if unknown:
+        parser.error(f"--backends: {', '.join(unknown)} not among {', '.join(BACKENDS)}")
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    head_dim = load_config(args.config, []).model.head_dim
+    for name in backends:
+        resolve_backend(name, torch.device("cuda"), torch.bfloat16, head_dim)  # fails now, saying why
+    if args.engine == "deepspeed":
+        ds.init_distributed(torch.device("cuda"))
+    rows = [measure(v, b, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")
+            for b in (backends[:1] if v == "plain" else backends)]
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    by = {(r["variant"], r["seq_len"]): r for r in rows}
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                           text=True).stdout.strip() or "unknown"
+    by = {(r["variant"], r["backend"], r["seq_len"]): r for r in rows}
     lines = [
         f"# Training throughput, one GPU{' (torch.compile)' if args.compile else ''}",
         "",
@@ -145,21 +195,28 @@ def main() -> int:
         f"- commit: {commit}",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- model: {args.config} (bf16 autocast, activation checkpointing per layer, AdamW, B=1"
-        f"{', torch.compile per block' if args.compile else ''}); "
+        f"{', torch.compile per block' if args.compile else ''}); lh_dist variants stepped by "
+        f"{'DeepSpeed' if args.engine == 'deepspeed' else 'PyTorch fused AdamW (no DeepSpeed)'}; "
         f"median of {args.steps} steps after {args.warmup} warm-up",
+        f"- attention: lh_dist backends {', '.join(backends)} (resolved: "
+        f"{', '.join(resolve_backend(b, torch.device('cuda'), torch.bfloat16, head_dim) for b in backends)}"
+        f"{'; ' + _flash_attn_version() if 'flash_attn' in backends else ''}); plain: PyTorch SDPA",
         "",
-        "| context | variant | step (s) | tokens/s | vs our dense | MFU | peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|",
+        f"| context | variant | attention | step (s) | tokens/s | vs dense {backends[0]} | vs {backends[0]} | MFU "
+        "| peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        dense = by.get(("dense", r["seq_len"]))
+        dense = by.get(("dense", backends[0], r["seq_len"]))
+        same = by.get((r["variant"], backends[0], r["seq_len"]))
         ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
+        vs_base = f"{r['tokens_per_s'] / same['tokens_per_s']:.2f}x" if same and r["variant"] != "plain" else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | "
-                     f"{mfu} | {r['peak_mem_gib']:.1f} |")
+        lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['backend']} | {r['step_s']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {ratio} | {vs_base} | {mfu} | {r['peak_mem_gib']:.1f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "train_throughput_compiled" if args.compile else "train_throughput"
+    name = args.name or ("train_throughput_compiled" if args.compile else "train_throughput")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))

@@ -6,7 +6,7 @@
 # Knobs (environment variables):
 #   CONFIG          YAML run file (default configs/tiny-cpu.yaml)
 #   NNODES          number of nodes (default 1)
-#   NPROC_PER_NODE  processes per node, one per GPU (default: the GPU count, else 2)
+#   NPROC_PER_NODE  processes per node (default: one per visible GPU; 2 without GPUs or with device=cpu)
 #   NODE_RANK       this node's index, 0..NNODES-1 (default 0); node 0 hosts the rendezvous store
 #   RDZV_ENDPOINT   host:port on node 0, reachable from every node (needed when NNODES > 1;
 #                   one node without it rendezvouses on a free local port)
@@ -34,8 +34,8 @@ if [ -z "${RDZV_ENDPOINT:-}" ] && [ "$NNODES" -gt 1 ]; then
   exit 2
 fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
-  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
-  [ "$NPROC_PER_NODE" -gt 0 ] || NPROC_PER_NODE=2
+  # The trainer's own rule: one rank per GPU that torch sees (CUDA_VISIBLE_DEVICES counts), else 2 CPU ranks.
+  NPROC_PER_NODE=$("$PYTHON" -m lh_dist.train.device --config "$CONFIG" "$@")
 fi
 WORLD=$((NNODES * NPROC_PER_NODE))
 

@@ -2,8 +2,8 @@
 
 Checked: out, lse, dq, dk, dv; causal (bottom-right) and not; Nq == Nk, Nq < Nk, odd
 lengths, Nq > Nk (non-causal); GQA (H=4 with Hkv 4, 2, 1); every dtype a backend takes.
-The CPU tests cover cpu_flash and math; their `gpu` twins cover flash_attn (if
-installed), cudnn, flash and math on CUDA, and are skipped without a GPU.
+The CPU tests cover cpu_flash and math; their `gpu` twins cover flash_attn (FlashAttention-4,
+if installed), cudnn, flash and math on CUDA, and are skipped without a GPU.
 
 Tolerance: the error of PyTorch's own plain SDPA (math backend, same dtype, same
 device, explicit mask) against the same float64 reference sets the scale of what
@@ -156,8 +156,8 @@ def test_backend_matches_reference_cpu(case, shape, causal):
 @pytest.mark.parametrize("shape, causal", SHAPE_CASES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_backend_matches_reference_gpu(case, shape, causal):
-    if case[0] == "flash_attn" and attention_module._flash_attn_module() is None:
-        pytest.skip("flash_attn is not installed")
+    if case[0] == "flash_attn" and attention_module._flash_attn() == attention_module._FA_NOT_INSTALLED:
+        pytest.skip("FlashAttention-4 is not installed")
     check_against_reference(*case, "cuda", shape, causal)
 
 

@@ -24,9 +24,8 @@ from lh_dist.config import validate_lighthouse_shape
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
 from lh_dist.train.build import PHASES, build_model, set_phase
 from lh_dist.train.checkpoint import STEP_DIR, checkpoint_config, resolve_checkpoint
+from lh_dist.train.device import local_device
 from lh_dist.train.engine import load_model_state
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def trained_phase(folder: Path) -> str | None:
@@ -57,16 +56,6 @@ def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
     return dist.group.WORLD, dist.get_rank(), initialized_here
 
 
-def pick_device(name: str) -> torch.device:
-    if name not in DEVICES:
-        raise ValueError(f"--device must be one of {DEVICES}, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
 class ModelRunner:
     """A checkpoint's model in eval mode, in one attention phase, on one device or a CP group."""
 
@@ -74,14 +63,14 @@ class ModelRunner:
                  phase: str = "dense", overrides: list[str] = ()):
         if phase not in PHASES:
             raise ValueError(f"--phase must be one of {PHASES}, got {phase!r}")
+        self.device = local_device(device, option="--device", cp_option="--cp")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.folder = resolve_checkpoint(checkpoint)
         cfg = checkpoint_config(self.folder, overrides)
         # Evaluation needs neither recomputation nor compilation.
         self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, cp_degree=cp_degree, activation_checkpointing=False, compile=False))
-        self.device = pick_device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.cp_degree, self.phase = cp_degree, phase
         self.cp_group, self.cp_rank, self._owns_group = init_eval_distributed(cp_degree, self.device)
         self.step = int(STEP_DIR.match(self.folder.name).group(1))

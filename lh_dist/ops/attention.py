@@ -12,12 +12,16 @@ Shapes (the FlashAttention layout):
 Causal masking is bottom-right aligned: query i sees keys j <= i + (Nk - Nq).
 
 Backends (`BACKENDS`):
-    flash_attn  the flash_attn package (FA3 `flash_attn_interface`, FA4 `flash_attn.cute`
-                or FA2 `flash_attn.flash_attn_interface`), CUDA, fp16/bf16, native GQA.
+    flash_attn  FlashAttention-4 (the flash-attn-4 package, `flash_attn.cute`), CUDA sm90+
+                (Hopper, Blackwell), fp16/bf16, native GQA. Checked once per process (per
+                device, dtype and head dim) against plain attention in float64 before its
+                first use; a kernel that fails is never used.
     cudnn       torch.ops.aten._scaled_dot_product_cudnn_attention(+_backward), fp16/bf16.
     flash       torch.ops.aten._scaled_dot_product_flash_attention(+_backward), fp16/bf16.
     cpu_flash   torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(+_backward).
     math        plain PyTorch in fp32 (fp64 for fp64 inputs); the readable definition.
+"auto" takes the first of flash_attn, cudnn, flash, cpu_flash that can run the tensors, else
+math; it warns once when an installed flash_attn does not import or fails its self-check.
 The aten ops take [B, H, N, D], need Hkv == H and align `is_causal` top-left. We repeat
 K/V heads (and sum dK/dV over each group), and for causal Nq < Nk split the keys into
 the unmasked prefix [0, Nk - Nq) and the square causal diagonal block, then merge the
@@ -28,7 +32,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import inspect
+import importlib.metadata
+import threading
+import warnings
 
 import torch
 from torch import Tensor
@@ -200,53 +206,169 @@ def _aten_backward(bwd, dout, q, k, v, out, lse, causal, scale):
     return dq.to(q.dtype), _sum_groups(dk, k), _sum_groups(dv, v)
 
 
-# ---------------------------------------------------------------- flash_attn package
+# ---------------------------------------------------------------- FlashAttention-4
+
+# flash_attn.cute (the flash-attn-4 package) exposes forward with LSE as `flash_attn_func(...,
+# return_lse=True)`, but its backward only inside that function's autograd node. Ring attention
+# and Lighthouse take the backward of an out/lse they merged themselves, which only the
+# interface module's `_flash_attn_bwd` accepts. Both are called with explicit keywords and
+# strict unpacking, so a release that renames a parameter or changes a return raises (and
+# fails the self-check below) instead of computing something else.
+
+
+_FA_NOT_INSTALLED = "FlashAttention-4 is not installed (pip install 'lh_dist[flash]')"
 
 
 @functools.lru_cache(maxsize=None)
-def _flash_attn_module() -> tuple[str, object] | None:
-    """The first flash_attn API that imports: FA3, then FA4 (CuTe DSL), then FA2."""
-    for flavor, name in (("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute.interface"),
-                         ("fa2", "flash_attn.flash_attn_interface")):
+def _flash_attn() -> tuple[object, object] | str:
+    """(flash_attn.cute, flash_attn.cute.interface), or why they do not import."""
+    try:
+        return importlib.import_module("flash_attn.cute"), importlib.import_module("flash_attn.cute.interface")
+    except Exception as err:  # absent, or built for another torch / CUDA, a missing shared library, ...
+        if isinstance(err, ModuleNotFoundError) and err.name in ("flash_attn", "flash_attn.cute"):
+            return _FA_NOT_INSTALLED
+        return f"flash_attn.cute does not import: {type(err).__name__}: {err}"
+
+
+def _flash_attn_version() -> str:
+    """The installed versions, for messages: 'flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1'."""
+    parts = []
+    module_version = getattr(_flash_attn()[0], "__version__", None)
+    if module_version not in (None, "0.0.0"):  # 4.0.0b36 reports 0.0.0 (it asks for the wrong name)
+        parts.append(f"flash_attn.cute {module_version}")
+    for dist in ("flash-attn-4", "nvidia-cutlass-dsl"):
         try:
-            return flavor, importlib.import_module(name)
-        except Exception:  # not installed, or built for another torch / CUDA
+            parts.append(f"{dist} {importlib.metadata.version(dist)}")
+        except importlib.metadata.PackageNotFoundError:
             continue
-    return None
-
-
-def _call(fn, *args, **kwargs):
-    """Call fn with only the keyword arguments its signature names (they vary by version)."""
-    params = inspect.signature(getattr(fn, "_init_fn", fn)).parameters
-    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        kwargs = {key: val for key, val in kwargs.items() if key in params}
-    return fn(*args, **kwargs)
+    return ", ".join(parts) or "flash_attn.cute of unknown version"
 
 
 def _fa_forward(q, k, v, causal, scale):
-    flavor, mod = _flash_attn_module()
-    if flavor == "fa4":
-        out, lse = _call(mod._flash_attn_fwd, q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
-        if lse is None:
-            raise RuntimeError("flash_attn.cute returned no lse; upgrade flash_attn")
-        return out, lse
-    out, lse = _call(mod._flash_attn_forward, q, k, v, dropout_p=0.0, softmax_scale=scale, causal=causal,
-                     window_size_left=-1, window_size_right=-1, softcap=0.0, alibi_slopes=None,
-                     return_softmax=False)[:2]
+    cute, _ = _flash_attn()
+    with torch.no_grad():  # no autograd node: the backward is explicit (`_fa_backward`)
+        out, lse = cute.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal, return_lse=True)
     return out, lse
 
 
 def _fa_backward(dout, q, k, v, out, lse, causal, scale):
-    flavor, mod = _flash_attn_module()
-    q, k, v, out, dout = (x.contiguous() for x in (q, k, v, out, dout))
-    lse = lse.contiguous()
-    if flavor == "fa4":
-        return _call(mod._flash_attn_bwd, q, k, v, out, dout, lse, softmax_scale=scale, causal=causal)[:3]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _call(mod._flash_attn_backward, dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, dropout_p=0.0,
-          softmax_scale=scale, causal=causal, is_causal=causal, window_size_left=-1, window_size_right=-1,
-          softcap=0.0, alibi_slopes=None, deterministic=False, rng_state=None)
+    _, interface = _flash_attn()
+    dq, dk, dv = interface._flash_attn_bwd(q=q, k=k, v=v, out=out, dout=dout, lse=lse.float(),
+                                           softmax_scale=scale, causal=causal)
     return dq, dk, dv
+
+
+# The self-check: small problems whose lengths are no multiple of any tile size, with GQA, MQA
+# and plain heads; (B, Nq, Nk, H, Hkv, causal).
+_SELF_CHECK_CASES = (
+    (2, 203, 203, 4, 2, True),  # square causal (dense layers, Lighthouse)
+    (1, 77, 203, 2, 2, True),  # bottom-right aligned causal (the gathered prefix under CP)
+    (1, 77, 203, 4, 1, False),  # unmasked (ring attention's off-diagonal blocks)
+)
+_self_checks: dict[tuple, str | None] = {}  # (device, dtype, head dim) -> failure, None if passed
+_self_check_lock = threading.Lock()
+
+
+def _plain_attention(q, k, v, dout, causal, scale):
+    """Attention and its gradients written out, every op in q.dtype (no autograd, which may be
+    off where the check runs, e.g. inside a custom op): (out, lse, dq, dk, dv)."""
+    group = q.shape[2] // k.shape[2]
+    qt, do = q.transpose(1, 2), dout.transpose(1, 2)  # [B, H, Nq, D]
+    kt, vt = (x.repeat_interleave(group, 2).transpose(1, 2) for x in (k, v))  # [B, H, Nk, D]
+    s = (qt @ kt.transpose(-1, -2)) * scale  # [B, H, Nq, Nk]
+    if causal:
+        nq, nk = q.shape[1], k.shape[1]
+        i = torch.arange(nq, device=q.device)[:, None]
+        j = torch.arange(nk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + (nk - nq), float("-inf"))
+    p = s.softmax(-1)
+    out = p @ vt  # [B, H, Nq, D]
+    ds = p * (do @ vt.transpose(-1, -2) - (do * out).sum(-1, keepdim=True))
+    dq = (ds @ kt) * scale
+    dk, dv = (ds.transpose(-1, -2) @ qt) * scale, p.transpose(-1, -2) @ do  # [B, H, Nk, D]
+    lse = s.to(torch.promote_types(s.dtype, torch.float32)).logsumexp(-1)  # [B, H, Nq]
+    return (out.transpose(1, 2), lse, dq.transpose(1, 2),
+            _sum_groups(dk.transpose(1, 2), k), _sum_groups(dv.transpose(1, 2), v))
+
+
+def _self_check_failure(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Run flash_attn forward and backward on `_SELF_CHECK_CASES`; None if it is right, else what is wrong.
+
+    The reference is plain attention in float64 (float32 would do, but TF32 matmuls, if enabled,
+    would blur it). What a correct kernel may miss by is set, as in the test suite, by plain
+    attention computed in `dtype` itself on the same inputs and device: RMS error at most 2x its
+    RMS error, max error at most 4x its max error, each plus one rounding step of `dtype` at the
+    reference's size. A wrong mask or a dropped causal flag misses by O(1).
+    """
+    gen = torch.Generator().manual_seed(0)  # a private generator: the caller's random stream stays as it was
+    eps = torch.finfo(dtype).eps
+    for b, nq, nk, h, hkv, causal in _SELF_CHECK_CASES:
+        case = f"B={b} Nq={nq} Nk={nk} H={h} Hkv={hkv} {'causal' if causal else 'unmasked'}"
+        q, dout = (torch.randn(b, nq, h, head_dim, generator=gen) for _ in range(2))
+        k, v = (torch.randn(b, nk, hkv, head_dim, generator=gen) for _ in range(2))
+        q, k, v, dout = (x.to(device=device, dtype=dtype) for x in (q, k, v, dout))
+        scale = head_dim**-0.5
+        try:
+            out, lse = _fa_forward(q, k, v, causal, scale)
+            grads = _fa_backward(dout, q, k, v, out, lse, causal, scale)
+        except Exception as err:
+            return f"{case}: {type(err).__name__}: {err}"
+        with torch.autocast(device.type, enabled=False):
+            ref = _plain_attention(*(x.double() for x in (q, k, v, dout)), causal, scale)
+            base = _plain_attention(q, k, v, dout, causal, scale)
+        want = [(q.shape, dtype), ((b, h, nq), torch.float32), (q.shape, dtype), (k.shape, dtype), (v.shape, dtype)]
+        for name, x, (shape, x_dtype), r, bs in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), want,
+                                                   ref, base):
+            if tuple(x.shape) != tuple(shape) or x.dtype != x_dtype:
+                return f"{case}: {name} is {tuple(x.shape)} {x.dtype}, expected {tuple(shape)} {x_dtype}"
+            diff, base_diff = (y.double() - r for y in (x, bs))
+            rms, base_rms, ref_rms = (y.pow(2).mean().sqrt().item() for y in (diff, base_diff, r))
+            mx, base_mx, ref_mx = (y.abs().max().item() for y in (diff, base_diff, r))
+            tol_rms, tol_max = 2 * base_rms + eps * ref_rms, 4 * base_mx + eps * ref_mx
+            if not (rms <= tol_rms and mx <= tol_max):  # also false for NaN
+                return (f"{case}: {name} misses float64 attention by {mx:.3g} max, {rms:.3g} RMS; "
+                        f"allowed {tol_max:.3g} max, {tol_rms:.3g} RMS")
+    return None
+
+
+def _flash_attn_hardware(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
+    """Why FlashAttention-4 cannot take these tensors, or None."""
+    if device.type != "cuda":
+        return f"flash_attn needs CUDA tensors, got device {device}"
+    if dtype not in _HALF:
+        return f"flash_attn supports float16/bfloat16 only, got dtype {dtype}"
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        return "flash_attn (FlashAttention-4) needs an sm90+ GPU (Hopper or Blackwell)"
+    if head_dim is not None and (head_dim % 8 or not 8 <= head_dim <= 256):
+        return f"flash_attn needs head dim D % 8 == 0 and 8 <= D <= 256, got D={head_dim}"
+    return None
+
+
+def _flash_attn_problem(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> tuple[str, bool] | None:
+    """(why flash_attn cannot run here, whether "auto" should say so), or None if it can.
+
+    "auto" is quiet when the package is simply absent or the tensors don't fit it, and warns
+    when an installed package does not import or fails its self-check.
+    """
+    reason = _flash_attn_hardware(device, dtype, head_dim)
+    if reason is not None:
+        return reason, False
+    modules = _flash_attn()
+    if isinstance(modules, str):
+        return modules, modules != _FA_NOT_INSTALLED
+    if device.index is None:
+        device = torch.device(device.type, torch.cuda.current_device()) if device.type == "cuda" else device
+    key = (device, dtype, head_dim or 128)
+    if key not in _self_checks:
+        with _self_check_lock:
+            if key not in _self_checks:
+                _self_checks[key] = _self_check_failure(*key)
+    failure = _self_checks[key]
+    if failure is None:
+        return None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return (f"{_flash_attn_version()} failed lh_dist's self-check on {where} "
+            f"({str(dtype).removeprefix('torch.')}, D={key[2]}): {failure}"), True
 
 
 # ---------------------------------------------------------------- dispatch
@@ -272,22 +394,19 @@ def set_default_backend(name: str) -> None:
 
 def _unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
     """Why backend `name` cannot run on (device, dtype, head_dim), or None if it can."""
-    cuda = device.type == "cuda"
     if name == "math":
         return None
     if name == "cpu_flash":
         return None if device.type == "cpu" else f"cpu_flash runs on CPU tensors, got device {device}"
-    if not cuda:
+    if name == "flash_attn":
+        problem = _flash_attn_problem(device, dtype, head_dim)
+        return None if problem is None else problem[0]
+    if device.type != "cuda":
         return f"{name} needs CUDA tensors, got device {device}"
     if dtype not in _HALF:
         return f"{name} supports float16/bfloat16 only, got dtype {dtype}"
     if torch.cuda.get_device_capability(device) < (8, 0):
         return f"{name} needs an sm80+ GPU"
-    if name == "flash_attn":
-        if _flash_attn_module() is None:
-            return "the flash_attn package is not installed (or does not import)"
-        if head_dim is not None and (head_dim % 8 or head_dim > 256):
-            return f"flash_attn needs head dim D % 8 == 0 and D <= 256, got D={head_dim}"
     if name == "cudnn":
         if not torch.backends.cudnn.is_available() or (torch.backends.cudnn.version() or 0) < 90000:
             return "cudnn attention needs cuDNN >= 9"
@@ -298,12 +417,16 @@ def _unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: 
     return None
 
 
+_AUTO_ORDER = ("flash_attn", "cudnn", "flash", "cpu_flash")  # then math
+_warned: set[str] = set()
+
+
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
     """The concrete backend that `backend` means for tensors on `device` of `dtype`.
 
-    "auto" (or the name set by `set_default_backend`): on CUDA, flash_attn if importable,
-    else cudnn, else flash, else math (float32/float64); cpu_flash on CPU; math elsewhere.
-    An explicit backend that cannot run here raises RuntimeError saying why.
+    "auto" (or the name set by `set_default_backend`): the first of `_AUTO_ORDER` that can run
+    here (on CUDA: flash_attn once its self-check has passed, else cudnn, else flash; cpu_flash
+    on CPU), else math. An explicit backend that cannot run here raises RuntimeError saying why.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -311,10 +434,15 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head
     if backend == "auto":
         backend = _default_backend
     if backend == "auto":
-        if device.type == "cpu":
-            return "cpu_flash"
-        candidates = ("flash_attn", "cudnn", "flash") if device.type == "cuda" else ()
-        return next((c for c in candidates if _unavailable(c, device, dtype, head_dim) is None), "math")
+        problem = _flash_attn_problem(device, dtype, head_dim)
+        if problem is None:
+            return "flash_attn"
+        chosen = next((c for c in _AUTO_ORDER[1:] if _unavailable(c, device, dtype, head_dim) is None), "math")
+        reason, loud = problem
+        if loud and reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"attention backend 'auto' uses {chosen} instead of flash_attn: {reason}", stacklevel=2)
+        return chosen
     reason = _unavailable(backend, device, dtype, head_dim)
     if reason is not None:
         raise RuntimeError(f"attention backend {backend!r} is unavailable: {reason}")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lh_dist.config import ConfigError, TrainConfig
+from lh_dist.config import TrainConfig
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import attention
 
@@ -104,10 +103,3 @@ def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> 
     attn_per_seq = (m.n_layers - n_lh_layers) * dense_attn + n_lh_layers * lh_attn
     return 6 * n_params_matmul + 3 * attn_per_seq / n
 
-
-def default_device(cfg: TrainConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device must be 'auto' or 'cpu' on a machine without CUDA, got 'cuda'")
-    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")

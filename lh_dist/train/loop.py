@@ -18,9 +18,10 @@ from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
 from lh_dist.train import engine as ds
-from lh_dist.train.build import (PhasedAttention, build_model, default_device, dense_layer_ids, flops_per_step_token,
-                                 lighthouse_length, phase_at, set_phase)
+from lh_dist.train.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token, lighthouse_length,
+                                 phase_at, set_phase)
 from lh_dist.train.checkpoint import Checkpointer
+from lh_dist.train.device import local_device
 from lh_dist.train.metrics import Metrics, peak_flops
 
 # Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
@@ -99,15 +100,14 @@ class Trainer:
         if info["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({info['vocab_size']} in "
                               f"{cfg.data.path}), got {cfg.model.vocab_size}")
-        self.device = default_device(cfg)
+        self.device = local_device(cfg.device)  # too few GPUs stop every rank here, before NCCL starts
         dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_split_sizes(cfg, info, dp)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         ds.init_distributed(self.device)
         world = dist.get_world_size()
         self.layout = init_parallel_layout(dp, cp)
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
         self.rank = dist.get_rank()
         self.run_dir = Path(cfg.logging.run_dir)
         if self.rank == 0:

@@ -1,0 +1,88 @@
+"""Which device each rank runs on: one GPU per local rank, or the CPU.
+
+`choose_device` is the rule, a pure function of the request and the counts, so it is tested
+with made-up counts; `local_device` applies it to this process (torchrun's LOCAL_RANK and
+LOCAL_WORLD_SIZE, and the GPUs torch sees, which honours CUDA_VISIBLE_DEVICES). Training and
+evaluation both call it before any process group starts, so too few GPUs stop every rank with
+the same one-line error instead of a crash inside NCCL on some of them.
+
+`python -m lh_dist.train.device [--config FILE] [overrides]` prints the number of ranks a node
+starts by default (launch/run.sh): one per visible GPU, or 2 CPU ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from lh_dist.config import ConfigError, load_config
+
+DEVICES = ("auto", "cpu", "cuda")
+# Ranks per node without GPUs: enough for context parallelism (CP 2) on CPU.
+CPU_RANKS = 2
+
+
+def _setting(option: str, value: str) -> str:
+    """How the user writes `option` = `value`: a command-line flag or a config override."""
+    return f"{option} {value}" if option.startswith("-") else f"{option}={value}"
+
+
+def choose_device(requested: str, local_rank: int, local_ranks: int, num_gpus: int, *,
+                  option: str = "device", cp_option: str = "parallel.cp_degree") -> torch.device:
+    """The device of local rank `local_rank` of `local_ranks` on a node with `num_gpus` visible GPUs.
+
+    `requested` is "cpu", "cuda" or "auto" (CUDA when there are GPUs, else CPU). CUDA gives each
+    local rank the GPU of its own index, so it needs local_ranks <= num_gpus; otherwise this raises
+    ConfigError naming both counts and the ways out. `option` and `cp_option` are the names the
+    user knows the device and the CP degree by: config fields, or flags (starting with "-").
+    """
+    if requested not in DEVICES:
+        raise ConfigError(f"{option} must be one of {DEVICES}, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and num_gpus == 0):
+        return torch.device("cpu")
+    if num_gpus == 0:
+        raise ConfigError(f"{_setting(option, 'cuda')} needs a CUDA GPU, but this process sees none "
+                          f"(torch {torch.__version__}); use {_setting(option, 'cpu')} or {_setting(option, 'auto')}")
+    # A launcher that sets LOCAL_RANK but not LOCAL_WORLD_SIZE still has at least local_rank + 1 ranks.
+    local_ranks = max(local_ranks, local_rank + 1)
+    if local_ranks > num_gpus:
+        gpus = f"{num_gpus} visible GPU" + ("s" if num_gpus > 1 else "")
+        raise ConfigError(f"{local_ranks} ranks on this node but {gpus}, and each rank needs a GPU of its own: "
+                          f"start {num_gpus} per node (torchrun --nproc-per-node {num_gpus}, with a {cp_option} "
+                          f"that fits), or run the ranks on CPU ({_setting(option, 'cpu')})")
+    return torch.device("cuda", local_rank)
+
+
+def local_device(requested: str, **options: str) -> torch.device:
+    """`choose_device` for this process, from torchrun's environment (a lone process is rank 0 of 1)."""
+    return choose_device(requested, int(os.environ.get("LOCAL_RANK", "0")),
+                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), **options)
+
+
+def default_ranks_per_node(requested: str, num_gpus: int) -> int:
+    """Ranks a node starts when nobody says: one per visible GPU, or CPU_RANKS on CPU."""
+    if requested == "cpu" or num_gpus == 0:
+        return CPU_RANKS
+    return num_gpus
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lh_dist.train.device",
+                                     description="Print the default number of ranks per node for a run.")
+    parser.add_argument("--config", help="YAML run file (its `device` field counts)")
+    parser.add_argument("overrides", nargs="*", help="section.field=value")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"lh-train: config error: {e}", file=sys.stderr)
+        return 2
+    print(default_ranks_per_node(cfg.device, torch.cuda.device_count()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

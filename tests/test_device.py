@@ -1,0 +1,182 @@
+"""Which device each rank gets: the rule with made-up GPU counts, then the rule where users meet it
+(lh-train, lh-eval, launch/run.sh, launch/quickstart.sh)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lh_dist.config import ConfigError
+from lh_dist.train.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
+         "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
+         "schedule.lighthouse_steps=0", "logging.log_interval=1", "logging.eval_interval=4",
+         "logging.eval_batches=1", "checkpoint.interval=4"]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 8])
+@pytest.mark.parametrize("gpus", [0, 1, 8])
+def test_cpu_is_cpu_whatever_the_counts(ranks, gpus):
+    for rank in range(ranks):
+        assert choose_device("cpu", rank, ranks, gpus) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 8])
+def test_auto_without_gpus_is_cpu(ranks):
+    for rank in range(ranks):
+        assert choose_device("auto", rank, ranks, 0) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+@pytest.mark.parametrize("ranks, gpus", [(1, 1), (1, 8), (2, 2), (2, 8), (8, 8)])
+def test_each_local_rank_gets_the_gpu_of_its_index(requested, ranks, gpus):
+    assert [choose_device(requested, rank, ranks, gpus) for rank in range(ranks)] == \
+        [torch.device("cuda", rank) for rank in range(ranks)]
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda"])
+@pytest.mark.parametrize("ranks, gpus", [(2, 1), (8, 1), (8, 4), (3, 2)])
+def test_more_ranks_than_gpus_stops_every_rank(requested, ranks, gpus):
+    # Every rank, including those whose GPU exists, stops: otherwise the others would wait for them.
+    for rank in range(ranks):
+        with pytest.raises(ConfigError) as e:
+            choose_device(requested, rank, ranks, gpus)
+        message = str(e.value)
+        assert "\n" not in message
+        assert f"{ranks} ranks on this node but {gpus} visible GPU" in message
+        assert f"--nproc-per-node {gpus}" in message
+        assert "parallel.cp_degree" in message
+        assert "device=cpu" in message
+
+
+def test_a_rank_beyond_the_announced_local_world_still_counts():
+    # LOCAL_RANK=1 without LOCAL_WORLD_SIZE: at least two ranks share the node's one GPU.
+    with pytest.raises(ConfigError, match="2 ranks on this node but 1 visible GPU,"):
+        choose_device("auto", 1, 1, 1)
+
+
+def test_cuda_without_gpus_and_unknown_names_are_refused():
+    with pytest.raises(ConfigError, match="device=cuda needs a CUDA GPU, but this process sees none.*device=cpu"):
+        choose_device("cuda", 0, 1, 0)
+    with pytest.raises(ConfigError, match="device must be one of"):
+        choose_device("tpu", 0, 1, 1)
+
+
+def test_messages_use_the_names_of_the_tool_that_asks():
+    with pytest.raises(ConfigError) as e:
+        choose_device("auto", 0, 2, 1, option="--device", cp_option="--cp")
+    assert "--cp that fits" in str(e.value) and "(--device cpu)" in str(e.value)
+    with pytest.raises(ConfigError, match="--device cuda needs a CUDA GPU"):
+        choose_device("cuda", 0, 1, 0, option="--device")
+
+
+@pytest.mark.parametrize("requested, gpus, expected", [
+    ("auto", 0, CPU_RANKS), ("auto", 1, 1), ("auto", 8, 8), ("cuda", 4, 4), ("cpu", 0, CPU_RANKS), ("cpu", 8, CPU_RANKS),
+])
+def test_default_ranks_per_node(requested, gpus, expected):
+    assert default_ranks_per_node(requested, gpus) == expected
+    # The default never breaks the rule it is meant to satisfy.
+    for rank in range(expected):
+        choose_device(requested, rank, expected, gpus)
+
+
+def test_local_device_reads_torchruns_environment(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert local_device("auto") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="2 ranks on this node but 1 visible GPU"):
+        local_device("auto")
+
+
+def test_lh_train_stops_before_any_process_group(monkeypatch, capsys, tmp_path, stdlib_dataset):
+    """Rank 0 of two on a node with one GPU (counts faked): one line, exit 2, no process group."""
+    from lh_dist.train.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = main(["--config", str(REPO / "configs/tiny-cpu.yaml"), f"data.path={stdlib_dataset}",
+                 f"logging.run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("lh-train: config error: 2 ranks on this node but 1 visible GPU") and err.count("\n") == 1
+    assert not dist.is_initialized()
+    assert not (tmp_path / "run").exists()
+
+
+def test_lh_eval_uses_the_same_rule(monkeypatch, capsys, tmp_path):
+    from lh_dist.eval.cli import main
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    # The device is decided first, before the checkpoint is even looked for.
+    assert main(["passkey", str(tmp_path / "missing"), "--cp", "2"]) == 2
+    assert "2 ranks on this node but 1 visible GPU" in capsys.readouterr().err
+
+
+def _env(**knobs: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "NPROC_PER_NODE")}
+    return env | {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"} | knobs
+
+
+def test_run_sh_starts_one_rank_per_visible_gpu_by_default():
+    gpus = torch.cuda.device_count()
+    r = subprocess.run(["bash", "launch/run.sh", "parallel.cp_degree=1"], cwd=REPO, env=_env(DRY_RUN="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"1 node(s) x {gpus or CPU_RANKS} process(es)" in r.stdout
+    if not gpus:
+        return  # device=cpu below changes nothing on a machine without GPUs
+    r = subprocess.run(["bash", "launch/run.sh", "device=cpu"], cwd=REPO, env=_env(DRY_RUN="1"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert f"1 node(s) x {CPU_RANKS} process(es)" in r.stdout
+
+
+def test_quickstart_trains_on_whatever_this_machine_has(tmp_path, stdlib_dataset):
+    gpus = torch.cuda.device_count()
+    run_dir = tmp_path / "run"
+    r = subprocess.run(["bash", "launch/quickstart.sh", *SMALL, "schedule.steps=4"], cwd=REPO,
+                       env=_env(DATA=str(stdlib_dataset), RUN_DIR=str(run_dir)),
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    if gpus == 0:
+        assert "quickstart: 2 CPU ranks" in r.stdout
+        assert "world 2 = dp 1 x cp 2" in r.stdout and "device cpu" in r.stdout
+    elif gpus == 1:
+        assert "quickstart: 1 GPU, so 1 rank on it with parallel.cp_degree=1" in r.stdout
+        assert "world 1 = dp 1 x cp 1" in r.stdout and "device cuda:0" in r.stdout
+    else:
+        assert "world 2 = dp 1 x cp 2" in r.stdout and "device cuda:0" in r.stdout
+    assert (run_dir / "checkpoints/step_00000004").is_dir()
+    assert f"Done. Run directory: {run_dir}" in r.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_torchrun_with_a_rank_more_than_gpus_stops_every_rank(tmp_path, stdlib_dataset):
+    """The GPU twin of test_lh_train_stops_before_any_process_group, with real counts and torchrun."""
+    gpus = torch.cuda.device_count()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        f"--nproc-per-node={gpus + 1}", "-m", "lh_dist.train.cli",
+                        "--config", str(REPO / "configs/tiny-cpu.yaml"), "parallel.cp_degree=1",
+                        f"data.path={stdlib_dataset}", f"logging.run_dir={tmp_path / 'run'}"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    # torchrun stops the other ranks once one has failed, so not every rank may live to print the line.
+    assert f"lh-train: config error: {gpus + 1} ranks on this node but {gpus} visible GPU" in r.stderr, r.stderr
+    assert "out of range" not in r.stderr  # the crash this rule replaces
+    assert not (tmp_path / "run").exists()
