@@ -405,9 +405,8 @@ class Checkpointer:
         need, free = int(1.1 * self.expected_bytes()), shutil.disk_usage(self.root).free
         if free < need:
             raise RunDirError(f"not enough free space for checkpoint {step_name(step)} in {self.root}: it needs "
-                              f"about {_size(need)}, {_size(free)} are free; free some space, lower "
-                              f"checkpoint.keep or move logging.run_dir (the run is resumable from its last "
-                              f"checkpoint)")
+                              f"about {_size(need)}, {_size(free)} are free; free some space or move the run "
+                              f"dir, then resume from the last checkpoint")
 
     def save(self, engine, step: int, trainer_state: dict) -> Path:
         """Collective: every rank calls it with its own trainer state."""
