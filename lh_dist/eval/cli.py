@@ -81,6 +81,17 @@ def _header(runner) -> dict:
             "eval_phase": runner.phase, "cp_degree": runner.cp_degree, "device": str(runner.device)}
 
 
+def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
+    trained = runner.cfg.data.seq_len
+    longer = [n for n in lengths if n > trained]
+    if longer and runner.is_main:
+        ratio = max(longer) / trained
+        print(f"lh-eval: warning: {name} {', '.join(f'{n:,}' for n in longer)} longer than the trained length "
+              f"{trained:,} (data.seq_len): the model never saw those positions, and a dense forward pass over "
+              f"{max(longer):,} tokens takes up to {ratio ** 2:,.0f}x as long as one over {trained:,}",
+              file=sys.stderr)
+
+
 def run_passkey(args) -> Path | None:
     from lh_dist.data.loader import read_dataset_info
     from lh_dist.data.tokenizer import load_tokenizer
@@ -101,6 +112,7 @@ def run_passkey(args) -> Path | None:
                          f"pass --lengths")
     for n in lengths:
         runner.check_length(n, "--lengths")
+    _warn_untrained_lengths(runner, lengths, "--lengths")
     log = print if runner.is_main else None
     grid = passkey_grid(runner.last_logits, tokenizer, lengths, args.depths, seed=args.seed,
                         batch_size=args.batch_size, log=log)
@@ -133,6 +145,7 @@ def run_loss(args) -> Path | None:
     if seq_len < 2:
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len}")
     runner.check_length(seq_len, "--seq-len")
+    _warn_untrained_lengths(runner, [seq_len], "--seq-len")
     edges = bucket_edges(seq_len, args.buckets, args.spacing)
     data = args.data or runner.cfg.data.path
     # Every rank reads the same batches: evaluation has no data parallelism.
