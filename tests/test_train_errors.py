@@ -62,9 +62,10 @@ def test_bad_invocations_fail_before_any_work(tmp_path, stdlib_dataset, capsys):
 
 def test_bad_data_is_named_in_one_line(tmp_path, stdlib_dataset):
     run_dir = tmp_path / "run"
-    assert error_line(lh_train_cmd(run_dir, stdlib_dataset, "data.seq_len=8388608")) == (
-        f"lh-train: config error: data.path: split 'train' of {stdlib_dataset} has fewer than seq_len + 1 = "
-        f"8388609 tokens")
+    line = error_line(lh_train_cmd(run_dir, stdlib_dataset, "data.seq_len=8388608"))
+    assert line.startswith(f"lh-train: config error: data.path: split 'train' of {stdlib_dataset} holds "), line
+    assert line.endswith("0 samples of data.seq_len + 1 = 8,388,609; the run needs 2 (1 batch(es) x micro_batch 2 "
+                         "x dp 1)"), line
     assert not run_dir.exists()  # nothing was written, not even the run dir
 
     broken = tmp_path / "broken"
