@@ -6,8 +6,8 @@ Layout: <run_dir>/checkpoints/step_00000100/ holds DeepSpeed's files, one
 
 1. rank 0 checks the free space against the checkpoint's expected size;
 2. every rank writes its files into `.partial-step_N` and fsyncs them;
-3. the ranks exchange the names of what they wrote (this is the barrier) and
-   checksum the files between them;
+3. after a barrier, the ranks exchange the names of the files each sees (a rank
+   always sees its own) and checksum them between them;
 4. rank 0 writes `manifest.json` last (files with sizes and CRC32s, step, phase,
    config, world layout, data position) and fsyncs it and the folder;
 5. rank 0 renames the folder to `step_N`, setting an existing `step_N` aside first
