@@ -321,6 +321,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
     for override in overrides:
         _apply_override(tree, override)
     cfg = _from_dict(TrainConfig, tree)

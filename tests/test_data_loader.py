@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from lh_dist.data.loader import PackedLoader, read_dataset_info
+from lh_dist.data.loader import CorruptDataError, PackedLoader, read_dataset_info
 from lh_dist.data.shards import write_dataset
 from lh_dist.data.tokenizer import ByteTokenizer
 from lh_dist.parallel.spawn import spawn_ranks
@@ -141,6 +141,25 @@ def test_missing_or_corrupt_files_are_named(dataset, tmp_path):
         read_dataset_info(str(broken))
     with pytest.raises(FileNotFoundError, match="nowhere.*lh_data.json"):
         _loader(tmp_path / "nowhere")
+
+
+def test_a_local_shard_changed_in_place_is_caught_by_its_sha1(dataset, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    shard = sorted((broken / "train").glob("shard.*.mds"))[1]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0xFF  # same size: the size check at open passes
+    shard.write_bytes(bytes(data))
+    loader = _loader(broken)
+    with pytest.raises(CorruptDataError, match=f"corrupt shard file .*{shard.name}: its sha1 is [0-9a-f]{{40}}, "
+                                               f"index.json says [0-9a-f]{{40}}"):
+        for _ in range(loader.samples_per_epoch // 2 + 1):  # one epoch touches every shard
+            next(loader)
+    # The intact dataset reads through a whole epoch, each shard hashed once.
+    loader = _loader(dataset)
+    for _ in range(loader.samples_per_epoch // 2):
+        next(loader)
+    assert loader._shard_sha1 == {}
 
 
 def test_rejects_bad_arguments(dataset, monkeypatch):

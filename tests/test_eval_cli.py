@@ -67,6 +67,16 @@ def test_passkey_default_lengths_and_output_folder(tiny_run):
     assert json.loads(path.read_text())["lengths"] == [170, 256]
 
 
+def test_passkey_warns_about_lengths_beyond_training(tiny_run, tmp_path, capsys):
+    assert main(["passkey", str(tiny_run), "--lengths", "200,600", "--depths", "50", "--out", str(tmp_path),
+                 "--batch-size", "10"]) == 0
+    out = capsys.readouterr()
+    assert ("lh-eval: warning: --lengths 600 longer than the trained length 256 (data.seq_len): the model never "
+            "saw those positions, and a dense forward pass over 600 tokens takes up to 5x as long as one over "
+            "256") in out.err
+    assert out.out.startswith("passkey: 1 depths x 2 lengths, 2 forward passes of up to 10 prompts, 8,000 tokens")
+
+
 @pytest.mark.parametrize("double, expected", [("oracle", 1.0), ("uniform", 0.1)])
 def test_passkey_cli_scores_logit_test_doubles(tiny_run, tmp_path, monkeypatch, double, expected):
     digit_ids = [ord(str(d)) for d in range(10)]

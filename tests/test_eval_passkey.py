@@ -118,3 +118,18 @@ def test_scoring_argmax_ignores_non_digit_tokens():
 def test_grid_rejects_bad_batch_size():
     with pytest.raises(ValueError, match="batch_size"):
         passkey_grid(uniform, TOK, [200], [50], batch_size=0, log=None)
+
+
+def test_grid_reports_progress_with_time_left():
+    lines = []
+    passkey_grid(uniform, TOK, [150, 300], [0, 100], batch_size=5, log=lines.append, progress_every_s=0)
+    assert lines[0] == "passkey: 2 depths x 2 lengths, 8 forward passes of up to 5 prompts, 9,000 tokens"
+    progress = [l for l in lines if l.startswith("passkey: ") and "forward passes (" in l]
+    # After every pass but the last: 2 cells of 2 passes at length 150, then 2 at 300.
+    assert [l.split(" forward")[0] for l in progress] == [f"passkey: {k}/8" for k in range(1, 8)]
+    assert progress[0].startswith("passkey: 1/8 forward passes (length 150), 0:00:00 so far, at least ")
+    assert progress[-1].startswith("passkey: 7/8 forward passes (length 300)")
+    assert sum(l.startswith("passkey length") for l in lines) == 4
+    quiet = []
+    passkey_grid(uniform, TOK, [150], [0], log=quiet.append)  # default: at most one progress line per 10 s
+    assert len(quiet) == 2

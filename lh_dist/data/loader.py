@@ -10,12 +10,15 @@ a context-parallel group (same dp_rank) get the same samples, resume needs only 
 and ranks never talk to each other while iterating.
 
 Documents are read by index through mosaicml-streaming's `StreamingDataset`, which
-downloads and caches shards of a remote dataset. Its own sampler (and its
-`replication` argument) is not used: it partitions documents, not packed samples,
+downloads and caches shards of a remote dataset (checking their sha1). A local
+dataset is read in place, each shard checked against the size (when the loader
+opens) and the sha1 (when the shard is first read) that index.json records. Its own
+sampler (and its `replication` argument) is not used: it partitions documents, not packed samples,
 so ranks would pack different numbers of documents per batch and a single
 resume position would not exist.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -26,6 +29,10 @@ import numpy as np
 import torch
 
 from lh_dist.data.shards import DATASET_INFO, DOC_LENGTHS, SPLITS
+
+
+class CorruptDataError(ValueError):
+    """A dataset file does not match what lh-data recorded for it."""
 
 
 def _is_remote(path: str) -> bool:
@@ -118,6 +125,7 @@ class PackedLoader:
         self.info = read_dataset_info(self.path)
         self.eod_id = int(self.info["eod_id"])
         cache_dir = cache_dir if _is_remote(path) else None
+        self._shard_sha1: dict[str, str | None] = {}
         self._dataset = self._open_dataset(cache_dir)
         self._lengths = self._read_lengths(cache_dir)
         if len(self._lengths) != self._dataset.num_samples:
@@ -166,7 +174,8 @@ class PackedLoader:
         )
 
     def _check_local_shards(self) -> None:
-        """Fail early, naming the file, when a shard of a local dataset is missing or truncated."""
+        """Fail early, naming the file, when a shard of a local dataset is missing or truncated;
+        remember each shard's sha1 for `_verify_shard`."""
         directory = Path(self.path, self.split)
         index_path = directory / "index.json"
         try:
@@ -174,7 +183,7 @@ class PackedLoader:
         except FileNotFoundError:
             raise FileNotFoundError(f"shard index not found: {index_path}") from None
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"corrupt shard index {index_path}: {e}") from None
+            raise CorruptDataError(f"corrupt shard index {index_path}: {e}") from None
         for shard in shards:
             raw = shard["raw_data"]
             shard_path = directory / raw["basename"]
@@ -182,7 +191,23 @@ class PackedLoader:
                 raise FileNotFoundError(f"shard file missing: {shard_path}")
             size = shard_path.stat().st_size
             if size != raw["bytes"]:
-                raise ValueError(f"corrupt shard file {shard_path}: {size} bytes, index.json says {raw['bytes']}")
+                raise CorruptDataError(f"corrupt shard file {shard_path}: {size} bytes, index.json says "
+                                       f"{raw['bytes']} (truncated or rewritten; write the dataset again with lh-data)")
+            self._shard_sha1[raw["basename"]] = raw.get("hashes", {}).get("sha1")
+
+    def _verify_shard(self, shard_file: str) -> None:
+        """Compare a local shard with its recorded sha1 once, before its first document is used."""
+        basename = os.path.basename(shard_file)
+        expected = self._shard_sha1.pop(basename, None)
+        if expected is None:  # remote (streaming checked it), already verified, or no hash recorded
+            return
+        digest = hashlib.sha1()
+        with open(shard_file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != expected:
+            raise CorruptDataError(f"corrupt shard file {shard_file}: its sha1 is {digest.hexdigest()}, index.json "
+                                   f"says {expected} (write the dataset again with lh-data)")
 
     def _read_lengths(self, cache_dir: str | None) -> np.ndarray:
         if cache_dir is None:
@@ -223,12 +248,13 @@ class PackedLoader:
             return self._doc_cache[doc_id]
         shard_id, _ = self._dataset.spanner[doc_id]
         shard_file = f"{self.path}/{self.split}/{self._dataset.shards[shard_id].file_pairs[0][0].basename}"
+        self._verify_shard(shard_file)
         try:
             tokens = self._dataset[doc_id]["tokens"]
         except Exception as e:
             raise RuntimeError(f"cannot read document {doc_id} from shard file {shard_file}: {e}") from e
         if tokens.shape != (self._lengths[doc_id],):
-            raise ValueError(
+            raise CorruptDataError(
                 f"corrupt shard file {shard_file}: document {doc_id} has shape {tokens.shape}, "
                 f"{DOC_LENGTHS} says {self._lengths[doc_id]} tokens"
             )

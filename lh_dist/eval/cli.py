@@ -179,6 +179,17 @@ def _write(args, runner, path: Path, result: dict, headline: dict) -> None:
         "run", "step", "checkpoint", "trained_phase", "eval_phase")}, "result": headline, "args": settings})
 
 
+def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
+    trained = runner.cfg.data.seq_len
+    longer = [n for n in lengths if n > trained]
+    if longer and runner.is_main:
+        ratio = max(longer) / trained
+        print(f"lh-eval: warning: {name} {', '.join(f'{n:,}' for n in longer)} longer than the trained length "
+              f"{trained:,} (data.seq_len): the model never saw those positions, and a dense forward pass over "
+              f"{max(longer):,} tokens takes up to {ratio ** 2:,.0f}x as long as one over {trained:,}",
+              file=sys.stderr)
+
+
 def run_passkey(args) -> Path | None:
     from lh_dist.eval.passkey import passkey_grid
     from lh_dist.eval.plotting import passkey_heatmap
@@ -194,6 +205,7 @@ def run_passkey(args) -> Path | None:
     lengths = _passkey_lengths(args, runner.cfg, tokenizer)
     for n in lengths:
         runner.check_length(n, "--lengths")
+    _warn_untrained_lengths(runner, lengths, "--lengths")
     log = print if runner.is_main else None
     grid = passkey_grid(runner.last_logits, tokenizer, lengths, args.depths, seed=args.seed,
                         batch_size=args.batch_size, log=log)
@@ -226,6 +238,7 @@ def run_loss(args) -> Path | None:
     if seq_len < 2:
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len}")
     runner.check_length(seq_len, "--seq-len")
+    _warn_untrained_lengths(runner, [seq_len], "--seq-len")
     edges = bucket_edges(seq_len, args.buckets, args.spacing)
     data = args.data or runner.cfg.data.path
     info = read_dataset_info(data)

@@ -22,6 +22,7 @@ cells of a column differ only in where the needle sits.
 from __future__ import annotations
 
 import string
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -105,10 +106,12 @@ def predict_digits(last_logits: torch.Tensor, digit_ids: Sequence[int]) -> torch
 
 def passkey_grid(last_logits_fn: Callable[[torch.Tensor], torch.Tensor], tokenizer, lengths: Sequence[int],
                  depths: Sequence[float] = PAPER_DEPTHS, seed: int = 0, batch_size: int = 1,
-                 log: Callable[[str], None] | None = print) -> dict:
+                 log: Callable[[str], None] | None = print, progress_every_s: float = 10.0) -> dict:
     """Run the test for every (depth, length) cell.
 
     last_logits_fn maps prompts [B, N] to last-position logits [B, V].
+    log gets one line per cell and, at most every progress_every_s seconds, a progress line
+    (forward passes done, time so far and left).
     Returns {"accuracy": [depths][lengths] floats, "predictions": [depths][lengths][10] ints, "mean": float}.
     """
     if batch_size < 1:
@@ -116,16 +119,40 @@ def passkey_grid(last_logits_fn: Callable[[torch.Tensor], torch.Tensor], tokeniz
     digit_ids = digit_token_ids(tokenizer)
     accuracy = np.zeros((len(depths), len(lengths)))
     predictions = np.zeros((len(depths), len(lengths), 10), dtype=np.int64)
+    batches = range(0, 10, batch_size)
+    total_passes = len(lengths) * len(depths) * len(batches)
+    # Time left is estimated from the tokens still to run at the pace so far; attention's cost grows
+    # faster than the length, so with longer prompts ahead it is a lower bound.
+    total_tokens, done_tokens, done_passes = 10 * len(depths) * sum(lengths), 0, 0
+    start = last_log = time.monotonic()
+    if log is not None:
+        log(f"passkey: {len(depths)} depths x {len(lengths)} lengths, {total_passes} forward passes of up to "
+            f"{batch_size} prompts, {total_tokens:,} tokens")
     for j, length in enumerate(lengths):
         for i, depth in enumerate(depths):
             prompts = torch.stack([build_prompt(tokenizer, length, depth, d, seed) for d in range(10)])  # [10, N]
-            predicted = torch.cat([predict_digits(last_logits_fn(prompts[b:b + batch_size]), digit_ids)
-                                   for b in range(0, 10, batch_size)])
+            predicted = []
+            for b in batches:
+                predicted.append(predict_digits(last_logits_fn(prompts[b:b + batch_size]), digit_ids))
+                done_passes += 1
+                done_tokens += prompts[b:b + batch_size].numel()
+                now = time.monotonic()
+                if log is not None and now - last_log >= progress_every_s and done_passes < total_passes:
+                    last_log, elapsed = now, now - start
+                    left = elapsed * (total_tokens - done_tokens) / done_tokens
+                    log(f"passkey: {done_passes}/{total_passes} forward passes (length {length:,}), "
+                        f"{_duration(elapsed)} so far, at least {_duration(left)} left")
+            predicted = torch.cat(predicted)
             predictions[i, j] = predicted.numpy()
             accuracy[i, j] = float((predicted == torch.arange(10)).float().mean())
             if log is not None:
                 log(f"passkey length {length:,} depth {depth:g}%: accuracy {accuracy[i, j]:.1f}")
     return {"accuracy": accuracy.tolist(), "predictions": predictions.tolist(), "mean": float(accuracy.mean())}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 def default_lengths(seq_len: int, tokenizer, multiple: int = 2) -> list[int]:

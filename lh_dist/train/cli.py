@@ -68,13 +68,47 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def check_resume_arg(resume: str, overwrite: bool, rewind: bool) -> None:
+    """ConfigError for a --resume / --overwrite / --rewind combination that cannot work (reads nothing big)."""
+    from lh_dist.train.checkpoint import STEP_DIR
+
+    if resume not in ("auto", "none"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {resume!r}")
+        if not STEP_DIR.match(path.name):
+            hint = (" (a run directory: resume it with --resume auto and logging.run_dir set to it)"
+                    if (path / "checkpoints").is_dir() else
+                    " (an incomplete save)" if path.name.startswith(".partial-") else "")
+            raise ConfigError(f"--resume must be 'auto', 'none' or a checkpoint folder step_XXXXXXXX, got "
+                              f"{resume!r}{hint}")
+    if rewind and resume in ("auto", "none"):
+        raise ConfigError("--rewind goes with --resume <checkpoint folder>")
+    if overwrite and resume == "auto":
+        raise ConfigError("--overwrite goes with --resume none (or another run's checkpoint folder)")
+
+
+def _fail(kind: str, error: Exception) -> int:
+    # Every rank fails the same way; one line is enough.
+    if os.environ.get("RANK", "0") == "0":
+        print(f"lh-train: {kind}: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="run file, e.g. configs/tiny-cpu.yaml (default: the "
                                                          "built-in defaults of lh_dist/config.py)")
     parser.add_argument("--resume", default="auto",
-                        help="'auto' (latest complete checkpoint in the run dir, if any), 'none', or a checkpoint folder")
+                        help="'auto' (newest valid checkpoint in the run dir, if any), 'none' (refused if the "
+                             "run dir holds checkpoints, unless --overwrite), or a checkpoint folder (default: auto)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --resume none or another run's checkpoint: move the run dir's previous "
+                             "checkpoints, events and config to <run_dir>/archive/<time>/ first")
+    parser.add_argument("--rewind", action="store_true",
+                        help="allow --resume from an older checkpoint of this run; the later ones are removed "
+                             "once the first new checkpoint is complete")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, print the DP x CP layout and batch math, and exit")
     parser.add_argument("--world-size", type=_positive_int, default=None,
@@ -99,20 +133,26 @@ def main(argv: list[str] | None = None) -> int:
                                       f"for N ranks)") from None
                 raise
             return 0
-        if args.resume not in ("auto", "none") and not Path(args.resume).is_dir():
-            raise ConfigError(f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {args.resume!r}")
-    except (ConfigError, argparse.ArgumentTypeError) as e:
-        print(f"lh-train: config error: {e}", file=sys.stderr)
-        return 2
+        check_resume_arg(args.resume, args.overwrite, args.rewind)
+        from lh_dist.train.run_dir import check_run_dir
 
+        check_run_dir(cfg.logging.run_dir)
+    except (ConfigError, argparse.ArgumentTypeError) as e:
+        return _fail("config error", e)
+
+    from lh_dist.data.loader import CorruptDataError
     from lh_dist.train.loop import Trainer
+    from lh_dist.train.run_dir import RunDirError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, rewind=args.rewind)
+        return trainer.run()
     except ConfigError as e:
-        print(f"lh-train: config error: {e}", file=sys.stderr)
-        return 2
-    return trainer.run()
+        return _fail("config error", e)
+    except RunDirError as e:
+        return _fail("error", e)
+    except CorruptDataError as e:
+        return _fail("data error", e)
 
 
 if __name__ == "__main__":

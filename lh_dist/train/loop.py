@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lh_dist.config import ConfigError, TrainConfig, save_config
+from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.train.cli import resolve_degrees
 from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.parallel.mesh import init_parallel_layout
@@ -91,7 +91,9 @@ def _all_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: str = "auto"):
+    def __init__(self, cfg: TrainConfig, resume: str = "auto", overwrite: bool = False, rewind: bool = False):
+        """resume: 'auto', 'none' or a checkpoint folder; overwrite: archive a previous run's outputs first
+        (with 'none' or another run's checkpoint); rewind: allow resuming from an older checkpoint of this run."""
         self.cfg = cfg
         try:
             info = read_dataset_info(cfg.data.path)
@@ -110,37 +112,40 @@ class Trainer:
         self.layout = init_parallel_layout(dp, cp)
         self.rank = dist.get_rank()
         self.run_dir = Path(cfg.logging.run_dir)
-        if self.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+
+        # Rank 0 locks the run dir and checks what to resume against this config before anything is
+        # written (config.yaml included); every rank gets its decision, or its error.
+        self.checkpointer = Checkpointer(cfg, self.rank, world, dp)
+        plan = self.checkpointer.open(resume, overwrite=overwrite, rewind=rewind)
+        self.tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * cfg.optim.grad_accum * dp
+        cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
+        loader_args = dict(seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch, dp_rank=self.layout.dp_rank,
+                           dp_degree=dp, cp_degree=cp, seed=cfg.seed, cache_dir=cache)
+        try:
+            self.loader = PackedLoader(cfg.data.path, "train", **loader_args)
+            self.val_loader = PackedLoader(cfg.data.path, "val", max_batches=cfg.logging.eval_batches, **loader_args)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"data.path: {e}") from None
+        messages = plan.messages + self.checkpointer.start(plan)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.layout.cp_group if cp > 1 else None).to(self.device)
         self.n_params = model.num_params()
         self.n_matmul_params = model.num_params() - model.embed.weight.numel()
+        self.checkpointer.n_params = self.n_params
         self.engine = ds.build_engine(cfg, model, world, self.device)
-
-        self.tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * cfg.optim.grad_accum * dp
-        cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
-        loader_args = dict(seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch, dp_rank=self.layout.dp_rank,
-                           dp_degree=dp, cp_degree=cp, seed=cfg.seed, cache_dir=cache)
-        self.loader = PackedLoader(cfg.data.path, "train", **loader_args)
-        self.val_loader = PackedLoader(cfg.data.path, "val", max_batches=cfg.logging.eval_batches, **loader_args)
         self.positions = zigzag_positions(cfg.data.seq_len, cp, self.layout.cp_rank, self.device)
 
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep, self.rank)
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
-        # Rank 0 decides, so every rank loads the same checkpoint even if their directory views differ.
-        choice = [str(self.checkpointer.resolve(resume) or "") if self.rank == 0 else None]
-        dist.broadcast_object_list(choice, src=0)
-        folder = Path(choice[0]) if choice[0] else None
         self.metrics = Metrics(self.run_dir, self.rank, cfg.schedule.steps)
-        if folder is not None:
-            state = self.checkpointer.load(self.engine, folder)
+        for message in messages:
+            self.metrics.log(message)
+        if plan.folder is not None:
+            state = self.checkpointer.load(self.engine, plan)
             self.step = state["step"]
             self.nonfinite_total = state["nonfinite_total"]
             self.loader.load_state_dict(state["data"])
-            self.metrics.log(f"resumed from {folder} at step {self.step} ({phase_at(cfg, self.step)} phase)")
+            self.metrics.log(f"resumed from {plan.folder} at step {self.step} ({phase_at(cfg, self.step)} phase)")
         self.stop = StopRequest()
         self.metrics.log(
             f"lh_dist: {self.n_params / 1e6:.2f}M parameters, world {world} = dp {dp} x cp {cp}, "
