@@ -34,8 +34,16 @@ def test_reproduce_two_runs_and_report(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(TINY))
     data, results = tmp_path / "data", tmp_path / "results"
-    # The corpus: this package's own sources, one document per directory.
-    common = ["--config", config, "--data", data, "--data-roots", ROOT / "lh_dist", "--min-doc-tokens", 2000,
+    # The corpus: a source tree of 12 packages, one document per directory of 3,000 to 5,200 tokens
+    # (every one fits a validation split of 8,000 to 16,000 tokens, so the split exists whatever the hashes).
+    tree = tmp_path / "src"
+    for i in range(12):
+        (tree / f"pkg{i}").mkdir(parents=True)
+        for j in range(2):
+            (tree / f"pkg{i}" / f"m{j}.py").write_text("".join(f"value_{i}_{j}_{n} = {n * n}\n" for n in range(
+                100 + 10 * i)))
+    (tree / "pkg0" / "short.txt").write_text("not included")
+    common = ["--config", config, "--data", data, "--data-roots", tree, "--min-doc-tokens", 2000,
               "--val-tokens", 8000]
     run = ["--results", results, "--work", tmp_path / "work", "--eval-batches", 1, "--passkey-lengths", "512,1024"]
     _script("train", "dense", "--lighthouse-fraction", 0, *common, *run)

@@ -113,7 +113,7 @@ def tree_documents(
             dir_key = "/".join(components if depth is None else components[:depth]) or "."
             if dir_key != key:
                 if parts:
-                    yield f"{root}:{key}", "".join(parts)
+                    yield f"{base.resolve().name}:{key}", "".join(parts)
                 key, parts = dir_key, []
             for name in sorted(filenames):
                 rel = name if not components else f"{rel_dir}/{name}"
@@ -126,6 +126,6 @@ def tree_documents(
                     continue
                 parts.append(f"# file: {rel}\n{text}\n")
         if parts:
-            yield f"{root}:{key}", "".join(parts)
+            yield f"{base.resolve().name}:{key}", "".join(parts)
     if skipped:
         log(f"lh-data: skipped {skipped} files that are not readable UTF-8 text")
