@@ -33,7 +33,7 @@ def _docs(root, **kwargs):
 
 def test_one_document_per_directory(tree):
     docs = _docs(tree, exclude=["*/tests/*"])
-    r = tree.name
+    r = str(tree)
     assert list(docs) == [f"{r}:.", f"{r}:other", f"{r}:pkg", f"{r}:pkg/sub", f"{r}:pkg/sub/deeper"]
     assert docs[f"{r}:pkg"] == "# file: pkg/a.py\na\n"
     assert docs[f"{r}:."] == "# file: top.py\nt\n"
@@ -41,7 +41,7 @@ def test_one_document_per_directory(tree):
 
 def test_depth_groups_whole_subtrees_in_walk_order(tree):
     docs = _docs(tree, depth=1)
-    r = tree.name
+    r = str(tree)
     assert list(docs) == [f"{r}:.", f"{r}:other", f"{r}:pkg"]
     assert docs[f"{r}:pkg"] == ("# file: pkg/a.py\na\n# file: pkg/sub/c.py\nc\n# file: pkg/sub/deeper/d.py\nd\n"
                                 "# file: pkg/tests/test_x.py\nx\n")

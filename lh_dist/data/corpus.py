@@ -87,14 +87,15 @@ def tree_documents(
 
     A file is taken when its path relative to its root matches an `include` glob
     and no `exclude` glob (`fnmatch` rules: `*` also matches `/`, so `*.py`
-    matches at any depth and `*/tests/*` drops every tests folder). Files are
+    matches at any depth and `*/tests/*` drops tests folders below the top). Files are
     grouped into documents by directory: with `depth=None`, one document per
     directory holding the files directly in it; with `depth=N`, one document per
     directory N levels below the root, holding its whole subtree (files above
     that level go with their own directory). Within a document the files follow
     the walk order (a directory's files, then its subdirectories, each sorted by
     name), each preceded by a line `# file: <relative path>`. A document is named
-    `<root as given>:<directory>`. Files that are not UTF-8 are skipped and counted.
+    `<root as given>:<directory>`, so the same roots, given the same way, give the
+    same split. Files that are not UTF-8 are skipped and counted.
     """
     if not include:
         raise ValueError("tree needs at least one --include glob, e.g. '*.py'")
@@ -113,7 +114,7 @@ def tree_documents(
             dir_key = "/".join(components if depth is None else components[:depth]) or "."
             if dir_key != key:
                 if parts:
-                    yield f"{base.resolve().name}:{key}", "".join(parts)
+                    yield f"{root}:{key}", "".join(parts)
                 key, parts = dir_key, []
             for name in sorted(filenames):
                 rel = name if not components else f"{rel_dir}/{name}"
@@ -126,6 +127,6 @@ def tree_documents(
                     continue
                 parts.append(f"# file: {rel}\n{text}\n")
         if parts:
-            yield f"{base.resolve().name}:{key}", "".join(parts)
+            yield f"{root}:{key}", "".join(parts)
     if skipped:
         log(f"lh-data: skipped {skipped} files that are not readable UTF-8 text")
