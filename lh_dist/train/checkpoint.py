@@ -144,6 +144,7 @@ def read_manifest(folder: Path, deep: bool = False) -> dict:
     try:
         manifest = json.loads(path.read_text())
         files, step = manifest["files"], manifest["step"]
+        manifest["id"], manifest["config"]  # what resume, rotation and export read
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InvalidCheckpoint(f"its {MANIFEST} is unreadable ({e})") from None
     match = STEP_DIR.match(folder.name.removeprefix(PARTIAL))
