@@ -192,8 +192,9 @@ def _series(run: dict, tag: str) -> list[list[float]]:
     return run["scalars"][tag]
 
 
-def summarize(run: dict, baseline: dict | None) -> dict:
-    """The numbers the report states for one run (the baseline compares with itself)."""
+def summarize(run: dict, baseline: dict | None = None, base: dict | None = None) -> dict:
+    """The numbers the report states for one run; with the baseline run and its own summary `base`,
+    also the comparison with it."""
     val = _series(run, "val/loss")  # [[step, wall, value]]
     k, t0 = run["lighthouse_steps"], run["train_started"]
     final = sum(v for _, _, v in val[-3:]) / len(val[-3:])
@@ -212,7 +213,6 @@ def summarize(run: dict, baseline: dict | None) -> dict:
                          "dense": timeline[last] - timeline[k if k else first]}
     if baseline is None:
         return s
-    base = summarize(baseline, None)
     base_val = {int(step): v for step, _, v in _series(baseline, "val/loss")}
     s["final_val_diff"] = final - base["final_val"]
     # Only dense-phase evaluations count: the goal is a dense model of the baseline's quality.
@@ -332,7 +332,8 @@ def report(args) -> Path:
     out_md.parent.mkdir(parents=True, exist_ok=True)
     prefix = out_md.stem + "_"
     plots = _plots(runs, out_md.parent, prefix)
-    summaries = [summarize(r, None if r is base else base) for r in runs]
+    base_summary = summarize(base)
+    summaries = [base_summary] + [summarize(r, base, base_summary) for r in runs[1:]]
     (out_md.parent / f"{prefix}summary.json").write_text(json.dumps(summaries, indent=1))
     notes = Path(args.notes).read_text().strip() if args.notes else ""
     out_md.write_text(_markdown(runs, summaries, plots, notes))

@@ -47,48 +47,39 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
+def _fused_adamw_step(cfg, model, device):
+    """A plain PyTorch step of `model`: bf16 autocast, cross-entropy, clipping, fused AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                            weight_decay=cfg.optim.weight_decay, fused=True)
+    positions = torch.arange(cfg.data.seq_len, device=device)
+
+    def step(tokens):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1], positions)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
+
+
 def plain_step_fn(cfg, device):
     model = Transformer(cfg.model, [_sdpa] * cfg.model.n_layers).to(device)
     for layer in model.layers:
         layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
         if cfg.parallel.compile:
             layer.compile()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            weight_decay=cfg.optim.weight_decay, fused=True)
-    positions = torch.arange(cfg.data.seq_len, device=device)
-
-    def step(tokens):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1], positions)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step, model
+    return _fused_adamw_step(cfg, model, device), model
 
 
 def torch_step_fn(cfg, device, phase):
     """lh_dist's model (its attention, checkpointing and compile) stepped by fused AdamW, no DeepSpeed."""
     model = build_model(cfg).to(device)
     set_phase(model, phase)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                            weight_decay=cfg.optim.weight_decay, fused=True)
-    positions = torch.arange(cfg.data.seq_len, device=device)
-
-    def step(tokens):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(tokens[:, :-1], positions)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return step, model
+    return _fused_adamw_step(cfg, model, device), model
 
 
 def lh_dist_step_fn(cfg, device, phase):
