@@ -341,6 +341,14 @@ def report(args) -> Path:
     return out_md
 
 
+def _commits(runs: list[dict]) -> str:
+    """One commit for all runs, or each run's when they were made at different commits."""
+    commits = {run["commit"] for run in runs}
+    if len(commits) == 1:
+        return f"Commit: `{runs[0]['commit']}`"
+    return "Commits: " + ", ".join(f"{run['name']} `{run['commit']}`" for run in runs)
+
+
 def _markdown(runs: list[dict], summaries: list[dict], plots: list[str], notes: str = "") -> str:
     base, sb = runs[0], summaries[0]
     data = base["data"]
@@ -348,7 +356,7 @@ def _markdown(runs: list[dict], summaries: list[dict], plots: list[str], notes: 
     lines = [
         "# Lighthouse-then-dense against dense: end-to-end reproduction",
         "",
-        f"Hardware: {base['hardware']}. Commit: `{base['commit']}`. Config: `{base['config']}` "
+        f"Hardware: {base['hardware']}. {_commits(runs)}. Config: `{base['config']}` "
         f"({base['steps']} steps of {_seq_tokens(base):,} tokens).",
         f"Data: `{data['source']}`; train {splits['train']['documents']:,} documents / "
         f"{splits['train']['tokens']:,} tokens, validation {splits['val']['documents']:,} documents / "
