@@ -1,16 +1,19 @@
-"""Steady-state training throughput of the paper's model on one GPU: dense vs Lighthouse, and a plain
-PyTorch reference step, everything else equal (bf16 autocast, activation checkpointing per layer,
-AdamW, B=1, random tokens).
+"""Steady-state training throughput of the paper's model on one GPU: lh-train's own step
+(`lh_dist.train.step.TrainStep`: DeepSpeed, the run's loss, clipping and skip test), dense and
+Lighthouse, per activation-checkpointing mode and with or without torch.compile, beside a plain
+PyTorch reference step (SDPA, per-block checkpointing, fused AdamW, eager). B=1, random tokens.
 
     python benchmarks/train_throughput.py --out benchmarks/results
-    python benchmarks/train_throughput.py --seq-lens 98304 --steps 3 --variants dense,lighthouse-1536
     python benchmarks/train_throughput.py --seq-lens 98304 --variants dense,lighthouse-2048 \
-        --backends cudnn,flash_attn --engine torch --name train_throughput_fa4
+        --modes full,full+compile,selective+compile,none+compile
+    python benchmarks/train_throughput.py --seq-lens 98304 --variants dense,lighthouse-2048 \
+        --backends cudnn,flash_attn --modes selective+compile --name train_throughput_fa4
 
---backends runs every lh_dist variant once per attention kernel (model.attention_backend), side
-by side in one run; the first is the baseline of the "vs" columns. --engine torch steps lh_dist's
-model with PyTorch's fused AdamW instead of DeepSpeed (for machines without DeepSpeed; the
-"plain" variant always does). Writes <name>.md (hardware, commit, command, table) and <name>.json.
+--modes lists `parallel.activation_checkpointing` values (none, full, selective), each optionally
+with "+compile" (`parallel.compile=true`). --backends runs every lh_dist variant once per attention
+kernel (model.attention_backend); the first backend and the first mode are the baseline of the
+"vs" columns. The first step (compilation included) is reported apart from the steady steps.
+Writes <name>.md (hardware, commit, command, table) and <name>.json.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from lh_dist.config import load_config
-from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
 from lh_dist.model import Transformer
-from lh_dist.train import engine as ds
+from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
+from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.train.build import build_model, flops_per_step_token, set_phase
+from lh_dist.train.engine import Engine, init_distributed
 from lh_dist.train.metrics import peak_flops
+from lh_dist.train.step import TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "dense", "lighthouse-1536", "lighthouse-2048")
@@ -47,8 +52,11 @@ def _sdpa(q, k, v):
     return out.transpose(1, 2)
 
 
-def _fused_adamw_step(cfg, model, device):
-    """A plain PyTorch step of `model`: bf16 autocast, cross-entropy, clipping, fused AdamW."""
+def plain_step_fn(cfg, device):
+    """A plain PyTorch step: SDPA attention, per-block checkpointing, bf16 autocast, fused AdamW."""
+    model = Transformer(cfg.model, [_sdpa] * cfg.model.n_layers).to(device)
+    for layer in model.layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                             weight_decay=cfg.optim.weight_decay, fused=True)
     positions = torch.arange(cfg.data.seq_len, device=device)
@@ -61,47 +69,28 @@ def _fused_adamw_step(cfg, model, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
 
-    return step
-
-
-def plain_step_fn(cfg, device):
-    model = Transformer(cfg.model, [_sdpa] * cfg.model.n_layers).to(device)
-    for layer in model.layers:
-        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
-        if cfg.parallel.compile:
-            layer.compile()
-    return _fused_adamw_step(cfg, model, device), model
-
-
-def torch_step_fn(cfg, device, phase):
-    """lh_dist's model (its attention, checkpointing and compile) stepped by fused AdamW, no DeepSpeed."""
-    model = build_model(cfg).to(device)
-    set_phase(model, phase)
-    return _fused_adamw_step(cfg, model, device), model
+    return step, model
 
 
 def lh_dist_step_fn(cfg, device, phase):
+    """lh-train's step, built as the Trainer builds it (one rank)."""
     model = build_model(cfg).to(device)
     set_phase(model, phase)
-    engine = ds.build_engine(cfg, model, 1, device)
-    positions = torch.arange(cfg.data.seq_len, device=device)
-
-    def step(tokens):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = engine(tokens[:, :-1], positions)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        engine.backward(loss)
-        engine.step()
-        return loss
-
-    return step, engine
+    engine = Engine(cfg, model, 1, device)
+    train_step = TrainStep(cfg, engine, init_parallel_layout(1, 1), device)
+    return (lambda tokens: train_step([tokens], cfg.optim.lr)), engine.module
 
 
-def measure(variant: str, backend: str, seq_len: int, args) -> dict:
-    overrides = [f"data.seq_len={seq_len}", "parallel.activation_checkpointing=true", "parallel.zero_stage=0",
-                 f"parallel.compile={str(args.compile).lower()}", f"model.attention_backend={backend}",
+def _mode(mode: str) -> tuple[str, bool]:
+    ac, _, compiled = mode.partition("+")
+    return ac, compiled == "compile"
+
+
+def measure(variant: str, backend: str, mode: str, seq_len: int, args) -> dict:
+    ac, compiled = _mode(mode)
+    overrides = [f"data.seq_len={seq_len}", f"parallel.activation_checkpointing={ac}",
+                 f"parallel.compile={str(compiled).lower()}", f"model.attention_backend={backend}",
                  f"schedule.lighthouse_steps={1 if variant.startswith('lighthouse') else 0}"]
     if variant.startswith("lighthouse"):
         overrides.append(f"lighthouse.topk={variant.split('-')[1]}")
@@ -109,37 +98,33 @@ def measure(variant: str, backend: str, seq_len: int, args) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
     phase = "lighthouse" if variant.startswith("lighthouse") else "dense"
-    if variant == "plain":
-        step, holder = plain_step_fn(cfg, device)
-    elif args.engine == "torch":
-        step, holder = torch_step_fn(cfg, device, phase)
-    else:
-        step, holder = lh_dist_step_fn(cfg, device, phase)
-    module = getattr(holder, "module", holder)  # a DeepSpeed engine wraps the model
-    n_matmul = sum(p.numel() for p in module.parameters()) - module.embed.weight.numel()
-    del module
-    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), device=device)
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        loss = step(tokens)
-        torch.cuda.synchronize()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    assert torch.isfinite(loss), f"{variant} at {seq_len}: non-finite loss"
-    median = statistics.median(times)
-    flops = flops_per_step_token(cfg, n_matmul, phase) * seq_len / median
-    peak = peak_flops(device)
-    row = {"variant": variant, "backend": "sdpa" if variant == "plain" else backend, "seq_len": seq_len,
-           "step_s": median, "tokens_per_s": seq_len / median,
-           "mfu": flops / peak if peak else None, "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-           "times": times}
-    print(json.dumps(row), flush=True)
-    del step, holder
+    torch._dynamo.reset()  # each variant compiles from scratch, so its first step shows the cost
     gc.collect()
     torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    if variant == "plain":
+        step, model = plain_step_fn(cfg, device)
+    else:
+        step, model = lh_dist_step_fn(cfg, device, phase)
+    n_matmul = sum(p.numel() for p in model.parameters()) - model.embed.weight.numel()
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, seq_len + 1), device=device)
+    times = []
+    for _ in range(1 + args.warmup + args.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step(tokens)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    steady = times[1 + args.warmup:]
+    median = statistics.median(steady)
+    flops = flops_per_step_token(cfg, n_matmul, phase) * seq_len / median
+    peak = peak_flops(device)
+    row = {"variant": variant, "backend": "sdpa" if variant == "plain" else backend,
+           "mode": "full" if variant == "plain" else mode, "seq_len": seq_len, "first_step_s": times[0],
+           "step_s": median, "tokens_per_s": seq_len / median, "mfu": flops / peak if peak else None,
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "times": times}
+    print(json.dumps(row), flush=True)
+    del step, model
     return row
 
 
@@ -148,68 +133,75 @@ def main() -> int:
     parser.add_argument("--config", default="configs/paper-530m-98k.yaml")
     parser.add_argument("--seq-lens", default="98304,196608")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--modes", default="full,full+compile,selective+compile,none+compile",
+                        help="comma-separated activation checkpointing modes (none, full, selective), each "
+                             "optionally +compile; the first is the baseline of the 'vs' columns")
+    parser.add_argument("--warmup", type=int, default=1, help="steps after the first, not timed")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--backends", default="auto",
                         help="comma-separated lh_dist attention backends (model.attention_backend) for the lh_dist "
                              "variants, each run in turn; the first is the baseline")
-    parser.add_argument("--engine", choices=("deepspeed", "torch"), default="deepspeed",
-                        help="what steps the lh_dist variants: DeepSpeed (as lh-train) or PyTorch's fused AdamW")
-    parser.add_argument("--compile", action="store_true", help="torch.compile every block (all variants)")
-    parser.add_argument("--name", default=None,
-                        help="output file stem (default train_throughput, or train_throughput_compiled)")
+    parser.add_argument("--name", default="train_throughput", help="output file stem")
     parser.add_argument("--commit", default=None, help="commit to report when the tree has no .git")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args()
-    backends = args.backends.split(",")
+    backends, modes = args.backends.split(","), args.modes.split(",")
     unknown = [name for name in backends if name not in BACKENDS]
     if unknown:
         parser.error(f"--backends: {', '.join(unknown)} not among {', '.join(BACKENDS)}")
+    bad = [m for m in modes if _mode(m)[0] not in ("none", "full", "selective") or m.count("+") > 1
+           or ("+" in m and not m.endswith("+compile"))]
+    if bad:
+        parser.error(f"--modes: {', '.join(bad)}: each is none, full or selective, optionally +compile")
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     head_dim = load_config(args.config, []).model.head_dim
     for name in backends:
         resolve_backend(name, torch.device("cuda"), torch.bfloat16, head_dim)  # fails now, saying why
-    if args.engine == "deepspeed":
-        ds.init_distributed(torch.device("cuda"))
-    rows = [measure(v, b, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")
-            for b in (backends[:1] if v == "plain" else backends)]
+    init_distributed(torch.device("cuda"))
+    rows = []
+    for n in args.seq_lens.split(","):
+        for v in args.variants.split(","):
+            for b in (backends[:1] if v == "plain" else backends):
+                for m in (modes[:1] if v == "plain" else modes):
+                    rows.append(measure(v, b, m, int(n), args))
 
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                            text=True).stdout.strip() or "unknown"
-    by = {(r["variant"], r["backend"], r["seq_len"]): r for r in rows}
+    by = {(r["variant"], r["backend"], r["mode"], r["seq_len"]): r for r in rows}
+    base_b, base_m = backends[0], modes[0]
     lines = [
-        f"# Training throughput, one GPU{' (torch.compile)' if args.compile else ''}",
+        "# Training throughput, one GPU",
         "",
         f"- hardware: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
         f"Python {platform.python_version()}",
         f"- commit: {commit}",
         f"- command: `python {' '.join(sys.argv)}`",
-        f"- model: {args.config} (bf16 autocast, activation checkpointing per layer, AdamW, B=1"
-        f"{', torch.compile per block' if args.compile else ''}); lh_dist variants stepped by "
-        f"{'DeepSpeed' if args.engine == 'deepspeed' else 'PyTorch fused AdamW (no DeepSpeed)'}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up",
+        f"- model: {args.config}, B=1, bf16; lh_dist rows time lh-train's step (`TrainStep`: DeepSpeed, "
+        f"ZeRO stage {load_config(args.config, []).parallel.zero_stage}, clipping, skip test); plain: PyTorch SDPA, "
+        f"per-block checkpointing, fused AdamW, eager; median of {args.steps} steps after the first step "
+        f"and {args.warmup} more",
         f"- attention: lh_dist backends {', '.join(backends)} (resolved: "
         f"{', '.join(resolve_backend(b, torch.device('cuda'), torch.bfloat16, head_dim) for b in backends)}"
-        f"{'; ' + _flash_attn_version() if 'flash_attn' in backends else ''}); plain: PyTorch SDPA",
+        f"{'; ' + _flash_attn_version() if 'flash_attn' in backends else ''})",
         "",
-        f"| context | variant | attention | step (s) | tokens/s | vs dense {backends[0]} | vs {backends[0]} | MFU "
-        "| peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| context | variant | attention | checkpointing | first step (s) | step (s) | tokens/s "
+        f"| vs dense, same mode | vs {base_m} {base_b} | MFU | peak memory (GiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        dense = by.get(("dense", backends[0], r["seq_len"]))
-        same = by.get((r["variant"], backends[0], r["seq_len"]))
+        dense = by.get(("dense", r["backend"], r["mode"], r["seq_len"]))
+        base = by.get((r["variant"], base_b, base_m, r["seq_len"]))
         ratio = f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x" if dense else "-"
-        vs_base = f"{r['tokens_per_s'] / same['tokens_per_s']:.2f}x" if same and r["variant"] != "plain" else "-"
+        vs_base = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and r["variant"] != "plain" else "-"
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
-        lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['backend']} | {r['step_s']:.3f} | "
-                     f"{r['tokens_per_s']:,.0f} | {ratio} | {vs_base} | {mfu} | {r['peak_mem_gib']:.1f} |")
+        lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['backend']} | {r['mode']} | {r['first_step_s']:.2f} "
+                     f"| {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | {vs_base} | {mfu} "
+                     f"| {r['peak_mem_gib']:.1f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = args.name or ("train_throughput_compiled" if args.compile else "train_throughput")
-    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     print("\n".join(lines))
     return 0
 

@@ -89,7 +89,10 @@ class ParallelConfig:
     # How Lighthouse under CP shares the selected summaries between ranks.
     lighthouse_exchange: Literal["allgather", "ring"] = "allgather"
     zero_stage: int = 0
-    activation_checkpointing: bool = False
+    # Recompute in backward: "full" every block's forward, "selective" all of it but attention
+    # (whose outputs are kept), "none" nothing (fastest, most memory).
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # torch.compile each block (fuses the elementwise work around the attention kernels).
     compile: bool = False
 
     def validate(self, p: str = "parallel") -> None:
@@ -275,6 +278,10 @@ def _coerce(value, tp, name: str):
     return value
 
 
+# Values that older configs (and the config.yaml of older runs) hold, read as what they meant.
+_LEGACY_VALUES = {"parallel.activation_checkpointing": {True: "full", False: "none"}}
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
@@ -287,6 +294,7 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     kwargs = {}
     for key, value in data.items():
         tp = hints[key]
+        value = _LEGACY_VALUES.get(f"{prefix}{key}", {}).get(value, value) if isinstance(value, bool) else value
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _from_dict(tp, value, f"{prefix}{key}.")
         else:

@@ -28,17 +28,16 @@ WEIGHTS = "mp_rank_00_model_states.pt"
 
 
 class FileEngine:
-    """DeepSpeed's save_checkpoint / load_checkpoint as the checkpointer uses them, on one real file."""
+    """The training engine's save / load as the checkpointer uses them, on one real file."""
 
     def __init__(self, value: float = 0.0):
         self.weights = torch.full((4096,), value)
 
-    def save_checkpoint(self, save_dir, tag, save_latest):
-        torch.save({"w": self.weights}, Path(save_dir, tag, WEIGHTS))
+    def save(self, folder):
+        torch.save({"w": self.weights}, Path(folder, WEIGHTS))
 
-    def load_checkpoint(self, load_dir, tag):
-        self.weights = torch.load(Path(load_dir, tag, WEIGHTS))["w"]
-        return str(Path(load_dir, tag)), {}
+    def load(self, folder):
+        self.weights = torch.load(Path(folder, WEIGHTS))["w"]
 
 
 def make_cfg(tmp_path, *overrides):

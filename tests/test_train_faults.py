@@ -37,16 +37,16 @@ def run_script(body: str, tmp_path: Path, data: Path, *overrides: str) -> dict:
 def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset, stage):
     result = run_script("""
         trainer = Trainer(cfg, resume="none")
-        real_loss = trainer._loss
+        real_loss = trainer.step_fn.loss
         poison = {3}
         def loss(*a):
             out = real_loss(*a)
             return out * float("nan") if trainer.step + 1 in poison else out
-        trainer._loss = loss
+        trainer.step_fn.loss = loss
         snapshots = []
         for step in range(4):
             trainer.step = step
-            trainer.train_step(1e-2)
+            result[f"applied{step + 1}"] = trainer.train_step(1e-2).applied
             # ZeRO 3 keeps each rank's partition in ds_tensor; the module holds placeholders.
             snapshots.append(torch.cat([getattr(p, "ds_tensor", p).detach().flatten().clone()
                                         for p in trainer.engine.module.parameters()]))
@@ -61,6 +61,7 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset, sta
     """, tmp_path, stdlib_dataset, "schedule.steps=20", "schedule.max_nonfinite_steps=3",
                         f"parallel.zero_stage={stage}")
     assert result["unchanged_on_nan"] and result["changed_otherwise"]
+    assert [result[f"applied{s}"] for s in range(1, 5)] == [True, True, False, True]
     assert result["error"].startswith("NonFiniteLossError: 3 non-finite losses in a row")
     assert "schedule.max_nonfinite_steps=3" in result["error"]
 

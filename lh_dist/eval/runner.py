@@ -70,7 +70,7 @@ class ModelRunner:
         cfg = checkpoint_config(self.folder, overrides)
         # Evaluation needs neither recomputation nor compilation.
         self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
-            cfg.parallel, cp_degree=cp_degree, activation_checkpointing=False, compile=False))
+            cfg.parallel, cp_degree=cp_degree, activation_checkpointing="none", compile=False))
         self.cp_degree, self.phase = cp_degree, phase
         self.cp_group, self.cp_rank, self._owns_group = init_eval_distributed(cp_degree, self.device)
         self.step = int(STEP_DIR.match(self.folder.name).group(1))

@@ -10,7 +10,6 @@ from lh_dist.ops.attention import (
     attention_forward,
     merge_partials,
     resolve_backend,
-    set_default_backend,
 )
 
 __all__ = [
@@ -19,5 +18,4 @@ __all__ = [
     "attention_forward",
     "merge_partials",
     "resolve_backend",
-    "set_default_backend",
 ]

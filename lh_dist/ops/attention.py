@@ -41,7 +41,6 @@ from torch import Tensor
 
 BACKENDS = ("auto", "flash_attn", "cudnn", "flash", "cpu_flash", "math")
 _HALF = (torch.float16, torch.bfloat16)
-_default_backend = "auto"
 
 
 # ---------------------------------------------------------------- LSE merge
@@ -384,14 +383,6 @@ _KERNELS = {  # name -> (forward(q, k, v, causal, scale), backward(dout, q, k, v
 }
 
 
-def set_default_backend(name: str) -> None:
-    """Make `backend="auto"` mean `name` (e.g. from a config); "auto" restores the default."""
-    global _default_backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _default_backend = name
-
-
 def _unavailable(name: str, device: torch.device, dtype: torch.dtype, head_dim: int | None) -> str | None:
     """Why backend `name` cannot run on (device, dtype, head_dim), or None if it can."""
     if name == "math":
@@ -424,15 +415,13 @@ _warned: set[str] = set()
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int | None = None) -> str:
     """The concrete backend that `backend` means for tensors on `device` of `dtype`.
 
-    "auto" (or the name set by `set_default_backend`): the first of `_AUTO_ORDER` that can run
+    "auto": the first of `_AUTO_ORDER` that can run
     here (on CUDA: flash_attn once its self-check has passed, else cudnn, else flash; cpu_flash
     on CPU), else math. An explicit backend that cannot run here raises RuntimeError saying why.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = torch.device(device)
-    if backend == "auto":
-        backend = _default_backend
     if backend == "auto":
         problem = _flash_attn_problem(device, dtype, head_dim)
         if problem is None:
@@ -471,12 +460,69 @@ def _check(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -
     return d**-0.5 if scale is None else float(scale)
 
 
+def _lse_shape(q: Tensor) -> tuple[int, int, int]:
+    b, nq, h, _ = q.shape
+    return b, h, nq
+
+
+# The kernels run inside torch.library custom ops: torch.compile and activation checkpointing see
+# one opaque op per call (no graph break; the dispatch, which reads device properties and data
+# pointers, is never traced), and a selective checkpointing policy can keep their outputs.
+# Outputs are contiguous, as the fake implementations declare (compile relies on it).
+
+
+@torch.library.custom_op("lh_dist::attention_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    out, lse = _KERNELS[name][0](q, k, v, causal, scale)
+    return out.contiguous(), lse.contiguous()
+
+
+@_forward_op.register_fake
+def _(q, k, v, causal, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(_lse_shape(q), dtype=_lse_dtype(q))
+
+
+@torch.library.custom_op("lh_dist::attention_backward", mutates_args=())
+def _backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                 scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
+    dq, dk, dv = _KERNELS[name][1](dout, q, k, v, out, lse, causal, scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_backward_op.register_fake
+def _(dout, q, k, v, out, lse, causal, scale, backend):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.config = (causal, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _backward_op(dout.contiguous(), q, k, v, out, lse, *ctx.config)
+    return dq, dk, dv, None, None, None
+
+
+_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
 def attention_forward(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, scale: float | None = None,
                       backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Softmax attention. q [B, Nq, H, D], k/v [B, Nk, Hkv, D] -> (out [B, Nq, H, D], lse [B, H, Nq])."""
+    """Softmax attention. q [B, Nq, H, D], k/v [B, Nk, Hkv, D] -> (out [B, Nq, H, D], lse [B, H, Nq]).
+
+    Differentiable in q, k and v through out (lse carries no gradient); `attention_backward`
+    is the same backward, for callers that merge several partial results themselves."""
     scale = _check(q, k, v, causal, scale)
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    return _KERNELS[name][0](q, k, v, causal, scale)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _forward_op(q, k, v, causal, scale, backend)
 
 
 def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
@@ -487,39 +533,19 @@ def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
         if x.shape != q.shape or x.dtype != q.dtype or x.device != q.device:
             raise ValueError(f"{name} must match q (shape {tuple(q.shape)}, {q.dtype}, {q.device}), "
                              f"got {tuple(x.shape)}, {x.dtype}, {x.device}")
-    b, nq, h, _ = q.shape
-    if lse.shape != (b, h, nq) or not lse.is_floating_point() or lse.device != q.device:
-        raise ValueError(f"lse must be a float tensor of shape {(b, h, nq)} on {q.device}, "
+    if lse.shape != _lse_shape(q) or not lse.is_floating_point() or lse.device != q.device:
+        raise ValueError(f"lse must be a float tensor of shape {_lse_shape(q)} on {q.device}, "
                          f"got {tuple(lse.shape)} {lse.dtype} on {lse.device}")
-    name = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-    return tuple(_KERNELS[name][1](dout, q, k, v, out, lse, causal, scale))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _backward_op(dout, q, k, v, out, lse, causal, scale, backend)
 
 
-class _Attention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale, backend):
-        backend = resolve_backend(backend, q.device, q.dtype, q.shape[-1])
-        out, lse = attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, causal=ctx.causal,
-                                        scale=ctx.scale, backend=ctx.backend)
-        return dq, dk, dv, None, None, None
-
-
-# Opaque to torch.compile: the kernels are already fused, and the dispatch reads data pointers
-# (alignment checks) that Dynamo cannot trace; the rest of a compiled block fuses around it.
-@torch.compiler.disable
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: float | None = None,
               backend: str = "auto") -> Tensor:
-    """Differentiable attention through `attention_forward` / `attention_backward`; returns out."""
-    return _Attention.apply(q, k, v, causal, scale, backend)
+    """Differentiable attention q [B, Nq, H, D], k/v [B, Nk, Hkv, D] -> out [B, Nq, H, D]."""
+    return attention_forward(q, k, v, causal=causal, scale=scale, backend=backend)[0]
 
 
 __all__ = ["BACKENDS", "attention", "attention_backward", "attention_forward", "merge_partials",
-           "resolve_backend", "set_default_backend"]
+           "resolve_backend"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from functools import partial
 
+import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from lh_dist.config import TrainConfig
 from lh_dist.model import Transformer
@@ -55,18 +56,48 @@ def _attention_fns(cfg: TrainConfig, cp_group) -> tuple:
             partial(lighthouse_cp_attention, group=cp_group, exchange=cfg.parallel.lighthouse_exchange, **lh_kwargs))
 
 
+# What `parallel.activation_checkpointing: selective` keeps from the forward: the outputs of the
+# attention kernels (output and LSE, or a Lighthouse layer's gathered tensors), so that backward
+# recomputes the matmuls and the elementwise work of a block but never its attention.
+KEPT_OPS = ("lh_dist::attention_forward", "lh_dist::lighthouse_forward")
+
+
+def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    name = op.name() if isinstance(op, torch._ops.OpOverload) else ""
+    return CheckpointPolicy.MUST_SAVE if name in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpointed(forward, mode: str):
+    """`forward` recomputed in backward: every op ("full"), or all but attention ("selective")."""
+    options = {} if mode == "full" else {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention)}
+
+    # A function of this module, not a partial of `checkpoint`: torch.compile starts tracing at
+    # this frame and turns the checkpoint into one region of its graph (it does not trace a
+    # checkpoint entered from outside).
+    def checkpointed_forward(*args):
+        return checkpoint(forward, *args, use_reentrant=False, **options)
+
+    return checkpointed_forward
+
+
 def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
+    """The run's Transformer: each layer's attention chosen (Lighthouse or dense, local or over
+    `cp_group`), blocks checkpointed as `parallel.activation_checkpointing` says, then compiled
+    block by block if `parallel.compile`. Weights are fp32 on the CPU; the caller moves them."""
     dense_fn, lighthouse_fn = _attention_fns(cfg, cp_group)
     always_dense = dense_layer_ids(cfg)
     attention_fns = [PhasedAttention(dense_fn, None if i in always_dense else lighthouse_fn)
                      for i in range(cfg.model.n_layers)]
     model = Transformer(cfg.model, attention_fns)
-    if cfg.parallel.activation_checkpointing:
-        for layer in model.layers:
-            # Recompute each block in backward: activation memory falls from O(layers) to O(1) blocks.
-            layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
-    if cfg.parallel.compile:
-        for layer in model.layers:
+    mode = cfg.parallel.activation_checkpointing
+    for layer in model.layers:
+        if mode != "none":
+            # Activation memory falls from every block's intermediates to each block's input
+            # (plus, for "selective", its attention outputs).
+            layer.forward = _checkpointed(layer.forward, mode)
+        if cfg.parallel.compile:
+            # The attention kernels are custom ops, so each block, checkpoint included, traces as
+            # one graph and its norms, RoPE, SwiGLU and casts fuse around them.
             layer.compile()
     return model
 

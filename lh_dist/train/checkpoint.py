@@ -48,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError, ModelConfig, TrainConfig, load_config, save_config
-from lh_dist.train.engine import load_engine, save_engine
 from lh_dist.train.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -419,7 +418,7 @@ class Checkpointer:
         if dist.is_initialized():
             dist.barrier()
         try:
-            save_engine(engine, partial)
+            engine.save(partial)
             self._kill_point("write", step)
             tmp = partial / f"trainer_rank_{self.rank:05d}.pt.tmp"
             torch.save(dict(trainer_state, rng=rng_state()), tmp)
@@ -508,7 +507,7 @@ class Checkpointer:
         folder = Path(plan.folder)
         same_world = plan.manifest["world"]["world_size"] == self.world_size
         path = folder / f"trainer_rank_{self.rank if same_world else 0:05d}.pt"
-        load_engine(engine, folder)
+        engine.load(folder)
         state = torch.load(path, weights_only=False)
         set_rng_state(state.pop("rng"))
         return state

@@ -43,7 +43,7 @@ def deepspeed_clips(cfg: TrainConfig, device: torch.device) -> bool:
 
     Its ZeRO and bf16 optimizers compute the global norm while clipping and keep it
     (`get_global_grad_norm`). Plain fp32 without ZeRO clips with a helper that throws the
-    norm away, so there `optimizer_step` clips instead.
+    norm away, so there `Engine.step` clips instead.
     """
     return cfg.parallel.zero_stage > 0 or device.type == "cuda"
 
@@ -82,49 +82,78 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: TrainConfig, model: nn.Module, world_size: int, device: torch.device):
-    import deepspeed
+class Engine:
+    """The model under DeepSpeed, seen through what a training step needs: a forward, the backward
+    of one micro-batch, and one optimizer step (learning rate, clipping, skipping a bad step).
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=deepspeed_config(cfg, world_size, device),
-    )
-    return engine
-
-
-def set_lr(engine, lr: float) -> None:
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def save_engine(engine, folder: Path) -> None:
-    """Write DeepSpeed's model and optimizer shards into `folder` (all ranks call this)."""
-    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
-
-
-def load_engine(engine, folder: Path) -> None:
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
-
-
-def optimizer_step(engine, cfg: TrainConfig, device: torch.device) -> float:
-    """`engine.step()` at the end of a gradient accumulation: clip, update, and return the global
-    gradient norm before clipping, the one the clipping used (NaN if DeepSpeed kept none).
-
-    On the plain fp32 path DeepSpeed has averaged the gradients over all ranks (DP x CP)
-    during the last backward, so every rank holds the full gradient and its local norm
-    is the global one.
+    DeepSpeed averages gradients over every rank (DP x CP) in the backward of the last
+    micro-batch, and counts micro-batches itself; nothing of that leaks out of here.
     """
-    if deepspeed_clips(cfg, device):
-        engine.step()
-        norm = engine.get_global_grad_norm()
-    else:
-        max_norm = cfg.optim.grad_clip or math.inf  # 0 disables clipping; the norm is still measured
-        norm = torch.nn.utils.clip_grad_norm_(engine.module.parameters(), max_norm)
-        engine.step()
-    return float(norm) if norm is not None else math.nan
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, world_size: int, device: torch.device):
+        import deepspeed
+
+        self.cfg, self.device = cfg, device
+        self.ds, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, cfg.optim.weight_decay),
+            config=deepspeed_config(cfg, world_size, device),
+        )
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def __call__(self, *args, **kwargs):
+        return self.ds(*args, **kwargs)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss (DeepSpeed divides by grad_accum)."""
+        self.ds.backward(loss)
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()  # between boundaries DeepSpeed only counts the micro-step
+
+    def step(self, lr: float) -> tuple[torch.Tensor | float, bool]:
+        """Update with learning rate `lr` after the last micro-batch's backward; returns (the
+        global gradient norm before clipping, whether the update was applied).
+
+        A non-finite gradient (from a non-finite loss, or an overflow in backward) skips the
+        update on every rank alike, since the norm is global: parameters and optimizer state stay
+        as they were. The norm stays on the device (a tensor) where DeepSpeed keeps it so; the
+        only wait for the GPU is DeepSpeed's own test of that norm.
+        """
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        if deepspeed_clips(self.cfg, self.device):
+            self.ds.step()
+            norm = self.ds.get_global_grad_norm()
+            return (math.nan if norm is None else norm), self.ds.was_step_applied()
+        # Plain fp32 without ZeRO (CPU): DeepSpeed steps torch's AdamW directly, so clip and skip here.
+        # The gradients are already averaged over all ranks, so the local norm is the global one.
+        params = list(self.ds.module.parameters())
+        norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip or math.inf)
+        applied = bool(torch.isfinite(norm))
+        if not applied:
+            for p in params:
+                p.grad = None  # AdamW skips parameters without a gradient, state included
+        self.ds.step()
+        return norm, applied
+
+    def save(self, folder: Path) -> None:
+        """Write DeepSpeed's model and optimizer shards into `folder` (all ranks call this)."""
+        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        """Read what `save` wrote into `folder` (all ranks call this)."""
+        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
 
 
 def load_model_state(folder: Path) -> dict:

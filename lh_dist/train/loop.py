@@ -6,23 +6,23 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.train.cli import resolve_degrees
 from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.parallel.mesh import init_parallel_layout
-from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.train import engine as ds
 from lh_dist.train.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token, lighthouse_length,
                                  phase_at, set_phase)
 from lh_dist.train.checkpoint import Checkpointer
 from lh_dist.train.device import local_device
+from lh_dist.train.engine import Engine, init_distributed
 from lh_dist.train.metrics import Metrics, peak_flops
+from lh_dist.train.step import StepResult, TrainStep
 
 # Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
 # EX_TEMPFAIL from sysexits.h, "try again later". SLURM scripts requeue on it.
@@ -34,16 +34,17 @@ class StopRequest:
 
     def __init__(self):
         self.signum = None
+        # The ranks agree over a CPU (gloo) group, so that asking every step never waits for the GPU.
+        self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.signum = signum
 
-    def agreed(self, device) -> bool:
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    def agreed(self) -> bool:
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
@@ -90,6 +91,15 @@ def _all_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass
+class _PendingStep:
+    """A step done on the device but not yet read on the host (the loop reads at log_interval)."""
+
+    result: StepResult
+    lr: float
+    seconds: float
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str = "auto", overwrite: bool = False, rewind: bool = False):
         """resume: 'auto', 'none' or a checkpoint folder; overwrite: archive a previous run's outputs first
@@ -107,7 +117,7 @@ class Trainer:
         check_split_sizes(cfg, info, dp)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        ds.init_distributed(self.device)
+        init_distributed(self.device)
         world = dist.get_world_size()
         self.layout = init_parallel_layout(dp, cp)
         self.rank = dist.get_rank()
@@ -133,8 +143,9 @@ class Trainer:
         self.n_params = model.num_params()
         self.n_matmul_params = model.num_params() - model.embed.weight.numel()
         self.checkpointer.n_params = self.n_params
-        self.engine = ds.build_engine(cfg, model, world, self.device)
-        self.positions = zigzag_positions(cfg.data.seq_len, cp, self.layout.cp_rank, self.device)
+        self.engine = Engine(cfg, model, world, self.device)
+        self.step_fn = TrainStep(cfg, self.engine, self.layout, self.device)
+        self.pending: list[_PendingStep] = []
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
         self.metrics = Metrics(self.run_dir, self.rank, cfg.schedule.steps)
@@ -151,56 +162,15 @@ class Trainer:
             f"lh_dist: {self.n_params / 1e6:.2f}M parameters, world {world} = dp {dp} x cp {cp}, "
             f"{self.tokens_per_step:,} tokens/step, device {self.device}, run dir {self.run_dir}")
 
-    # ---- one step ---------------------------------------------------------------------------
+    # ---- one step ----------------------------------------------------------------------------
 
-    def _micro_batch(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = batch.to(self.device)  # [B, N + 1]
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        if self.layout.cp_degree > 1:
-            inputs = zigzag_shard(inputs, 1, self.layout.cp_degree, self.layout.cp_rank)
-            targets = zigzag_shard(targets, 1, self.layout.cp_degree, self.layout.cp_rank)
-        return inputs, targets
+    def train_step(self, lr: float) -> StepResult:
+        """One optimizer step on the next grad_accum micro-batches of the training data."""
+        return self.step_fn([next(self.loader) for _ in range(self.cfg.optim.grad_accum)], lr)
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        # No autocast here: the engine runs the model in its own precision (bf16 weights on GPUs)
-        # and switches an outer autocast off anyway, with a warning.
-        logits = self.engine(inputs, self.positions)  # [B, N_local, V]
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-    def train_step(self, lr: float) -> tuple[float, bool, float]:
-        """Forward/backward every micro-batch and update; returns (mean loss, finite, grad norm before clipping)."""
-        losses, finite = [], True
-        accum = self.cfg.optim.grad_accum
-        for micro in range(accum):
-            inputs, targets = self._micro_batch(next(self.loader))
-            loss = self._loss(inputs, targets)
-            ok = torch.isfinite(loss.detach()).float()
-            if dist.is_initialized():
-                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if not ok.item():
-                finite = False
-                # Keep DeepSpeed's micro-step bookkeeping intact with a zero, finite gradient.
-                loss = sum(p.sum() for p in self.engine.module.parameters()) * 0.0
-            losses.append(loss.detach())
-            if micro == accum - 1:
-                # A zero learning rate leaves every parameter unchanged: the step is skipped.
-                ds.set_lr(self.engine, lr if finite else 0.0)
-            self.engine.backward(loss)
-            if micro < accum - 1:
-                self.engine.step()  # DeepSpeed only counts the micro-step
-        grad_norm = ds.optimizer_step(self.engine, self.cfg, self.device)
-        mean = _all_mean(torch.stack(losses).mean().float())
-        return float(mean), finite, grad_norm
-
-    @torch.no_grad()
     def validate(self) -> float:
-        self.engine.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        for batch in self.val_loader:  # the same first eval_batches batches every time
-            total += self._loss(*self._micro_batch(batch)).float()
-            count += 1
-        self.engine.train()
-        return float(_all_mean(total / count))
+        """Mean validation loss over the same first eval_batches batches every time, all ranks."""
+        return float(_all_mean(self.step_fn.validation_loss(self.val_loader)))
 
     def trainer_state(self) -> dict:
         # tokens_seen and the last losses are for readers of the checkpoint (lh-export's model card).
@@ -240,6 +210,7 @@ class Trainer:
             step_phase = phase_at(cfg, self.step)
             if step_phase != phase:
                 if phase is not None:
+                    self._finish_pending()
                     self._log_step(phase, peak)  # each logged interval stays within one phase
                 set_phase(self.engine.module, step_phase)
                 if phase is not None or self.step > 0:
@@ -249,20 +220,24 @@ class Trainer:
             map_layer = self._selection_map_layer(phase)
             t0 = time.time()
             lr = lr_at(cfg, self.step)
-            loss, finite, grad_norm = self.train_step(lr)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
+            # A compiled model runs eagerly for a step that captures a selection map (a side effect
+            # that compiled graphs do not make).
+            stance = "force_eager" if map_layer is not None and cfg.parallel.compile else "default"
+            with torch.compiler.set_stance(stance):
+                result = self.train_step(lr)
             self.step += 1
-            self.metrics.step_done(loss=loss, grad_norm=grad_norm, lr=lr, tokens=self.tokens_per_step, seconds=dt,
-                                   finite=finite)
+            stopping = self.stop.agreed()
+            log_now = stopping or self.step % cfg.logging.log_interval == 0 or self.step == cfg.schedule.steps
+            if log_now and self.device.type == "cuda":
+                torch.cuda.synchronize()  # the interval's steps, this one included, are done
+            self.pending.append(_PendingStep(result, lr, time.time() - t0))
 
-            if finite:
+            if result.applied:
                 self.nonfinite_run = 0
             else:
                 self.nonfinite_total += 1
                 self.nonfinite_run += 1
-                self.metrics.log(f"step {self.step}: non-finite loss, step skipped "
+                self.metrics.log(f"step {self.step}: non-finite loss or gradient, step skipped "
                                  f"({self.nonfinite_run} in a row, {self.nonfinite_total} in total)")
                 if self.nonfinite_run >= cfg.schedule.max_nonfinite_steps:
                     raise NonFiniteLossError(
@@ -272,8 +247,7 @@ class Trainer:
 
             if map_layer is not None and map_layer.captured is not None:
                 self._log_selection_map(map_layer, phase)
-            stopping = self.stop.agreed(self.device)
-            if stopping or self.step % cfg.logging.log_interval == 0 or self.step == cfg.schedule.steps:
+            if log_now:
                 self._log_step(phase, peak)
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
                 self.metrics.validation(self.step, self.validate())
@@ -285,6 +259,24 @@ class Trainer:
                                  f"{PREEMPTED_EXIT_CODE}")
                 return PREEMPTED_EXIT_CODE
         return 0
+
+    def _finish_pending(self) -> None:
+        """Wait for the pending steps' GPU work; the wait counts as time of the last of them."""
+        if self.pending and self.device.type == "cuda":
+            t0 = time.time()
+            torch.cuda.synchronize()
+            self.pending[-1].seconds += time.time() - t0
+
+    def _read_pending(self) -> None:
+        """Hand the steps since the last read to the metrics: one collective for their losses."""
+        if not self.pending:
+            return
+        losses = _all_mean(torch.stack([p.result.loss for p in self.pending]).float()).tolist()
+        norms = [float(p.result.grad_norm) for p in self.pending]
+        for p, loss, norm in zip(self.pending, losses, norms):
+            self.metrics.step_done(loss=loss, grad_norm=norm, lr=p.lr, tokens=self.tokens_per_step,
+                                   seconds=p.seconds, finite=p.result.applied)
+        self.pending.clear()
 
     def _selection_map_layer(self, phase: str):
         """The first Lighthouse layer, armed to capture its inputs, on steps that log a selection map."""
@@ -314,6 +306,7 @@ class Trainer:
 
     def _log_step(self, phase: str, peak: float | None) -> None:
         """Scalars and the console line for the steps since the last log (tags: README.md, TensorBoard)."""
+        self._read_pending()
         means = self.metrics.take_means(self.step)
         if means is None:
             return

@@ -1,0 +1,78 @@
+"""One optimizer step of lh-train: every micro-batch's forward and backward, then the update.
+
+`TrainStep` is what `lh-train` runs and what benchmarks/train_throughput.py times. It does not
+wait for the GPU: the loss stays a device tensor, this rank's and not yet averaged over ranks,
+and the caller reads it when it logs. The one wait per step is DeepSpeed's own test of the
+gradient norm, which decides whether the update is applied (`Engine.step`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lh_dist.config import TrainConfig
+from lh_dist.parallel.mesh import ParallelLayout
+from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
+from lh_dist.train.engine import Engine
+
+
+@dataclass
+class StepResult:
+    loss: Tensor  # [] fp32 on the device: the mean loss of this rank's micro-batches
+    grad_norm: Tensor | float  # global gradient norm before clipping (NaN or inf when not finite)
+    applied: bool  # False: the loss or the gradient was not finite and nothing was updated
+
+
+class TrainStep:
+    """Forward and backward over the micro-batches of one optimizer step, then the update."""
+
+    def __init__(self, cfg: TrainConfig, engine: Engine, layout: ParallelLayout, device: torch.device):
+        self.engine, self.layout, self.device = engine, layout, device
+        self.grad_accum = cfg.optim.grad_accum
+        # This rank's global token positions (its two zigzag chunks under CP) [N_local].
+        self.positions = zigzag_positions(cfg.data.seq_len, layout.cp_degree, layout.cp_rank, device)
+
+    def split(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """A batch of samples [B, N + 1] -> this rank's inputs and targets [B, N_local]."""
+        batch = batch.to(self.device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        cp = self.layout.cp_degree
+        if cp > 1:
+            inputs = zigzag_shard(inputs, 1, cp, self.layout.cp_rank)
+            targets = zigzag_shard(targets, 1, cp, self.layout.cp_rank)
+        return inputs, targets
+
+    def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
+        """Mean next-token cross-entropy [] (fp32) of this rank's tokens."""
+        # No autocast here: the engine runs the model in its own precision (bf16 weights on GPUs).
+        logits = self.engine(inputs, self.positions)  # [B, N_local, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def __call__(self, micro_batches: Sequence[Tensor], lr: float) -> StepResult:
+        """Train on `grad_accum` micro-batches [B, N + 1] at learning rate `lr`."""
+        if len(micro_batches) != self.grad_accum:
+            raise ValueError(f"a step takes optim.grad_accum = {self.grad_accum} micro-batches, "
+                             f"got {len(micro_batches)}")
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = self.loss(*self.split(batch))
+            total += loss.detach()
+            self.engine.backward(loss)
+        grad_norm, applied = self.engine.step(lr)
+        return StepResult(loss=total / self.grad_accum, grad_norm=grad_norm, applied=applied)
+
+    @torch.no_grad()
+    def validation_loss(self, batches) -> Tensor:
+        """Mean loss [] over `batches` (this rank's, on the device), in eval mode."""
+        self.engine.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for batch in batches:
+            total += self.loss(*self.split(batch))
+            count += 1
+        self.engine.train()
+        return total / max(count, 1)
