@@ -9,8 +9,10 @@
 # part2 spends at most FA4_BUDGET seconds (default 300) on its phases, most important first:
 # the self-check, the flash_attn tests, the attention benchmark, the training-step benchmark, then
 # the other attention GPU tests; a phase that no longer fits is skipped and says so. Each phase
-# writes $OUT/<phase>.log; $OUT/summary.txt has one line per phase. No DeepSpeed is needed: the
-# training benchmark steps lh_dist's model with PyTorch's AdamW (--engine torch).
+# writes $OUT/<phase>.log; $OUT/summary.txt has one line per phase. The training benchmark times
+# lh-train's step, so it needs DeepSpeed: with a .whl/ folder of wheels present (DeepSpeed and its
+# pure-Python dependencies, for a machine without a package index) part2 installs them first.
+# FA4_TRAIN_MODE (default selective+compile) is the step's checkpointing mode.
 set -uo pipefail
 OUT=${OUT:-/tmp/fa4_out}
 STAGE=/tmp/fa4
@@ -56,9 +58,12 @@ part2() {
     rm -rf "$STAGE/site"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$STAGE/site" \
         "$STAGE"/*.whl .fa4b/*.whl || exit 1
+    if [ -d .whl ] && ! python3 -c 'import deepspeed' 2>/dev/null && [ ! -d /tmp/site/deepspeed ]; then
+        python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    fi
     echo "installed in $((SECONDS - T0))s" | tee -a "$OUT/summary.txt"
     # --target does not run the package's .pth file, which puts dsl_packages on the path
-    export PYTHONPATH="$STAGE/site/nvidia_cutlass_dsl/dsl_packages:$STAGE/site:$PWD"
+    export PYTHONPATH="$STAGE/site/nvidia_cutlass_dsl/dsl_packages:$STAGE/site:/tmp/site:$PWD"
     # compiled kernels persist on disk, so each benchmark process does not compile them again
     export FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1 FLASH_ATTENTION_CUTE_DSL_CACHE_DIR="$STAGE/cache"
 
@@ -75,9 +80,9 @@ print(f"self-check (import, compile, both dtypes) {time.perf_counter() - t:.1f} 
     phase bench_attention 150 python3 benchmarks/attention.py --backends cudnn flash_attn \
         --lengths 32768 131072 524288 --max-dense-length 131072 --iters 5 --suffix _fa4 \
         --commit "$commit" --out-dir "$OUT"
-    phase bench_train 150 python3 benchmarks/train_throughput.py --seq-lens 98304 --variants dense,lighthouse-2048 \
-        --backends cudnn,flash_attn --engine torch --warmup 1 --steps 2 --name train_throughput_fa4 \
-        --commit "$commit" --out "$OUT"
+    phase bench_train 200 python3 benchmarks/train_throughput.py --seq-lens 98304 --variants dense,lighthouse-2048 \
+        --backends cudnn,flash_attn --modes "${FA4_TRAIN_MODE:-selective+compile}" --warmup 0 --steps 2 \
+        --name train_throughput_fa4 --commit "$commit" --out "$OUT"
     phase tests_other 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_attention_ops.py tests/test_ring_attention.py
     echo "== summary ($((SECONDS - T0))s)"

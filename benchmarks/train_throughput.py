@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
 from lh_dist.config import load_config
@@ -99,6 +100,7 @@ def measure(variant: str, backend: str, mode: str, seq_len: int, args) -> dict:
     torch.manual_seed(0)
     phase = "lighthouse" if variant.startswith("lighthouse") else "dense"
     torch._dynamo.reset()  # each variant compiles from scratch, so its first step shows the cost
+    counters.clear()
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -122,7 +124,8 @@ def measure(variant: str, backend: str, mode: str, seq_len: int, args) -> dict:
     row = {"variant": variant, "backend": "sdpa" if variant == "plain" else backend,
            "mode": "full" if variant == "plain" else mode, "seq_len": seq_len, "first_step_s": times[0],
            "step_s": median, "tokens_per_s": seq_len / median, "mfu": flops / peak if peak else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "times": times}
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "times": times,
+           "graph_breaks": sum(counters["graph_break"].values())}
     print(json.dumps(row), flush=True)
     del step, model
     return row
@@ -186,8 +189,8 @@ def main() -> int:
         f"{'; ' + _flash_attn_version() if 'flash_attn' in backends else ''})",
         "",
         f"| context | variant | attention | checkpointing | first step (s) | step (s) | tokens/s "
-        f"| vs dense, same mode | vs {base_m} {base_b} | MFU | peak memory (GiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| vs dense, same mode | vs {base_m} {base_b} | MFU | peak memory (GiB) | graph breaks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         dense = by.get(("dense", r["backend"], r["mode"], r["seq_len"]))
@@ -197,7 +200,7 @@ def main() -> int:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['backend']} | {r['mode']} | {r['first_step_s']:.2f} "
                      f"| {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | {vs_base} | {mfu} "
-                     f"| {r['peak_mem_gib']:.1f} |")
+                     f"| {r['peak_mem_gib']:.1f} | {r['graph_breaks']} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
