@@ -12,7 +12,8 @@
 # writes $OUT/<phase>.log; $OUT/summary.txt has one line per phase. The training benchmark times
 # lh-train's step, so it needs DeepSpeed: with a .whl/ folder of wheels present (DeepSpeed and its
 # pure-Python dependencies, for a machine without a package index) part2 installs them first.
-# FA4_TRAIN_MODE (default selective+compile) is the step's checkpointing mode.
+# FA4_TRAIN_MODE (default selective+compile) is the step's checkpointing mode; EXTRA, a command
+# run as one more phase before the other attention tests.
 set -uo pipefail
 OUT=${OUT:-/tmp/fa4_out}
 STAGE=/tmp/fa4
@@ -81,8 +82,9 @@ print(f"self-check (import, compile, both dtypes) {time.perf_counter() - t:.1f} 
         --lengths 32768 131072 524288 --max-dense-length 131072 --iters 5 --suffix _fa4 \
         --commit "$commit" --out-dir "$OUT"
     phase bench_train 200 python3 benchmarks/train_throughput.py --seq-lens 98304 --variants dense,lighthouse-2048 \
-        --backends cudnn,flash_attn --modes "${FA4_TRAIN_MODE:-selective+compile}" --warmup 0 --steps 2 \
+        --backends cudnn,flash_attn --modes "${FA4_TRAIN_MODE:-selective+compile}" --warmup 0 --steps 2 --profile \
         --name train_throughput_fa4 --commit "$commit" --out "$OUT"
+    [ -n "${EXTRA:-}" ] && phase extra 150 bash -c "$EXTRA"
     phase tests_other 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/test_attention_ops.py tests/test_ring_attention.py
     echo "== summary ($((SECONDS - T0))s)"

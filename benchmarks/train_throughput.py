@@ -104,6 +104,8 @@ def measure(variant: str, backend: str, mode: str, seq_len: int, args) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    # What earlier rows left allocated (DeepSpeed keeps references to its engines) is not this row's.
+    left_over = torch.cuda.memory_allocated()
     if variant == "plain":
         step, model = plain_step_fn(cfg, device)
     else:
@@ -124,11 +126,45 @@ def measure(variant: str, backend: str, mode: str, seq_len: int, args) -> dict:
     row = {"variant": variant, "backend": "sdpa" if variant == "plain" else backend,
            "mode": "full" if variant == "plain" else mode, "seq_len": seq_len, "first_step_s": times[0],
            "step_s": median, "tokens_per_s": seq_len / median, "mfu": flops / peak if peak else None,
-           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30, "times": times,
+           "peak_mem_gib": (torch.cuda.max_memory_allocated() - left_over) / 2**30, "times": times,
            "graph_breaks": sum(counters["graph_break"].values())}
     print(json.dumps(row), flush=True)
+    if args.profile:
+        row["profile_ms"] = profile_step(step, tokens)
+        print(json.dumps({"profile_ms": row["profile_ms"]}), flush=True)
     del step, model
     return row
+
+
+# Kernel families of a step, matched on CUDA kernel names in this order (lower case).
+KERNEL_FAMILIES = (
+    ("attention", ("flash", "fmha", "cudnn", "sdpa", "attn")),
+    ("Lighthouse Triton kernels", ("_scores_kernel", "_select_kernel", "_segment_kernel", "_level_gather_kernel",
+                                   "_refine")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "splitk")),
+    ("optimizer", ("adam", "multi_tensor", "foreach", "l2norm", "norm_kernel")),
+    ("communication", ("nccl",)),
+    ("compiled elementwise (Inductor)", ("triton_",)),
+    ("other elementwise, copy and reduce", ("",)),
+)
+
+
+def profile_step(step, tokens) -> dict:
+    """CUDA time (ms) of one more step by kernel family, and kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(tokens)
+        torch.cuda.synchronize()
+    totals = {name: 0.0 for name, _ in KERNEL_FAMILIES} | {"launches": 0}
+    for event in prof.key_averages():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.key.lower()
+        family = next(f for f, keys in KERNEL_FAMILIES if any(k in name for k in keys))
+        totals[family] += event.device_time_total / 1e3
+        totals["launches"] += event.count
+    return totals
 
 
 def main() -> int:
@@ -144,6 +180,8 @@ def main() -> int:
     parser.add_argument("--backends", default="auto",
                         help="comma-separated lh_dist attention backends (model.attention_backend) for the lh_dist "
                              "variants, each run in turn; the first is the baseline")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each row's timing, profile one more step: CUDA time by kernel family")
     parser.add_argument("--name", default="train_throughput", help="output file stem")
     parser.add_argument("--commit", default=None, help="commit to report when the tree has no .git")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
@@ -201,6 +239,16 @@ def main() -> int:
         lines.append(f"| {r['seq_len']:,} | {r['variant']} | {r['backend']} | {r['mode']} | {r['first_step_s']:.2f} "
                      f"| {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | {vs_base} | {mfu} "
                      f"| {r['peak_mem_gib']:.1f} | {r['graph_breaks']} |")
+    profiled = [r for r in rows if "profile_ms" in r]
+    if profiled:
+        lines += ["", "CUDA time of one profiled step by kernel family (ms):", "",
+                  "| variant | attention | checkpointing | " + " | ".join(f for f, _ in KERNEL_FAMILIES)
+                  + " | kernel launches |",
+                  "|---" * (4 + len(KERNEL_FAMILIES)) + "|"]
+        for r in profiled:
+            p = r["profile_ms"]
+            lines.append(f"| {r['variant']} | {r['backend']} | {r['mode']} | "
+                         + " | ".join(f"{p[f]:.0f}" for f, _ in KERNEL_FAMILIES) + f" | {p['launches']:,} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
