@@ -108,12 +108,12 @@ if [ "${PAPER:-1}" != 0 ]; then
     peak=$(scalars "$SMOKE_DIR/paper" perf/peak_memory_gib 5)
     echo "  tokens/s: Lighthouse steps 2, 3: $lh2 $lh3; dense step 5: $dense5; peak memory $peak GiB"
     lh=$(printf '%s\n' "$lh2" "$lh3" | sort -g | tail -n 1)
-    if near "$lh" 52900; then ok "Lighthouse phase near README's 52.9k tokens/s ($lh)"; else
-      fail "Lighthouse phase $lh tokens/s, README says 52.9k"; fi
-    if near "$dense5" 17500; then ok "dense phase near README's 17.5k tokens/s ($dense5)"; else
-      fail "dense phase $dense5 tokens/s, README says 17.5k"; fi
-    if near "$peak" 14.3; then ok "peak memory near README's 14.3 GiB with activation checkpointing ($peak)"; else
-      fail "peak memory $peak GiB, README says 14.3"; fi
+    if near "$lh" 86800; then ok "Lighthouse phase near README's 86.8k tokens/s ($lh)"; else
+      fail "Lighthouse phase $lh tokens/s, README says 86.8k"; fi
+    if near "$dense5" 23200; then ok "dense phase near README's 23.2k tokens/s ($dense5)"; else
+      fail "dense phase $dense5 tokens/s, README says 23.2k"; fi
+    if near "$peak" 19.2; then ok "peak memory near README's 19.2 GiB with selective checkpointing ($peak)"; else
+      fail "peak memory $peak GiB, README says 19.2"; fi
   else
     fail "the paper config exits $rc"
   fi
