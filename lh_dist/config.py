@@ -149,7 +149,7 @@ class ScheduleConfig:
     min_lr_ratio: float = 0.1
     # Optimizer steps that use Lighthouse attention before the switch to dense (0: dense run).
     lighthouse_steps: int = 0
-    # Consecutive non-finite losses tolerated (each skips its step) before the run aborts.
+    # Consecutive steps with a non-finite loss or gradient tolerated (each is skipped) before the run aborts.
     max_nonfinite_steps: int = 5
 
     def validate(self, p: str = "schedule") -> None:
