@@ -43,15 +43,22 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset, sta
             out = real_loss(*a)
             return out * float("nan") if trainer.step + 1 in poison else out
         trainer.step_fn.loss = loss
-        snapshots = []
+        snapshots, moments = [], []
         for step in range(4):
             trainer.step = step
             result[f"applied{step + 1}"] = trainer.train_step(1e-2).applied
             # ZeRO 3 keeps each rank's partition in ds_tensor; the module holds placeholders.
             snapshots.append(torch.cat([getattr(p, "ds_tensor", p).detach().flatten().clone()
                                         for p in trainer.engine.module.parameters()]))
+            opt = trainer.engine.ds.optimizer
+            while not isinstance(opt, torch.optim.Optimizer):  # ZeRO wraps torch's AdamW
+                opt = opt.optimizer
+            moments.append(torch.cat([s[k].flatten().clone() for s in opt.state.values()
+                                      for k in ("exp_avg", "exp_avg_sq")]))
         result["unchanged_on_nan"] = bool(torch.equal(snapshots[1], snapshots[2]))
         result["changed_otherwise"] = not torch.equal(snapshots[2], snapshots[3])
+        result["moments_unchanged_on_nan"] = bool(torch.equal(moments[1], moments[2]))
+        result["moments_changed_otherwise"] = not torch.equal(moments[2], moments[3])
         trainer.step = 4
         poison.update(range(5, 100))
         try:
@@ -61,6 +68,7 @@ def test_nonfinite_loss_skips_the_step_then_aborts(tmp_path, stdlib_dataset, sta
     """, tmp_path, stdlib_dataset, "schedule.steps=20", "schedule.max_nonfinite_steps=3",
                         f"parallel.zero_stage={stage}")
     assert result["unchanged_on_nan"] and result["changed_otherwise"]
+    assert result["moments_unchanged_on_nan"] and result["moments_changed_otherwise"]
     assert [result[f"applied{s}"] for s in range(1, 5)] == [True, True, False, True]
     assert result["error"].startswith("NonFiniteLossError: 3 non-finite losses in a row")
     assert "schedule.max_nonfinite_steps=3" in result["error"]
