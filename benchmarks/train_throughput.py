@@ -33,8 +33,9 @@ from torch.utils.checkpoint import checkpoint
 from lh_dist.config import load_config
 from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
 from lh_dist.model import Transformer
+from lh_dist.runtime.build import build_model, flops_per_step_token, set_phase
+from lh_dist.runtime.distributed import init_distributed
 from lh_dist.train import engine as ds
-from lh_dist.train.build import build_model, flops_per_step_token, set_phase
 from lh_dist.train.metrics import peak_flops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +172,7 @@ def main() -> int:
     for name in backends:
         resolve_backend(name, torch.device("cuda"), torch.bfloat16, head_dim)  # fails now, saying why
     if args.engine == "deepspeed":
-        ds.init_distributed(torch.device("cuda"))
+        init_distributed(torch.device("cuda"))
     rows = [measure(v, b, int(n), args) for n in args.seq_lens.split(",") for v in args.variants.split(",")
             for b in (backends[:1] if v == "plain" else backends)]
 

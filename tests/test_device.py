@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError
-from lh_dist.train.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
+from lh_dist.runtime.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",

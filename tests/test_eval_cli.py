@@ -13,7 +13,7 @@ import torch
 from lh_dist.eval import runner as runner_module
 from lh_dist.eval.cli import main, output_path
 from lh_dist.eval.runner import ModelRunner
-from lh_dist.parallel.spawn import spawn_ranks
+from spawn import spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["parallel.cp_degree=1", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lh_dist.parallel.spawn import free_port
+from lh_dist.runtime.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",

@@ -153,7 +153,7 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
 def output_path(argv: list[str]) -> Path:
     """The JSON file that `lh-eval <argv>` writes (its PNG has the same stem). Reads the checkpoint's
     config (and, for default passkey lengths, the dataset's tokenizer); evaluates nothing."""
-    from lh_dist.train.checkpoint import checkpoint_config, resolve_checkpoint
+    from lh_dist.runtime.checkpoint import checkpoint_config, resolve_checkpoint
 
     args = parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)
@@ -248,7 +248,7 @@ def run_loss(args) -> Path | None:
     token_bytes = (lambda t: (t != info["eod_id"]).long()) if info.get("tokenizer", "byte") == "byte" else None
     # Every rank reads the same batches: evaluation has no data parallelism.
     loader = PackedLoader(data, "val", seq_len=seq_len, micro_batch=args.micro_batch, dp_rank=0, dp_degree=1,
-                          cp_degree=args.cp, seed=runner.cfg.seed, max_batches=args.batches,
+                          seed=runner.cfg.seed, max_batches=args.batches,
                           cache_dir=str(runner.folder.parent.parent / "data_cache"))
     log = print if runner.is_main else None
     result = evaluate_position_loss(runner.token_losses, loader, seq_len, edges, log=log, token_bytes_fn=token_bytes)

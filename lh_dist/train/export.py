@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from lh_dist.config import TrainConfig, save_config
-from lh_dist.train.checkpoint import STEP_DIR, checkpoint_config, resolve_checkpoint
-from lh_dist.train.engine import load_model_state
+from lh_dist.runtime.checkpoint import (STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint,
+                                        trainer_state)
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -120,11 +120,6 @@ def _write_tokenizer(out: Path, spec: str, eod_id: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
 
 
-def _trainer_state(folder: Path) -> dict:
-    path = folder / "trainer_rank_00000.pt"
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
-
-
 def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, tokenizer: str) -> str:
     """README.md of the export: what the model is and how it was trained, from the config and the
     checkpoint's trainer state (older checkpoints lack tokens and losses; those rows are left out)."""
@@ -209,7 +204,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
     (out / "generation_config.json").write_text(json.dumps(generation_config(eod_id), indent=2))
     _write_tokenizer(out, tokenizer, eod_id)
     save_config(cfg, out / "lh_dist_config.yaml")
-    (out / "README.md").write_text(model_card(cfg, checkpoint, _trainer_state(checkpoint), n_params, tokenizer))
+    (out / "README.md").write_text(model_card(cfg, checkpoint, trainer_state(checkpoint), n_params, tokenizer))
     # safetensors writes its file for the owner only; an export is meant to be shared.
     out.chmod(0o755)
     for name in EXPORT_FILES:
