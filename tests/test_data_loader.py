@@ -12,6 +12,7 @@ import torch
 from lh_dist.data.loader import CorruptDataError, PackedLoader, read_dataset_info
 from lh_dist.data.shards import FORMAT_VERSION, write_dataset
 from lh_dist.data.tokenizer import ByteTokenizer
+
 from spawn import spawn_ranks
 
 EOD = 256

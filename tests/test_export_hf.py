@@ -17,8 +17,9 @@ from lh_dist.config import load_config, save_config
 from lh_dist.runtime.checkpoint import FORMAT_VERSION, MANIFEST, file_crc32
 from lh_dist.train.export import EXPORT_FILES, export, main
 
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-        "data.seq_len=256", "schedule.steps=10", "schedule.warmup_steps=1", "schedule.lighthouse_steps=4",
+from conftest import TINY_MODEL
+
+TINY = [*TINY_MODEL, "data.seq_len=256", "schedule.steps=10", "schedule.warmup_steps=1", "schedule.lighthouse_steps=4",
         "lighthouse.levels=2",
         "lighthouse.pooling=2", "lighthouse.topk=128", "lighthouse.dense_layers=[0]", "parallel.cp_degree=1"]
 EOD = 256

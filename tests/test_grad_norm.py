@@ -21,10 +21,10 @@ from lh_dist.config import load_config
 from lh_dist.data.loader import PackedLoader
 from lh_dist.runtime.build import build_model
 
+from conftest import SMALL_RUN
+
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=128", "schedule.warmup_steps=1", "schedule.lighthouse_steps=0", "logging.eval_batches=1",
-         "optim.grad_clip=0.5"]  # far below the first step's norm (about 2), so clipping acts
+SMALL = [*SMALL_RUN, "optim.grad_clip=0.5"]  # far below the first step's norm (about 2), so clipping acts
 STAGES = [0, 1, 2, 3]
 
 # Every rank builds one Trainer per ZeRO stage, takes one step and writes the norms it got.

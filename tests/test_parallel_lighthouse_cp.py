@@ -22,6 +22,7 @@ import torch.distributed as dist
 from lh_dist.ops.lighthouse import lighthouse_reference
 from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
 from lh_dist.parallel.sharding import zigzag_shard
+
 from spawn import spawn_ranks
 
 

@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from lh_dist.config import ConfigError, load_config
 from lh_dist.parallel.mesh import init_parallel_layout, plan_layout, resolve_degrees
+
 from spawn import spawn_ranks
 
 

@@ -191,6 +191,7 @@ def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
 
 
 def run_passkey(args) -> Path | None:
+    """`lh-eval passkey`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.eval.passkey import passkey_grid
     from lh_dist.eval.plotting import passkey_heatmap
     from lh_dist.eval.runner import ModelRunner
@@ -222,6 +223,7 @@ def run_passkey(args) -> Path | None:
 
 
 def run_loss(args) -> Path | None:
+    """`lh-eval loss`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.data.loader import PackedLoader, read_dataset_info
     from lh_dist.eval.plotting import position_loss_plot
     from lh_dist.eval.position_loss import bucket_edges, evaluate_position_loss
@@ -270,6 +272,7 @@ def run_loss(args) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`lh-eval`'s arguments; config overrides may stand before or after the options."""
     parser = _parser()
     # argparse stops filling a '*' positional at the first option, so overrides placed after
     # options come back as unknown arguments: accept those that look like section.field=value.
@@ -282,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-eval`; 0 on success, 2 (one line on stderr) for a bad argument, config or checkpoint."""
     args = parse_args(argv)
     try:
         (run_passkey if args.command == "passkey" else run_loss)(args)

@@ -53,10 +53,10 @@ REPLACED, DELETING = ".replaced-", ".deleting-"
 # take 12 bytes per parameter (bf16 runs add a 2-byte copy); the rest is headroom.
 BYTES_PER_PARAM = 16
 KILL_ENV = "LH_DIST_TEST_KILL"
-KILL_POINTS = ("write", "manifest", "rename", "rotate")
 
 
 def rng_state() -> dict:
+    """The random generators' states of this process: Python, NumPy, torch (and CUDA if present)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -64,6 +64,7 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -283,6 +284,7 @@ class Checkpointer:
     # ---- saving --------------------------------------------------------------------------
 
     def expected_bytes(self) -> int:
+        """Size of the next checkpoint: the last one's, or an estimate from the parameter count before any."""
         return self.last_bytes if self.last_bytes is not None else BYTES_PER_PARAM * self.n_params
 
     def _check_space(self, step: int) -> None:
@@ -398,5 +400,6 @@ class Checkpointer:
         return state
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint of the run dir (sizes checked, not checksums), or None."""
         newest = next((f for f in survey(self.root) if f.problem is None), None)
         return newest.path if newest else None

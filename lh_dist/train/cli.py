@@ -85,6 +85,7 @@ def _fail(kind: str, error: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-train`: the trainer's exit status (0, or 75 after a stop signal), 2 for a user error (one line)."""
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="run file, e.g. configs/tiny-cpu.yaml (default: the "

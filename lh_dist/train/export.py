@@ -40,6 +40,8 @@ _LAYER_NAMES = {
 
 
 def hf_name(name: str) -> str:
+    """The Hugging Face Llama name of one of our parameters, e.g. layers.0.attention.wq.weight ->
+    model.layers.0.self_attn.q_proj.weight."""
     if name.startswith("layers."):
         _, i, rest = name.split(".", 2)
         module, param = rest.rsplit(".", 1)
@@ -49,6 +51,7 @@ def hf_name(name: str) -> str:
 
 
 def hf_config(cfg: TrainConfig, dtype: str, eod_id: int) -> dict:
+    """config.json of the export: a LlamaForCausalLM of the run's shape, weights saved in `dtype`."""
     m = cfg.model
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -63,6 +66,7 @@ def hf_config(cfg: TrainConfig, dtype: str, eod_id: int) -> dict:
 
 
 def generation_config(eod_id: int) -> dict:
+    """generation_config.json: the end-of-document id begins, ends and pads generated text."""
     return {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
 
 
@@ -213,6 +217,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-export`; 0 on success, 2 (one line on stderr) for a missing checkpoint or a bad argument."""
     parser = argparse.ArgumentParser(prog="lh-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path,
