@@ -25,6 +25,7 @@ from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zig
 from lh_dist.runtime.build import PHASES, build_model, set_phase
 from lh_dist.runtime.checkpoint import STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint, trainer_state
 from lh_dist.runtime.device import local_device
+from lh_dist.runtime.distributed import backend_for
 
 
 def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
@@ -43,7 +44,7 @@ def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
         return None, 0, False
     initialized_here = not dist.is_initialized()
     if initialized_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device))
     return dist.group.WORLD, dist.get_rank(), initialized_here
 
 

@@ -1,9 +1,9 @@
 """DP x CP process layout.
 
 CP is the innermost dimension: ranks [d*cp, (d+1)*cp) form the CP group of
-data-parallel replica d. Consecutive ranks then share a sample, which is what
-mosaicml-streaming's `replication=cp_degree` delivers, and CP traffic (the
-heaviest) stays within a node when cp_degree divides the GPUs per node.
+data-parallel replica d. Consecutive ranks then share a sample (they share a
+dp_rank, and the packed loader's batches are a function of the dp_rank), and CP
+traffic (the heaviest) stays within a node when cp_degree divides the GPUs per node.
 
 Parameters are replicated over DP and CP alike, so their gradients are averaged
 over the whole DP x CP world. Hand DeepSpeed no mpu: its default

@@ -1,4 +1,4 @@
-"""Starting torch.distributed for a training process, from torchrun's environment or alone."""
+"""Starting torch.distributed, from torchrun's environment or alone."""
 
 from __future__ import annotations
 
@@ -16,9 +16,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend for ranks on `device`: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device: torch.device) -> None:
-    """Initialize torch.distributed through DeepSpeed from torchrun's environment variables
-    (NCCL on CUDA, gloo on CPU); a process started without torchrun becomes a world of one."""
+    """Initialize torch.distributed for training, through DeepSpeed, from torchrun's environment
+    variables; a process started without torchrun becomes a world of one."""
     if device.type == "cpu":
         # DeepSpeed guesses the accelerator when it is imported; on CPU say so, to keep it certain and quiet.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -31,5 +36,4 @@ def init_distributed(device: torch.device) -> None:
         # A plain `lh-train` without torchrun: a world of one on a free local port.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend_for(device))
