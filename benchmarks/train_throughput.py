@@ -38,8 +38,9 @@ from lh_dist.config import load_config
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
 from lh_dist.parallel.mesh import init_parallel_layout
-from lh_dist.train.build import build_model, flops_per_step_token, set_phase
-from lh_dist.train.engine import Engine, init_distributed
+from lh_dist.runtime.build import build_model, flops_per_step_token, set_phase
+from lh_dist.runtime.distributed import init_distributed
+from lh_dist.train.engine import Engine
 from lh_dist.train.metrics import peak_flops
 from lh_dist.train.step import TrainStep
 

@@ -35,19 +35,20 @@ if [ -z "${RDZV_ENDPOINT:-}" ] && [ "$NNODES" -gt 1 ]; then
 fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   # The trainer's own rule: one rank per GPU that torch sees (CUDA_VISIBLE_DEVICES counts), else 2 CPU ranks.
-  NPROC_PER_NODE=$("$PYTHON" -m lh_dist.train.device --config "$CONFIG" "$@")
+  NPROC_PER_NODE=$("$PYTHON" -m lh_dist.train.cli --config "$CONFIG" --ranks-per-node "$@")
 fi
 WORLD=$((NNODES * NPROC_PER_NODE))
 
 if [ "${DRY_RUN:-0}" = 1 ]; then
-  plan=$("$PYTHON" -m lh_dist.train.cli --config "$CONFIG" --dry-run --world-size "$WORLD" "$@")
+  plan=$("$PYTHON" -m lh_dist.train.cli --config "$CONFIG" --dry-run --json --world-size "$WORLD" "$@")
+  plan_field() { "$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$plan" "$1"; }
   echo "launch: $NNODES node(s) x $NPROC_PER_NODE process(es) = world size $WORLD; rendezvous c10d at ${RDZV_ENDPOINT:-a free local port}"
   for ((n = 0; n < NNODES; n++)); do
     echo "node $n: ranks $((n * NPROC_PER_NODE))..$(((n + 1) * NPROC_PER_NODE - 1))"
   done
-  echo "$plan"
+  plan_field text
   # Ring attention sends K/V around each CP group every layer: keep the groups inside a node (NVLink).
-  cp=$(sed -n 's/^world size .* x cp \([0-9]*\).*/\1/p' <<<"$plan")
+  cp=$(plan_field cp_degree)
   if [ "$((NPROC_PER_NODE % cp))" = 0 ]; then
     echo "CP groups stay inside one node"
   else

@@ -45,6 +45,7 @@ class ModelConfig:
     attention_backend: Literal["auto", "flash_attn", "cudnn", "flash", "cpu_flash", "math"] = "auto"
 
     def validate(self, p: str = "model") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
             _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
         _check(self.dim % self.n_heads == 0, f"{p}.dim", f"divisible by {p}.n_heads={self.n_heads}", self.dim)
@@ -57,6 +58,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
+        """Width of one attention head: dim / n_heads."""
         return self.dim // self.n_heads
 
 
@@ -73,6 +75,7 @@ class LighthouseConfig:
     backend: Literal["auto", "reference", "triton"] = "auto"
 
     def validate(self, p: str = "lighthouse") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         _check(self.levels >= 2, f"{p}.levels", "an integer >= 2", self.levels)
         _check(self.pooling >= 2 and self.pooling & (self.pooling - 1) == 0, f"{p}.pooling",
                "a power of two >= 2", self.pooling)
@@ -113,6 +116,7 @@ class DataConfig:
     micro_batch: int = 1
 
     def validate(self, p: str = "data") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         _check(bool(self.path), f"{p}.path", "a non-empty folder or URL", self.path)
         _check(self.seq_len >= 2, f"{p}.seq_len", "an integer >= 2", self.seq_len)
         _check(self.micro_batch >= 1, f"{p}.micro_batch", "a positive integer", self.micro_batch)
@@ -130,6 +134,7 @@ class OptimConfig:
     grad_accum: int = 1
 
     def validate(self, p: str = "optim") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         _check(self.lr > 0, f"{p}.lr", "positive", self.lr)
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
                "two numbers in [0, 1)", self.betas)
@@ -153,6 +158,7 @@ class ScheduleConfig:
     max_nonfinite_steps: int = 5
 
     def validate(self, p: str = "schedule") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         _check(self.steps >= 1, f"{p}.steps", "a positive integer", self.steps)
         _check(0 <= self.warmup_steps <= self.steps, f"{p}.warmup_steps", f"in [0, {p}.steps={self.steps}]",
                self.warmup_steps)
@@ -171,6 +177,7 @@ class CheckpointConfig:
     keep: int = 2
 
     def validate(self, p: str = "checkpoint") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         _check(self.interval >= 1, f"{p}.interval", "a positive integer", self.interval)
         _check(self.keep >= 1, f"{p}.keep", "a positive integer", self.keep)
 
@@ -187,6 +194,7 @@ class LoggingConfig:
     selection_map_interval: int = 0
 
     def validate(self, p: str = "logging") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range."""
         _check(bool(self.run_dir), f"{p}.run_dir", "a non-empty path", self.run_dir)
         for name in ("log_interval", "eval_interval", "eval_batches"):
             _check(getattr(self, name) >= 1, f"{p}.{name}", "a positive integer", getattr(self, name))
@@ -196,6 +204,8 @@ class LoggingConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
+    """A whole run: one section per component, the seed, and the device every rank runs on."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     lighthouse: LighthouseConfig = field(default_factory=LighthouseConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -208,6 +218,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self) -> None:
+        """Validate every section, then what spans sections (Lighthouse's tiling, zigzag sharding)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
@@ -223,24 +234,25 @@ class TrainConfig:
                f"divisible by 2 * parallel.cp_degree = {chunks} (zigzag sharding)", self.data.seq_len)
 
     def to_dict(self) -> dict:
+        """Nested plain dict {section: {field: value}}, as YAML and JSON hold it."""
         return dataclasses.asdict(self)
 
 
+# The config field behind each argument of validate_lighthouse_args.
 _LIGHTHOUSE_ARG_FIELDS = {"n": "data.seq_len", "levels": "lighthouse.levels", "pooling": "lighthouse.pooling",
-                         "topk": "lighthouse.topk", "chunks": "parallel.cp_degree", "tile": "data.seq_len",
-                         "each": "data.seq_len"}
+                         "topk": "lighthouse.topk", "chunks": "parallel.cp_degree"}
 
 
 def validate_lighthouse_shape(cfg: TrainConfig) -> None:
     """Check that Lighthouse can tile the training sequence on every CP rank (the kernels' own rules)."""
-    from lh_dist.ops.lighthouse import validate_lighthouse_args
+    from lh_dist.ops.lighthouse.validation import LighthouseArgError, validate_lighthouse_args
 
     lh, cp = cfg.lighthouse, cfg.parallel.cp_degree
     try:
         # CP cuts the sequence into 2 * cp zigzag chunks that select independently.
         validate_lighthouse_args(cfg.data.seq_len, lh.levels, lh.pooling, lh.topk, chunks=2 * cp if cp > 1 else 1)
-    except ValueError as e:
-        field = _LIGHTHOUSE_ARG_FIELDS.get(str(e).split()[0].split("/")[0], "lighthouse")
+    except LighthouseArgError as e:
+        field = _LIGHTHOUSE_ARG_FIELDS[e.arg]
         raise ConfigError(f"{field}: {e} (here n = data.seq_len, chunks = 2 * parallel.cp_degree)") from None
 
 
@@ -339,4 +351,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write every field of `cfg` as YAML, in declaration order; `load_config(path)` reads it back equal."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

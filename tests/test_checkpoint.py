@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from lh_dist.config import ConfigError, load_config
+from lh_dist.runtime.checkpoint import (FORMAT_VERSION, MANIFEST, InvalidCheckpoint, checkpoint_config, read_manifest,
+                                        resolve_checkpoint, survey)
 from lh_dist.train import run_dir as run_dir_module
-from lh_dist.train.checkpoint import (MANIFEST, Checkpointer, check_resume, checkpoint_config, read_manifest,
-                                      resolve_checkpoint, survey)
+from lh_dist.train.checkpoint import Checkpointer, check_resume, check_resume_arg
 from lh_dist.train.run_dir import LOCK_NAME, RunDirError, RunLock, archive_previous_run, check_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +78,26 @@ def test_manifest_is_written_last_and_lists_every_file(tmp_path):
     assert manifest["data"]["samples_seen"] == 4
     # The manifest is the newest file of the folder.
     assert max(p.stat().st_mtime_ns for p in folder.iterdir()) == (folder / MANIFEST).stat().st_mtime_ns
+
+
+def test_a_manifest_of_another_format_version_is_not_a_checkpoint(tmp_path):
+    cfg = make_cfg(tmp_path)
+    train(cfg, [2])
+    folder = Path(cfg.logging.run_dir) / "checkpoints/step_00000002"
+    manifest = json.loads((folder / MANIFEST).read_text())
+    assert manifest["format_version"] == FORMAT_VERSION
+    (folder / MANIFEST).write_text(json.dumps(manifest | {"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(InvalidCheckpoint) as e:
+        read_manifest(folder)
+    assert str(e.value) == (f"its manifest.json has format_version {FORMAT_VERSION + 1}; this lh_dist reads "
+                            f"format_version {FORMAT_VERSION} only")
+    with pytest.raises(FileNotFoundError, match=f"step_00000002 is not a complete checkpoint: its manifest.json "
+                                                f"has format_version {FORMAT_VERSION + 1};"):
+        resolve_checkpoint(folder)
+    plan = Checkpointer(cfg, rank=0).open("auto")  # a run passes over it, saying why
+    assert plan.folder is None
+    assert plan.messages[-1].startswith(f"skipped checkpoint step_00000002: its manifest.json has format_version "
+                                        f"{FORMAT_VERSION + 1}")
 
 
 def test_resume_auto_walks_back_past_torn_checkpoints_and_says_why(tmp_path):
@@ -144,6 +165,26 @@ def test_a_fresh_start_over_checkpoints_is_refused_unless_overwrite_archives_the
     # Rotation never removes what this run wrote; --resume auto continues it, not the archived one.
     assert names(cfg) == ["step_00000005", "step_00000010"]
     assert Checkpointer(cfg, rank=0).open("auto").folder == str(run / "checkpoints/step_00000010")
+
+
+def test_resume_arguments_are_checked_by_one_rule_in_the_cli_and_the_checkpointer(tmp_path):
+    cfg = make_cfg(tmp_path)
+    train(cfg, [5])
+    run = Path(cfg.logging.run_dir)
+    own, other = run / "checkpoints/step_00000005", tmp_path / "other/checkpoints/step_00000005"
+    shutil.copytree(own, other)
+    assert check_resume_arg(str(other), True, False, run) is True  # another run's checkpoint, archived over
+    assert check_resume_arg(str(own), False, True, run) is False
+    for resume, overwrite, rewind, message in [
+            ("auto", True, False, "--overwrite goes with --resume none or another run's checkpoint folder"),
+            (str(own), True, False, "--overwrite goes with --resume none or another run's checkpoint folder"),
+            ("none", False, True, "--rewind goes with --resume <checkpoint folder>"),
+            (str(run), False, False, "--resume must be 'auto', 'none' or a checkpoint folder step_XXXXXXXX")]:
+        with pytest.raises(ConfigError) as before:
+            check_resume_arg(resume, overwrite, rewind, run)  # what lh-train checks before any process group
+        with pytest.raises(ConfigError) as opening:
+            Checkpointer(cfg, rank=0).open(resume, overwrite=overwrite, rewind=rewind)
+        assert str(before.value) == str(opening.value) and str(before.value).startswith(message)
 
 
 def test_a_rewind_is_explicit_and_drops_later_checkpoints_after_its_first_new_one(tmp_path):

@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import SMALL_RUN
 from test_train import REPO, _env
 
 STEPS = 14
-RUN = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-       "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
-       "schedule.lighthouse_steps=0", "logging.log_interval=1", "logging.eval_interval=100",
-       "logging.eval_batches=1", "checkpoint.interval=2", "checkpoint.keep=3", f"schedule.steps={STEPS}"]
+RUN = [*SMALL_RUN, "logging.eval_interval=100", "checkpoint.interval=2", "checkpoint.keep=3", f"schedule.steps={STEPS}"]
 PROGRESS = re.compile(r"^step\s+(\d+)/\d+\s+loss (\S+)", re.M)
 
 

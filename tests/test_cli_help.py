@@ -1,10 +1,15 @@
-"""Every CLI's -h: descriptions, defaults, choices and examples; lh-train --print-config and --dry-run."""
+"""Every CLI's -h: descriptions, defaults, choices and examples; lh-train --print-config, --dry-run [--json]
+and --ranks-per-node."""
+
+import json
 
 import pytest
+import torch
 import yaml
 
 from lh_dist.config import load_config
 from lh_dist.eval.cli import main as lh_eval
+from lh_dist.runtime.device import CPU_RANKS, default_ranks_per_node
 from lh_dist.train.cli import main as lh_train
 from lh_dist.train.export import main as lh_export
 
@@ -46,3 +51,25 @@ def test_dry_run_suggests_world_size(monkeypatch, capsys):
     assert "pass --world-size N" in capsys.readouterr().err
     assert lh_train(["--config", "configs/tiny-cpu.yaml", "--dry-run", "--world-size", "2"]) == 0
     assert "world size 2 = dp 1 x cp 2" in capsys.readouterr().out
+
+
+def test_dry_run_json_is_the_plan_for_scripts(capsys):
+    argv = ["--config", "configs/paper-530m-98k.yaml", "--dry-run", "--world-size", "8", "parallel.cp_degree=4"]
+    assert lh_train(argv) == 0
+    words = capsys.readouterr().out
+    assert lh_train(argv + ["--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)  # one JSON object and nothing else
+    assert (plan["world_size"], plan["dp_degree"], plan["cp_degree"]) == (8, 2, 4)
+    assert plan["cp_groups"] == [[0, 1, 2, 3], [4, 5, 6, 7]] and plan["dp_groups"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert plan["tokens_per_rank"] == 98304 // 4 and plan["tokens_per_step"] == 2 * 98304
+    assert plan["lighthouse"]["gathered_length"] == 22528  # N / 4^2 + 2 * 4 * 2048
+    assert plan["text"] + "\n" == words
+    assert lh_train(["--config", "configs/tiny-cpu.yaml", "--json"]) == 2
+    assert capsys.readouterr().err == "lh-train: config error: --json goes with --dry-run\n"
+
+
+def test_ranks_per_node_is_the_device_rule(capsys):
+    assert lh_train(["--config", "configs/tiny-cpu.yaml", "--ranks-per-node"]) == 0
+    assert capsys.readouterr().out == f"{default_ranks_per_node('auto', torch.cuda.device_count())}\n"
+    assert lh_train(["--config", "configs/tiny-cpu.yaml", "--ranks-per-node", "device=cpu"]) == 0
+    assert capsys.readouterr().out == f"{CPU_RANKS}\n"

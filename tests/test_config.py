@@ -1,7 +1,10 @@
+import pickle
+
 import pytest
 import yaml
 
 from lh_dist.config import ConfigError, load_config, save_config
+from lh_dist.ops.lighthouse.validation import LighthouseArgError, validate_lighthouse_args
 
 
 def test_configs_in_repo_load():
@@ -49,6 +52,26 @@ def test_lighthouse_shape_checked_only_when_used():
         load_config("configs/tiny-cpu.yaml", ["lighthouse.levels=3"])
     cfg = load_config("configs/tiny-cpu.yaml", ["lighthouse.levels=3", "data.seq_len=2048"])
     assert cfg.schedule.lighthouse_steps == 40
+
+
+@pytest.mark.parametrize("override, message", [
+    # tiny-cpu: data.seq_len 1024, Lighthouse levels 2, pooling 2, topk 512 (4 tiles), CP 2 (4 zigzag chunks)
+    ("lighthouse.topk=384", "lighthouse.topk: topk/128 = 3 tiles must be divisible by chunks = 4"),
+    ("data.seq_len=1028", "data.seq_len: tile length n*128/topk = 257 must be divisible by pooling**(levels-1) = 2"),
+    ("lighthouse.levels=3", "data.seq_len: each tile needs at least 128 coarsest windows, got 64"),
+])
+def test_lighthouse_shape_errors_name_the_field_of_the_failed_rule(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("configs/tiny-cpu.yaml", [override])
+    assert str(err.value).startswith(message)
+    assert str(err.value).endswith("(here n = data.seq_len, chunks = 2 * parallel.cp_degree)")
+
+
+def test_lighthouse_arg_error_carries_its_argument_through_pickling():
+    with pytest.raises(LighthouseArgError) as err:
+        validate_lighthouse_args(1024, 2, 2, 512, chunks=0)
+    again = pickle.loads(pickle.dumps(err.value))  # as it crosses process boundaries
+    assert (err.value.arg, again.arg, str(again)) == ("chunks", "chunks", "chunks must be >= 1, got 0")
 
 
 def test_resolved_config_round_trips(tmp_path):

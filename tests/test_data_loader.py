@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from lh_dist.data.loader import CorruptDataError, PackedLoader, read_dataset_info
-from lh_dist.data.shards import write_dataset
+from lh_dist.data.shards import FORMAT_VERSION, write_dataset
 from lh_dist.data.tokenizer import ByteTokenizer
-from lh_dist.parallel.spawn import spawn_ranks
+
+from spawn import spawn_ranks
 
 EOD = 256
 SEQ_LEN = 63
@@ -34,7 +35,7 @@ def dataset(tmp_path_factory):
 
 
 def _loader(path, split="train", **overrides):
-    kwargs = dict(seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, cp_degree=1, seed=7)
+    kwargs = dict(seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, seed=7)
     kwargs.update(overrides)
     return PackedLoader(str(path), split, **kwargs)
 
@@ -105,8 +106,8 @@ def test_exact_resume_across_epochs(dataset):
 
 def test_remote_dataset_through_cache_dir(dataset, tmp_path):
     url = f"file://{dataset}"
-    cached = PackedLoader(url, "val", seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, cp_degree=1,
-                          seed=7, cache_dir=str(tmp_path / "cache"))
+    cached = PackedLoader(url, "val", seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, seed=7,
+                          cache_dir=str(tmp_path / "cache"))
     assert all(torch.equal(a, b) for a, b in zip(cached, _loader(dataset, "val")))
     assert list((tmp_path / "cache" / "val").glob("shard.*.mds"))
     assert read_dataset_info(url) == read_dataset_info(str(dataset))
@@ -136,6 +137,12 @@ def test_missing_or_corrupt_files_are_named(dataset, tmp_path):
         _loader(broken)
     with pytest.raises(RuntimeError, match=f"shard file .*{shard.name}"):
         _read_epoch_through_cache(broken, tmp_path / "cache2")
+    info = json.loads((broken / "lh_data.json").read_text())
+    (broken / "lh_data.json").write_text(json.dumps(info | {"format_version": FORMAT_VERSION + 1}))
+    with pytest.raises(ValueError) as e:
+        read_dataset_info(str(broken))
+    assert str(e.value) == (f"dataset info {broken}/lh_data.json has format_version {FORMAT_VERSION + 1}; this "
+                            f"lh_dist reads format_version {FORMAT_VERSION} only (rebuild the dataset with lh-data)")
     (broken / "lh_data.json").write_text("{")
     with pytest.raises(ValueError, match="corrupt dataset info .*lh_data.json"):
         read_dataset_info(str(broken))
@@ -170,7 +177,7 @@ def test_rejects_bad_arguments(dataset, monkeypatch):
     with pytest.raises(ValueError, match="micro_batch \\* dp_degree"):
         _loader(dataset, "val", micro_batch=10_000)
     with pytest.raises(ValueError, match="cache_dir"):
-        PackedLoader("s3://bucket/data", "train", seq_len=8, micro_batch=1, dp_rank=0, dp_degree=1, cp_degree=1, seed=0)
+        PackedLoader("s3://bucket/data", "train", seq_len=8, micro_batch=1, dp_rank=0, dp_degree=1, seed=0)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE"):
@@ -181,7 +188,7 @@ def _batches_on_rank(rank, world_size, path, out):
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     result = {}
     for dp, cp in ((2, 1), (1, 2)):
-        loader = _loader(path, dp_rank=rank // cp, dp_degree=dp, cp_degree=cp)  # CP innermost
+        loader = _loader(path, dp_rank=rank // cp, dp_degree=dp)  # CP innermost: a CP group shares its dp_rank
         result[f"dp{dp}_cp{cp}"] = torch.stack([next(loader) for _ in range(4)])
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
 

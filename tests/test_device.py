@@ -11,13 +11,12 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError
-from lh_dist.train.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
+from lh_dist.runtime.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
+
+from conftest import SMALL_RUN
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
-         "schedule.lighthouse_steps=0", "logging.log_interval=1", "logging.eval_interval=4",
-         "logging.eval_batches=1", "checkpoint.interval=4"]
+SMALL = [*SMALL_RUN, "logging.eval_interval=4", "checkpoint.interval=4"]
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 8])

@@ -13,11 +13,12 @@ import torch
 from lh_dist.eval import runner as runner_module
 from lh_dist.eval.cli import main, output_path
 from lh_dist.eval.runner import ModelRunner
-from lh_dist.parallel.spawn import spawn_ranks
+
+from conftest import TINY_MODEL
+from spawn import spawn_ranks
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["parallel.cp_degree=1", "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.ffn_hidden=128", "data.seq_len=256", "data.micro_batch=1", "schedule.steps=2",
+TINY = ["parallel.cp_degree=1", *TINY_MODEL, "data.seq_len=256", "data.micro_batch=1", "schedule.steps=2",
         "schedule.warmup_steps=1", "schedule.decay=constant", "schedule.lighthouse_steps=2",
         "lighthouse.levels=2", "lighthouse.pooling=2", "lighthouse.topk=128", "lighthouse.dense_layers=[0]",
         "checkpoint.interval=2", "logging.eval_batches=1", "logging.eval_interval=2"]

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from lh_dist.config import load_config, save_config
-from lh_dist.train.checkpoint import MANIFEST, file_crc32
+from lh_dist.runtime.checkpoint import FORMAT_VERSION, MANIFEST, file_crc32
 from lh_dist.train.export import EXPORT_FILES, export, main
 
-TINY = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-        "data.seq_len=256", "schedule.steps=10", "schedule.warmup_steps=1", "schedule.lighthouse_steps=4",
+from conftest import TINY_MODEL
+
+TINY = [*TINY_MODEL, "data.seq_len=256", "schedule.steps=10", "schedule.warmup_steps=1", "schedule.lighthouse_steps=4",
         "lighthouse.levels=2",
         "lighthouse.pooling=2", "lighthouse.topk=128", "lighthouse.dense_layers=[0]", "parallel.cp_degree=1"]
 EOD = 256
@@ -58,8 +59,8 @@ def exported(tmp_path_factory, stdlib_dataset):
                 "val_loss": (5, 2.5)}, folder / "trainer_rank_00000.pt")
     # The manifest the trainer writes last, which makes the folder a complete checkpoint.
     files = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in folder.iterdir()}
-    (folder / MANIFEST).write_text(json.dumps({"id": "export-test", "step": 7, "phase": "dense", "files": files,
-                                                 "config": cfg.to_dict()}))
+    (folder / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "id": "export-test", "step": 7,
+                                                 "phase": "dense", "files": files, "config": cfg.to_dict()}))
     old_umask = os.umask(0o077)  # a private umask must not make the export private
     try:
         out = export(root / "run", root / "hf")  # the run directory: its newest checkpoint

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import lh_dist.ops.attention as attention_module
 from lh_dist.config import load_config
-from lh_dist.train.build import build_model, set_phase
+from lh_dist.runtime.build import build_model, set_phase
 
 SMALL = ["model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
          "model.vocab_size=64", "data.seq_len=1024", "lighthouse.levels=2", "lighthouse.pooling=2",

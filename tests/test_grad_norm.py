@@ -19,12 +19,12 @@ import torch.nn.functional as F
 
 from lh_dist.config import load_config
 from lh_dist.data.loader import PackedLoader
-from lh_dist.train.build import build_model
+from lh_dist.runtime.build import build_model
+
+from conftest import SMALL_RUN
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=128", "schedule.warmup_steps=1", "schedule.lighthouse_steps=0", "logging.eval_batches=1",
-         "optim.grad_clip=0.5"]  # far below the first step's norm (about 2), so clipping acts
+SMALL = [*SMALL_RUN, "optim.grad_clip=0.5"]  # far below the first step's norm (about 2), so clipping acts
 STAGES = [0, 1, 2, 3]
 
 # Every rank builds one Trainer per ZeRO stage, takes one step and writes the norms it got.
@@ -50,7 +50,7 @@ def reference_norm(cfg, dp: int, dtype: torch.dtype) -> float:
     model = build_model(load_config(None, [f"data.path={cfg.data.path}", *SMALL, "model.attention_backend=math"]))
     model.to(dtype)
     loaders = [PackedLoader(cfg.data.path, "train", seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch,
-                            dp_rank=r, dp_degree=dp, cp_degree=cfg.parallel.cp_degree, seed=cfg.seed,
+                            dp_rank=r, dp_degree=dp, seed=cfg.seed,
                             cache_dir=str(Path(cfg.logging.run_dir) / "ref_cache")) for r in range(dp)]
     positions = torch.arange(cfg.data.seq_len)
     total = 0.0

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from lh_dist.ops.lighthouse import lighthouse_reference
 from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
 from lh_dist.parallel.sharding import zigzag_shard
-from lh_dist.parallel.spawn import spawn_ranks
+
+from spawn import spawn_ranks
 
 
 def _inputs(seq_len, heads, kv_heads, head_dim):

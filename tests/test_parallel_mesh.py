@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lh_dist.parallel.mesh import init_parallel_layout, plan_layout
-from lh_dist.parallel.spawn import spawn_ranks
+from lh_dist.config import ConfigError, load_config
+from lh_dist.parallel.mesh import init_parallel_layout, plan_layout, resolve_degrees
+
+from spawn import spawn_ranks
 
 
 def test_plan_puts_cp_innermost():
@@ -32,17 +34,27 @@ def _check_groups(rank, world_size):
     layout = init_parallel_layout(dp_degree=2, cp_degree=2)
     assert (layout.dp_rank, layout.cp_rank) == (rank // 2, rank % 2)
     assert dist.get_world_size(layout.cp_group) == 2 and dist.get_rank(layout.cp_group) == layout.cp_rank
-    assert dist.get_world_size(layout.dp_group) == 2 and dist.get_rank(layout.dp_group) == layout.dp_rank
-    # Summing global ranks over each group identifies its members.
-    for group, expected in ((layout.cp_group, {0: 1, 1: 1, 2: 5, 3: 5}),
-                            (layout.dp_group, {0: 2, 1: 4, 2: 2, 3: 4}),
-                            (layout.grad_group, {r: 6 for r in range(4)})):
-        total = torch.tensor([rank])
-        dist.all_reduce(total, group=group)
-        assert total.item() == expected[rank]
+    # Summing global ranks over the group identifies its members: {0, 1} and {2, 3}.
+    total = torch.tensor([rank])
+    dist.all_reduce(total, group=layout.cp_group)
+    assert total.item() == {0: 1, 1: 1, 2: 5, 3: 5}[rank]
     with pytest.raises(ValueError, match="world_size=4"):
         init_parallel_layout(dp_degree=1, cp_degree=2)
 
 
 def test_groups_on_four_ranks():
     spawn_ranks(_check_groups, 4)
+
+
+def _cfg(dp: int, cp: int):
+    return load_config(None, [f"parallel.dp_degree={dp}", f"parallel.cp_degree={cp}"])
+
+
+def test_degrees_for_a_world_size():
+    assert resolve_degrees(_cfg(0, 2), 8) == (4, 2)  # dp 0: whatever the world leaves
+    assert resolve_degrees(_cfg(2, 4), 8) == (2, 4)
+    with pytest.raises(ConfigError, match=r"^parallel.cp_degree=4 must divide the world size 6$"):
+        resolve_degrees(_cfg(0, 4), 6)
+    with pytest.raises(ConfigError, match=r"^parallel.dp_degree must be 0 \(auto\) or world size / "
+                                          r"parallel.cp_degree = 4, got 3$"):
+        resolve_degrees(_cfg(3, 2), 8)

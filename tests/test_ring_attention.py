@@ -18,7 +18,8 @@ from lh_dist.ops.attention import attention_backward, attention_forward
 from lh_dist.parallel.comm import RingExchange
 from lh_dist.parallel.ring_attention import ring_attention
 from lh_dist.parallel.sharding import zigzag_shard
-from lh_dist.parallel.spawn import spawn_ranks
+
+from spawn import spawn_ranks
 
 
 def reference_attention(q, k, v):

@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lh_dist.parallel.spawn import free_port
+from lh_dist.runtime.distributed import free_port
+
+from conftest import SMALL_RUN
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
-         "schedule.lighthouse_steps=0", "logging.log_interval=1", "logging.eval_interval=5",
-         "logging.eval_batches=2", "checkpoint.interval=5"]
+SMALL = [*SMALL_RUN, "logging.eval_interval=5", "logging.eval_batches=2", "checkpoint.interval=5"]
 
 pytestmark = [
     pytest.mark.slurm,

@@ -14,10 +14,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lh_dist.train.loop import PREEMPTED_EXIT_CODE
 
+from conftest import SMALL_RUN
+
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
-         "logging.log_interval=1", "logging.eval_interval=5", "logging.eval_batches=2", "checkpoint.interval=5", "schedule.lighthouse_steps=0"]
+SMALL = [*SMALL_RUN, "logging.eval_interval=5", "logging.eval_batches=2", "checkpoint.interval=5"]
 
 
 def _env():

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SMALL_RUN
 from test_train import REPO, _env
 
-RUN = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-       "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.lighthouse_steps=0",
-       "parallel.cp_degree=1", "logging.eval_interval=100", "logging.eval_batches=1", "checkpoint.interval=2",
-       "schedule.steps=6"]
+RUN = [*SMALL_RUN, "parallel.cp_degree=1", "logging.eval_interval=100", "checkpoint.interval=2", "schedule.steps=6"]
 
 
 def lh_train_cmd(run_dir: Path, data: Path, *args: str) -> list[str]:

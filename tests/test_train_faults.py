@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import SMALL_RUN
+
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
-         "data.seq_len=128", "data.micro_batch=2", "schedule.warmup_steps=2", "schedule.decay=constant",
-         "logging.log_interval=1", "logging.eval_interval=100", "logging.eval_batches=1", "parallel.cp_degree=1",
-         "schedule.lighthouse_steps=0"]
+SMALL = [*SMALL_RUN, "logging.eval_interval=100", "parallel.cp_degree=1"]
 
 
 def run_script(body: str, tmp_path: Path, data: Path, *overrides: str) -> dict:
@@ -81,7 +80,7 @@ def test_zero_stage_trains_and_exports_to_hugging_face(tmp_path, stdlib_dataset,
     from lh_dist.config import load_config
     from lh_dist.model import Transformer
     from lh_dist.ops.attention import attention
-    from lh_dist.train.engine import load_model_state
+    from lh_dist.runtime.checkpoint import load_model_state
     from lh_dist.train.export import export
 
     result = run_script("""

@@ -27,6 +27,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """`lh-data`'s parser: one subcommand per source (stdlib, text, jsonl, tree)."""
     parser = argparse.ArgumentParser(
         prog="lh-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-data`; 0 on success, 2 (one line on stderr, nothing left written) on an error."""
     args = build_parser().parse_args(argv)
     if args.source == "stdlib":
         documents, source = stdlib_documents, f"stdlib:{stdlib_root()}"

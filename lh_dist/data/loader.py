@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lh_dist.data.shards import DATASET_INFO, DOC_LENGTHS, SPLITS
+from lh_dist.data.shards import DATASET_INFO, DOC_LENGTHS, FORMAT_VERSION, SPLITS
 
 
 class CorruptDataError(ValueError):
@@ -68,11 +68,14 @@ def read_dataset_info(path: str) -> dict:
         raise FileNotFoundError(f"dataset info not found: {location} (write datasets with lh-data)") from None
     try:
         info = json.loads(text)
-        missing = {"vocab_size", "eod_id", "dtype", "splits"} - set(info)
+        missing = {"format_version", "vocab_size", "eod_id", "dtype", "splits"} - set(info)
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"corrupt dataset info {location}: {e}") from None
     if missing:
         raise ValueError(f"corrupt dataset info {location}: missing keys {sorted(missing)}")
+    if info["format_version"] != FORMAT_VERSION:
+        raise ValueError(f"dataset info {location} has format_version {info['format_version']!r}; this lh_dist "
+                         f"reads format_version {FORMAT_VERSION} only (rebuild the dataset with lh-data)")
     return info
 
 
@@ -86,8 +89,7 @@ class PackedLoader:
     URL streaming supports (s3://, gs://, oci://, hf://, ...), whose shards are
     downloaded into `cache_dir` as needed. A `file://` URL is copied the same way,
     e.g. from a slow shared filesystem to a local disk.
-    `cp_degree` only describes the layout: the ranks of a CP group share a
-    dp_rank and so get the same samples.
+    The ranks of a CP group share a dp_rank and so get the same samples.
     Every rank of the job must build its loaders together (streaming
     coordinates the processes of a node while opening a dataset).
     """
@@ -101,14 +103,13 @@ class PackedLoader:
         micro_batch: int,
         dp_rank: int,
         dp_degree: int,
-        cp_degree: int,
         seed: int,
         cache_dir: str | None = None,
         max_batches: int | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        sizes = {"seq_len": seq_len, "micro_batch": micro_batch, "dp_degree": dp_degree, "cp_degree": cp_degree}
+        sizes = {"seq_len": seq_len, "micro_batch": micro_batch, "dp_degree": dp_degree}
         for name, value in sizes.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -121,7 +122,7 @@ class PackedLoader:
 
         self.path, self.split, self.seed = str(path), split, seed
         self.seq_len, self.micro_batch = seq_len, micro_batch
-        self.dp_rank, self.dp_degree, self.cp_degree = dp_rank, dp_degree, cp_degree
+        self.dp_rank, self.dp_degree = dp_rank, dp_degree
         self.info = read_dataset_info(self.path)
         self.eod_id = int(self.info["eod_id"])
         cache_dir = cache_dir if _is_remote(path) else None

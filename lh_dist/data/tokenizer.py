@@ -21,6 +21,7 @@ class ByteTokenizer:
     vocab_size = 257
 
     def encode(self, text: str) -> np.ndarray:
+        """int32 ids [len(text as UTF-8)]: one per byte (no end-of-document id)."""
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
 
     def decode(self, ids) -> str:
@@ -68,10 +69,12 @@ class HFTokenizer:
         raise ValueError(f"{self.path} has no known end-of-document token; pass eod_token (--eod-token)")
 
     def encode(self, text: str) -> np.ndarray:
+        """int32 ids [T] of `text`, without special tokens (no end-of-document id)."""
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int32)
 
     def decode(self, ids) -> str:
+        """Text of a sequence of ids; special tokens (the end-of-document one among them) are dropped."""
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 

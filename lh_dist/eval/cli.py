@@ -153,7 +153,7 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
 def output_path(argv: list[str]) -> Path:
     """The JSON file that `lh-eval <argv>` writes (its PNG has the same stem). Reads the checkpoint's
     config (and, for default passkey lengths, the dataset's tokenizer); evaluates nothing."""
-    from lh_dist.train.checkpoint import checkpoint_config, resolve_checkpoint
+    from lh_dist.runtime.checkpoint import checkpoint_config, resolve_checkpoint
 
     args = parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)
@@ -191,6 +191,7 @@ def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
 
 
 def run_passkey(args) -> Path | None:
+    """`lh-eval passkey`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.eval.passkey import passkey_grid
     from lh_dist.eval.plotting import passkey_heatmap
     from lh_dist.eval.runner import ModelRunner
@@ -222,6 +223,7 @@ def run_passkey(args) -> Path | None:
 
 
 def run_loss(args) -> Path | None:
+    """`lh-eval loss`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.data.loader import PackedLoader, read_dataset_info
     from lh_dist.eval.plotting import position_loss_plot
     from lh_dist.eval.position_loss import bucket_edges, evaluate_position_loss
@@ -248,7 +250,7 @@ def run_loss(args) -> Path | None:
     token_bytes = (lambda t: (t != info["eod_id"]).long()) if info.get("tokenizer", "byte") == "byte" else None
     # Every rank reads the same batches: evaluation has no data parallelism.
     loader = PackedLoader(data, "val", seq_len=seq_len, micro_batch=args.micro_batch, dp_rank=0, dp_degree=1,
-                          cp_degree=args.cp, seed=runner.cfg.seed, max_batches=args.batches,
+                          seed=runner.cfg.seed, max_batches=args.batches,
                           cache_dir=str(runner.folder.parent.parent / "data_cache"))
     log = print if runner.is_main else None
     result = evaluate_position_loss(runner.token_losses, loader, seq_len, edges, log=log, token_bytes_fn=token_bytes)
@@ -270,6 +272,7 @@ def run_loss(args) -> Path | None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`lh-eval`'s arguments; config overrides may stand before or after the options."""
     parser = _parser()
     # argparse stops filling a '*' positional at the first option, so overrides placed after
     # options come back as unknown arguments: accept those that look like section.field=value.
@@ -282,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-eval`; 0 on success, 2 (one line on stderr) for a bad argument, config or checkpoint."""
     args = parse_args(argv)
     try:
         (run_passkey if args.command == "passkey" else run_loss)(args)

@@ -72,6 +72,7 @@ def rounded(value, digits: int = SIGNIFICANT_DIGITS):
 
 
 def write_json(path: Path, result: dict) -> None:
+    """Write `result` (floats `rounded`) to `path` atomically: a reader sees the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(rounded(result), indent=1) + "\n")
     os.replace(tmp, path)

@@ -66,13 +66,16 @@ class PositionLoss:
 
     @property
     def num_sequences(self) -> int:
+        """Sequences added so far."""
         return sum(m.shape[0] for m in self.sequence_means)
 
     @property
     def overall(self) -> float:
+        """Mean loss (nats/token) over every position of every sequence."""
         return float(self.loss_sum.sum() / (self.num_sequences * self.seq_len))
 
     def bits_per_byte(self, start: int = 0, end: int | None = None) -> float | None:
+        """Bits per byte of the targets at positions [start, end), or None without byte counts (or bytes)."""
         if not self.has_bytes:
             return None
         num_bytes = float(self.byte_sum[start:end].sum())

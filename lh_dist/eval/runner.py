@@ -22,18 +22,10 @@ import torch.nn.functional as F
 
 from lh_dist.config import validate_lighthouse_shape
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
-from lh_dist.train.build import PHASES, build_model, set_phase
-from lh_dist.train.checkpoint import STEP_DIR, checkpoint_config, resolve_checkpoint
-from lh_dist.train.device import local_device
-from lh_dist.train.engine import load_model_state
-
-
-def trained_phase(folder: Path) -> str | None:
-    """The attention phase of the last training step before the checkpoint, if recorded."""
-    state_file = folder / "trainer_rank_00000.pt"
-    if not state_file.is_file():
-        return None
-    return torch.load(state_file, map_location="cpu", weights_only=False).get("phase")
+from lh_dist.runtime.build import PHASES, build_model, set_phase
+from lh_dist.runtime.checkpoint import STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint, trainer_state
+from lh_dist.runtime.device import local_device
+from lh_dist.runtime.distributed import backend_for
 
 
 def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
@@ -52,7 +44,7 @@ def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
         return None, 0, False
     initialized_here = not dist.is_initialized()
     if initialized_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device))
     return dist.group.WORLD, dist.get_rank(), initialized_here
 
 
@@ -74,7 +66,7 @@ class ModelRunner:
         self.cp_degree, self.phase = cp_degree, phase
         self.cp_group, self.cp_rank, self._owns_group = init_eval_distributed(cp_degree, self.device)
         self.step = int(STEP_DIR.match(self.folder.name).group(1))
-        self.trained_phase = trained_phase(self.folder)
+        self.trained_phase = trainer_state(self.folder).get("phase")  # None if not recorded
 
         self.model = build_model(self.cfg, self.cp_group)
         self.model.load_state_dict(load_model_state(self.folder))

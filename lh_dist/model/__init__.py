@@ -1,3 +1,5 @@
+"""The decoder. It takes each layer's attention as a function and knows nothing of parallelism."""
+
 from lh_dist.model.llama import AttentionFn, Transformer, apply_rope, rope_tables
 
 __all__ = ["AttentionFn", "Transformer", "apply_rope", "rope_tables"]

@@ -23,6 +23,7 @@ class PendingRecv:
         self._recv = recv
 
     def wait(self) -> torch.Tensor:
+        """Block until the send and the receive are complete; the received tensor."""
         for request in self._requests:
             request.wait()
         self._requests, self._send = [], None

@@ -1,20 +1,40 @@
 """DP x CP process layout.
 
 CP is the innermost dimension: ranks [d*cp, (d+1)*cp) form the CP group of
-data-parallel replica d. Consecutive ranks then share a sample, which is what
-mosaicml-streaming's `replication=cp_degree` delivers, and CP traffic (the
-heaviest) stays within a node when cp_degree divides the GPUs per node.
+data-parallel replica d. Consecutive ranks then share a sample (they share a
+dp_rank, and the packed loader's batches are a function of the dp_rank), and CP
+traffic (the heaviest) stays within a node when cp_degree divides the GPUs per node.
 
 Parameters are replicated over DP and CP alike, so their gradients are averaged
-over the whole DP x CP world (`grad_group`). Hand DeepSpeed no mpu: its default
+over the whole DP x CP world. Hand DeepSpeed no mpu: its default
 data-parallel group (the world) is exactly that. Declaring CP as DeepSpeed's
 model- or sequence-parallel dimension would be wrong: the former never
 reduces gradients across CP, the latter sums them over CP instead of averaging.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
+
+from lh_dist.config import ConfigError
+
+if TYPE_CHECKING:
+    from lh_dist.config import TrainConfig
+
+
+def resolve_degrees(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(dp, cp) of `cfg.parallel` for this world size; ConfigError naming the field when they do not fit."""
+    cp = cfg.parallel.cp_degree
+    if world_size % cp:
+        raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world_size}")
+    dp = cfg.parallel.dp_degree or world_size // cp
+    if dp * cp != world_size:
+        raise ConfigError(f"parallel.dp_degree must be 0 (auto) or world size / parallel.cp_degree = "
+                          f"{world_size // cp}, got {dp}")
+    return dp, cp
 
 
 @dataclass(frozen=True)
@@ -55,13 +75,14 @@ class ParallelLayout:
     cp_degree: int
     dp_rank: int
     cp_rank: int
-    dp_group: dist.ProcessGroup | None  # same CP position across replicas
     cp_group: dist.ProcessGroup | None  # the ranks sharing one sample
-    grad_group: dist.ProcessGroup | None  # DP x CP: where parameter gradients are averaged
 
 
 def init_parallel_layout(dp_degree: int, cp_degree: int) -> ParallelLayout:
-    """Build the DP x CP groups; needs torch.distributed initialized unless the world size is 1.
+    """Build the CP groups; needs torch.distributed initialized unless the world size is 1.
+
+    No DP group is built: DeepSpeed averages gradients over the whole world (DP x CP), and
+    nothing else reduces over DP alone.
 
     Collective: every rank must call it with the same arguments.
     """
@@ -71,20 +92,13 @@ def init_parallel_layout(dp_degree: int, cp_degree: int) -> ParallelLayout:
     plan = plan_layout(world_size, dp_degree, cp_degree)
     dp_rank, cp_rank = plan.coords[rank]
     if not initialized:
-        return ParallelLayout(1, 0, 1, 1, 0, 0, None, None, None)
+        return ParallelLayout(1, 0, 1, 1, 0, 0, None)
 
     # new_group is collective over the world: every rank creates every group, in the same order.
-    cp_group = dp_group = None
+    cp_group = None
     for ranks in plan.cp_group_ranks:
         group = dist.new_group(list(ranks))
         if rank in ranks:
             cp_group = group
-    for ranks in plan.dp_group_ranks:
-        group = dist.new_group(list(ranks))
-        if rank in ranks:
-            dp_group = group
-    return ParallelLayout(
-        world_size=world_size, rank=rank, dp_degree=dp_degree, cp_degree=cp_degree,
-        dp_rank=dp_rank, cp_rank=cp_rank, dp_group=dp_group, cp_group=cp_group,
-        grad_group=dist.group.WORLD,
-    )
+    return ParallelLayout(world_size=world_size, rank=rank, dp_degree=dp_degree, cp_degree=cp_degree,
+                          dp_rank=dp_rank, cp_rank=cp_rank, cp_group=cp_group)

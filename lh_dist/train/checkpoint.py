@@ -1,8 +1,7 @@
 """Checkpoints that a crash cannot corrupt, and what a run may resume from.
 
-Layout: <run_dir>/checkpoints/step_00000100/ holds DeepSpeed's files, one
-`trainer_rank_XXXXX.pt` per rank (step, phase, data position, RNG) and
-`manifest.json`. A save is collective:
+The layout of a checkpoint and how it is read are `lh_dist.runtime.checkpoint`'s. A save
+is collective:
 
 1. rank 0 checks the free space against the checkpoint's expected size;
 2. every rank writes its files into `.partial-step_N` and fsyncs them;
@@ -16,9 +15,7 @@ Layout: <run_dir>/checkpoints/step_00000100/ holds DeepSpeed's files, one
    step_N names them, so a crash here cannot resurrect them) and all but the newest
    `checkpoint.keep` at or before N, each renamed aside before it is deleted.
 
-A folder is a checkpoint only if its manifest is valid and every file it lists
-exists with the recorded size (and, before loading, checksum). When a run starts,
-rank 0 finishes what a crash interrupted: a `.partial-step_N` with a valid manifest
+When a run starts, rank 0 finishes what a crash interrupted: a `.partial-step_N` with a valid manifest
 becomes `step_N`, and the leftovers of steps 5 and 6 are removed.
 
 Test hook: LH_DIST_TEST_KILL=<point>:<step>[:<rank>] makes that rank (default 0)
@@ -31,15 +28,12 @@ manifest), `rename` (an existing step_N set aside, the new one not yet in place)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import uuid
-import zlib
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,38 +41,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lh_dist.config import ConfigError, ModelConfig, TrainConfig, load_config, save_config
+from lh_dist.config import ConfigError, TrainConfig, save_config
+from lh_dist.runtime.checkpoint import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
+                                        InvalidCheckpoint, file_crc32, fingerprint, flat_config, newest_valid,
+                                        read_manifest, step_name, survey)
 from lh_dist.train.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
-STEP_DIR = re.compile(r"^step_(\d{8})$")
-MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-PARTIAL, REPLACED, DELETING = ".partial-", ".replaced-", ".deleting-"
+REPLACED, DELETING = ".replaced-", ".deleting-"
 # First checkpoint of a run, before any was measured: fp32 weights and AdamW's two moments
 # take 12 bytes per parameter (bf16 runs add a 2-byte copy); the rest is headroom.
 BYTES_PER_PARAM = 16
 KILL_ENV = "LH_DIST_TEST_KILL"
-KILL_POINTS = ("write", "manifest", "rename", "rotate")
-
-# Settings a resumed run must share with its checkpoint: they fix the weights' shapes and what
-# they compute, the data order that the saved position refers to, and Lighthouse's selection.
-# Everything else (optimizer, schedule, logging, checkpointing, CP degree) may change; the
-# changes are logged.
-FIXED_FIELDS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
-                     if f.name not in ("attention_backend", "init_std")) + (
-    "data.seq_len", "seed", "lighthouse.levels", "lighthouse.pooling", "lighthouse.topk",
-    "lighthouse.dense_layers", "lighthouse.scorer", "parallel.zero_stage")
-
-
-class InvalidCheckpoint(Exception):
-    """A folder that is not a complete checkpoint; the message says why."""
-
-
-def step_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def rng_state() -> dict:
+    """The random generators' states of this process: Python, NumPy, torch (and CUDA if present)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -86,21 +63,12 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` returned."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# ---- files and manifests -----------------------------------------------------------------------
-
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def fsync_path(path: Path) -> None:
@@ -117,112 +85,34 @@ def data_location(path: str) -> str:
     return path if "://" in path else os.path.realpath(path)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def fingerprint(config: dict) -> str:
-    """Hash of the settings that must not change across a resume."""
-    flat = _flat(config)
-    return hashlib.sha256(json.dumps([flat.get(k) for k in FIXED_FIELDS]).encode()).hexdigest()[:16]
-
-
-def read_manifest(folder: Path, deep: bool = False) -> dict:
-    """The manifest of a complete checkpoint; InvalidCheckpoint says what is wrong otherwise.
-
-    deep also compares every file's CRC32 (reads the whole checkpoint)."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        raise InvalidCheckpoint(f"it has no {MANIFEST} (an interrupted save)")
-    try:
-        manifest = json.loads(path.read_text())
-        files, step = manifest["files"], manifest["step"]
-        manifest["id"], manifest["config"]  # what resume, rotation and export read
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InvalidCheckpoint(f"its {MANIFEST} is unreadable ({e})") from None
-    match = STEP_DIR.match(folder.name.removeprefix(PARTIAL))
-    if match and int(match.group(1)) != step:
-        raise InvalidCheckpoint(f"its {MANIFEST} is for step {step}")
-    for name, meta in files.items():
-        file = folder / name
-        if not file.is_file():
-            raise InvalidCheckpoint(f"{name} is missing")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise InvalidCheckpoint(f"{name} has {size} bytes, the manifest says {meta['bytes']}")
-        if deep and file_crc32(file) != meta["crc32"]:
-            raise InvalidCheckpoint(f"{name} is corrupt (its CRC32 differs from the manifest)")
-    return manifest
-
-
-@dataclasses.dataclass
-class Found:
-    """A checkpoint folder of a run dir as rank 0 sees it."""
-
-    step: int
-    path: Path
-    manifest: dict | None
-    problem: str | None = None  # why it is not a checkpoint
-
-
-def survey(root: Path) -> list[Found]:
-    """Every step of `root` (a checkpoints/ folder), newest first; checks sizes, not checksums.
-
-    Where step_N is not valid, a `.partial-step_N` with a valid manifest (its save was
-    complete, only the rename was missed) stands for step N."""
-    if not root.is_dir():
-        return []
-    found: dict[int, Found] = {}
-    for prefix in ("", PARTIAL):
-        for path in sorted(root.glob(f"{prefix}step_*")):
-            match = STEP_DIR.match(path.name[len(prefix):])
-            if not match or not path.is_dir():
-                continue
-            step = int(match.group(1))
-            if step in found and found[step].problem is None:
-                continue
-            try:
-                found[step] = Found(step, path, read_manifest(path))
-            except InvalidCheckpoint as e:
-                if not prefix:  # a torn partial is a crash's leftover, not a step
-                    found[step] = Found(step, path, None, str(e))
-    # A rewind's first checkpoint names the later ones it abandoned (by id, in case a step is redone).
-    abandoned = {a["id"]: f for f in found.values() if f.problem is None for a in f.manifest.get("abandons", [])}
-    for f in found.values():
-        if f.problem is None and f.manifest["id"] in abandoned:
-            f.problem = f"a rewind abandoned it ({abandoned[f.manifest['id']].path.name} replaces it)"
-    return sorted(found.values(), key=lambda f: f.step, reverse=True)
-
-
-def newest_valid(root: Path, skipped: list[str] | None = None, partial: bool = True) -> Found | None:
-    """The newest checkpoint whose files all match the manifest, checksums included.
-
-    partial=False passes over complete saves that still carry their .partial- name."""
-    for f in survey(root):
-        if not partial and f.path.name.startswith(PARTIAL):
-            continue
-        if f.problem is None:
-            try:
-                read_manifest(f.path, deep=True)
-                return f
-            except InvalidCheckpoint as e:
-                f.problem = str(e)
-        if skipped is not None:
-            skipped.append(f"skipped checkpoint {f.path.name}: {f.problem}")
-    return None
-
-
 # ---- resume checks ---------------------------------------------------------------------------
+
+def check_resume_arg(resume: str, overwrite: bool, rewind: bool, run_dir: str | Path) -> bool:
+    """ConfigError for a --resume / --overwrite / --rewind combination that cannot work; returns whether
+    `resume` is a checkpoint of another run than `run_dir`'s. Reads folder names, no checkpoint."""
+    foreign = False
+    if resume not in ("auto", "none"):
+        path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {resume!r}")
+        if not STEP_DIR.match(path.name):
+            hint = (" (a run directory: resume it with --resume auto and logging.run_dir set to it)"
+                    if (path / "checkpoints").is_dir() else
+                    " (an incomplete save)" if path.name.startswith(PARTIAL) else "")
+            raise ConfigError(f"--resume must be 'auto', 'none' or a checkpoint folder step_XXXXXXXX, got "
+                              f"{resume!r}{hint}")
+        foreign = path.resolve().parent != (Path(run_dir) / "checkpoints").resolve()
+    if rewind and resume in ("auto", "none"):
+        raise ConfigError("--rewind goes with --resume <checkpoint folder>")
+    if overwrite and not (resume == "none" or foreign):
+        raise ConfigError("--overwrite goes with --resume none or another run's checkpoint folder: it starts a run "
+                          "afresh (to go back to an earlier checkpoint of this run, use --rewind)")
+    return foreign
+
 
 def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int, dp_degree: int) -> list[str]:
     """ConfigError naming each setting that must not change; returns notes on those that did."""
-    old, new = _flat(manifest["config"]), _flat(cfg.to_dict())
+    old, new = flat_config(manifest["config"]), flat_config(cfg.to_dict())
     refused = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in FIXED_FIELDS if old.get(k) != new[k]]
     if manifest["data"]["path"] != data_location(cfg.data.path):
         refused.append(f"data.path {manifest['data']['path']!r} -> {data_location(cfg.data.path)!r}")
@@ -312,13 +202,10 @@ class Checkpointer:
         return self._rank0(lambda: self._plan(resume, overwrite, rewind))
 
     def _plan(self, resume: str, overwrite: bool, rewind: bool) -> Plan:
+        foreign = check_resume_arg(resume, overwrite, rewind, self.run_dir)
         self.lock = RunLock(self.run_dir)
         plan = Plan(messages=self.lock.acquire())
         found = survey(self.root)
-        foreign = resume not in ("auto", "none") and Path(resume).resolve().parent != self.root.resolve()
-        if overwrite and not (resume == "none" or foreign):
-            raise RunDirError("--overwrite starts a run afresh: it goes with --resume none or with a checkpoint "
-                              "of another run (to go back to an earlier checkpoint of this run, use --rewind)")
         if found and (resume == "none" or foreign) and not overwrite:
             what = "--resume none would start another run" if resume == "none" else f"starting from {resume} would " \
                    f"put another run's checkpoints"
@@ -342,8 +229,6 @@ class Checkpointer:
         return plan
 
     def _explicit(self, folder: Path, found: list[Found], foreign: bool, rewind: bool, messages: list[str]) -> Found:
-        if not folder.is_dir() or not STEP_DIR.match(folder.name):
-            raise RunDirError(f"--resume must be 'auto', 'none' or a checkpoint folder step_XXXXXXXX, got {folder}")
         try:
             manifest = read_manifest(folder, deep=True)
         except InvalidCheckpoint as e:
@@ -398,6 +283,7 @@ class Checkpointer:
     # ---- saving --------------------------------------------------------------------------
 
     def expected_bytes(self) -> int:
+        """Size of the next checkpoint: the last one's, or an estimate from the parameter count before any."""
         return self.last_bytes if self.last_bytes is not None else BYTES_PER_PARAM * self.n_params
 
     def _check_space(self, step: int) -> None:
@@ -513,39 +399,6 @@ class Checkpointer:
         return state
 
     def latest(self) -> Path | None:
+        """The newest complete checkpoint of the run dir (sizes checked, not checksums), or None."""
         newest = next((f for f in survey(self.root) if f.problem is None), None)
         return newest.path if newest else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint folder `step_XXXXXXXX`, or the newest complete checkpoint of a run directory."""
-    path = Path(path)
-    if STEP_DIR.match(path.name) and path.is_dir():
-        try:
-            read_manifest(path)
-        except InvalidCheckpoint as e:
-            raise FileNotFoundError(f"{path} is not a complete checkpoint: {e}") from None
-        return path
-    skipped: list[str] = []
-    newest = newest_valid(path / "checkpoints", skipped, partial=False)
-    if newest is None:
-        detail = f" ({'; '.join(skipped)})" if skipped else ""
-        raise FileNotFoundError(f"{path} is neither a checkpoint folder (step_XXXXXXXX) nor a run directory "
-                                f"with a complete checkpoint under checkpoints/{detail}")
-    return newest.path
-
-
-def checkpoint_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
-    """The run's config.yaml (two levels above the checkpoint folder) plus `section.field=value` overrides.
-
-    ValueError if config.yaml disagrees with the checkpoint's manifest on a setting that a resume
-    may not change (the config belongs to another run)."""
-    path = folder.parent.parent / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a checkpoint folder must sit in <run_dir>/checkpoints/")
-    manifest = read_manifest(folder)
-    old, new = _flat(manifest["config"]), _flat(load_config(path).to_dict())
-    wrong = [f"{k}={new[k]!r} (the checkpoint has {old.get(k)!r})" for k in FIXED_FIELDS if old.get(k) != new[k]]
-    if wrong:
-        raise ValueError(f"{path} does not belong to {folder}: it says {', '.join(wrong)}")
-    return load_config(path, list(overrides))

@@ -3,6 +3,7 @@
     lh-train --config configs/tiny-cpu.yaml parallel.cp_degree=1 schedule.steps=100
     torchrun --nproc-per-node 2 -m lh_dist.train.cli --config configs/tiny-cpu.yaml parallel.cp_degree=2
     lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16
+    lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16 --json   # for scripts
     lh-train --config configs/tiny-cpu.yaml --print-config     # every field, resolved
 
 Config sections: model, lighthouse, parallel, data, optim, schedule, checkpoint, logging
@@ -12,53 +13,61 @@ Config sections: model, lighthouse, parallel, data, optim, schedule, checkpoint,
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from pathlib import Path
 
 import yaml
 
 from lh_dist.config import ConfigError, TrainConfig, load_config
 
 
-def resolve_degrees(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
-    """(dp, cp) for this world size; ConfigError naming the field when they do not fit."""
-    cp = cfg.parallel.cp_degree
-    if world_size % cp:
-        raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world_size}")
-    dp = cfg.parallel.dp_degree or world_size // cp
-    if dp * cp != world_size:
-        raise ConfigError(f"parallel.dp_degree must be 0 (auto) or world size / parallel.cp_degree = "
-                          f"{world_size // cp}, got {dp}")
-    return dp, cp
-
-
-def describe_plan(cfg: TrainConfig, world_size: int) -> str:
-    """The run's layout and batch math, computed without any process group or device."""
-    from lh_dist.parallel.mesh import plan_layout
-    from lh_dist.train.build import dense_layer_ids, lighthouse_length
+def plan_run(cfg: TrainConfig, world_size: int) -> dict:
+    """The run's layout and batch math on `world_size` ranks, computed without any process group or
+    device: what `--dry-run --json` prints (and `describe_plan` puts in words)."""
+    from lh_dist.parallel.mesh import plan_layout, resolve_degrees
+    from lh_dist.runtime.build import dense_layer_ids, lighthouse_length
 
     dp, cp = resolve_degrees(cfg, world_size)
-    plan = plan_layout(world_size, dp, cp)
-    if cp > 1:
-        sharding = (f"cut into {2 * cp} zigzag chunks, 2 per rank: {cfg.data.seq_len // cp:,} tokens per rank")
-    else:
-        sharding = "not sharded (cp 1)"
-    seqs = cfg.data.micro_batch * cfg.optim.grad_accum * dp
-    lines = [
-        f"world size {world_size} = dp {dp} x cp {cp} (CP innermost: consecutive ranks share a sample)",
-        f"CP groups (ranks sharing one sample): {list(plan.cp_group_ranks)}",
-        f"DP groups: {list(plan.dp_group_ranks)}",
-        f"sequence {cfg.data.seq_len:,} tokens, {sharding}",
-        f"batch: micro_batch {cfg.data.micro_batch} x grad_accum {cfg.optim.grad_accum} x dp {dp} = {seqs} "
-        f"sequences = {seqs * cfg.data.seq_len:,} tokens per step",
-        f"steps {cfg.schedule.steps}: Lighthouse for {cfg.schedule.lighthouse_steps}, dense after",
-    ]
+    layout = plan_layout(world_size, dp, cp)
+    sequences = cfg.data.micro_batch * cfg.optim.grad_accum * dp
+    plan = {
+        "world_size": world_size, "dp_degree": dp, "cp_degree": cp,
+        "cp_groups": [list(ranks) for ranks in layout.cp_group_ranks],
+        "dp_groups": [list(ranks) for ranks in layout.dp_group_ranks],
+        "seq_len": cfg.data.seq_len, "tokens_per_rank": cfg.data.seq_len // cp,
+        "micro_batch": cfg.data.micro_batch, "grad_accum": cfg.optim.grad_accum,
+        "sequences_per_step": sequences, "tokens_per_step": sequences * cfg.data.seq_len,
+        "steps": cfg.schedule.steps, "lighthouse_steps": cfg.schedule.lighthouse_steps, "lighthouse": None,
+    }
     if cfg.schedule.lighthouse_steps:
         lh = cfg.lighthouse
-        s = lighthouse_length(cfg)
-        lines.append(f"Lighthouse L={lh.levels} p={lh.pooling} k={lh.topk}: S = {s:,} ({s / cfg.data.seq_len:.3f} N); "
-                     f"dense layers {sorted(dense_layer_ids(cfg))}")
+        plan["lighthouse"] = {"levels": lh.levels, "pooling": lh.pooling, "topk": lh.topk,
+                              "gathered_length": lighthouse_length(cfg), "dense_layers": sorted(dense_layer_ids(cfg))}
+    return plan
+
+
+def describe_plan(plan: dict) -> str:
+    """`plan_run`'s plan for people: one line per fact."""
+    dp, cp, n = plan["dp_degree"], plan["cp_degree"], plan["seq_len"]
+    if cp > 1:
+        sharding = f"cut into {2 * cp} zigzag chunks, 2 per rank: {plan['tokens_per_rank']:,} tokens per rank"
+    else:
+        sharding = "not sharded (cp 1)"
+    lines = [
+        f"world size {plan['world_size']} = dp {dp} x cp {cp} (CP innermost: consecutive ranks share a sample)",
+        f"CP groups (ranks sharing one sample): {[tuple(g) for g in plan['cp_groups']]}",
+        f"DP groups: {[tuple(g) for g in plan['dp_groups']]}",
+        f"sequence {n:,} tokens, {sharding}",
+        f"batch: micro_batch {plan['micro_batch']} x grad_accum {plan['grad_accum']} x dp {dp} = "
+        f"{plan['sequences_per_step']} sequences = {plan['tokens_per_step']:,} tokens per step",
+        f"steps {plan['steps']}: Lighthouse for {plan['lighthouse_steps']}, dense after",
+    ]
+    if plan["lighthouse"] is not None:
+        lh = plan["lighthouse"]
+        s = lh["gathered_length"]
+        lines.append(f"Lighthouse L={lh['levels']} p={lh['pooling']} k={lh['topk']}: S = {s:,} ({s / n:.3f} N); "
+                     f"dense layers {lh['dense_layers']}")
     return "\n".join(lines)
 
 
@@ -66,26 +75,6 @@ def _positive_int(text: str) -> int:
     if not str(text).isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"world size must be a positive integer, got {text!r}")
     return int(text)
-
-
-def check_resume_arg(resume: str, overwrite: bool, rewind: bool) -> None:
-    """ConfigError for a --resume / --overwrite / --rewind combination that cannot work (reads nothing big)."""
-    from lh_dist.train.checkpoint import STEP_DIR
-
-    if resume not in ("auto", "none"):
-        path = Path(resume)
-        if not path.is_dir():
-            raise ConfigError(f"--resume must be 'auto', 'none' or an existing checkpoint folder, got {resume!r}")
-        if not STEP_DIR.match(path.name):
-            hint = (" (a run directory: resume it with --resume auto and logging.run_dir set to it)"
-                    if (path / "checkpoints").is_dir() else
-                    " (an incomplete save)" if path.name.startswith(".partial-") else "")
-            raise ConfigError(f"--resume must be 'auto', 'none' or a checkpoint folder step_XXXXXXXX, got "
-                              f"{resume!r}{hint}")
-    if rewind and resume in ("auto", "none"):
-        raise ConfigError("--rewind goes with --resume <checkpoint folder>")
-    if overwrite and resume == "auto":
-        raise ConfigError("--overwrite goes with --resume none (or another run's checkpoint folder)")
 
 
 def _fail(kind: str, error: Exception) -> int:
@@ -96,6 +85,7 @@ def _fail(kind: str, error: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-train`: the trainer's exit status (0, or 75 after a stop signal), 2 for a user error (one line)."""
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="run file, e.g. configs/tiny-cpu.yaml (default: the "
@@ -113,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="validate the config, print the DP x CP layout and batch math, and exit")
     parser.add_argument("--world-size", type=_positive_int, default=None,
                         help="number of ranks --dry-run plans for (default: $WORLD_SIZE, else 1)")
+    parser.add_argument("--json", action="store_true",
+                        help="with --dry-run: print the plan as one JSON object (its numbers, and its words "
+                             "under \"text\"), for scripts")
+    parser.add_argument("--ranks-per-node", action="store_true",
+                        help="print how many ranks a node starts when nobody says (one per visible GPU; 2 "
+                             "without GPUs or with device=cpu) and exit")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config (every field, overrides applied) as YAML and exit")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value",
@@ -123,18 +119,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
+        if args.ranks_per_node:
+            import torch
+
+            from lh_dist.runtime.device import default_ranks_per_node
+
+            print(default_ranks_per_node(cfg.device, torch.cuda.device_count()))
+            return 0
+        if args.json and not args.dry_run:
+            raise ConfigError("--json goes with --dry-run")
         if args.dry_run:
             world = args.world_size or _positive_int(os.environ.get("WORLD_SIZE", "1"))
             try:
-                print(describe_plan(cfg, world))
+                plan = plan_run(cfg, world)
             except ConfigError as e:
                 if args.world_size is None and "world size" in str(e):
                     raise ConfigError(f"{e} (--dry-run plans for {world} rank(s): pass --world-size N to plan "
                                       f"for N ranks)") from None
                 raise
+            print(json.dumps(plan | {"text": describe_plan(plan)}) if args.json else describe_plan(plan))
             return 0
-        check_resume_arg(args.resume, args.overwrite, args.rewind)
+        from lh_dist.train.checkpoint import check_resume_arg
         from lh_dist.train.run_dir import check_run_dir
+
+        # Checked again where the run dir is opened (Trainer); here it fails before any process group.
+        check_resume_arg(args.resume, args.overwrite, args.rewind, cfg.logging.run_dir)
 
         check_run_dir(cfg.logging.run_dir)
     except (ConfigError, argparse.ArgumentTypeError) as e:

@@ -1,4 +1,4 @@
-"""DeepSpeed engine: the only module that imports deepspeed.
+"""DeepSpeed engine: building it, its config, saving and loading its state.
 
 The DeepSpeed config dict is derived from `TrainConfig` (`deepspeed_config`),
 never kept beside it. Gradients are averaged over the whole world, that is
@@ -8,34 +8,13 @@ their local mean losses is the sample's mean loss.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lh_dist.config import TrainConfig
-from lh_dist.parallel.spawn import free_port
-
-
-def init_distributed(device: torch.device) -> None:
-    """Initialize torch.distributed through DeepSpeed from torchrun's environment variables."""
-    if device.type == "cpu":
-        # DeepSpeed guesses the accelerator when it is imported; on CPU say so, to keep it certain and quiet.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # Importing DeepSpeed imports torch's extension builder, which warns on every rank of a machine
-        # without CUDA that it "found no CUDA runtime"; nothing here builds CUDA code.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    import deepspeed
-
-    if "WORLD_SIZE" not in os.environ:
-        # A plain `lh-train` without torchrun: a world of one on a free local port.
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
 
 
 def deepspeed_clips(cfg: TrainConfig, device: torch.device) -> bool:
@@ -154,16 +133,3 @@ class Engine:
         path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")
-
-
-def load_model_state(folder: Path) -> dict:
-    """Full fp32 model state dict from a checkpoint folder, whatever the ZeRO stage (no process group needed)."""
-    folder = Path(folder)
-    if any(folder.glob("*zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    return {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from lh_dist.config import TrainConfig, save_config
-from lh_dist.train.checkpoint import STEP_DIR, checkpoint_config, resolve_checkpoint
-from lh_dist.train.engine import load_model_state
+from lh_dist.runtime.checkpoint import (STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint,
+                                        trainer_state)
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -40,6 +40,8 @@ _LAYER_NAMES = {
 
 
 def hf_name(name: str) -> str:
+    """The Hugging Face Llama name of one of our parameters, e.g. layers.0.attention.wq.weight ->
+    model.layers.0.self_attn.q_proj.weight."""
     if name.startswith("layers."):
         _, i, rest = name.split(".", 2)
         module, param = rest.rsplit(".", 1)
@@ -49,6 +51,7 @@ def hf_name(name: str) -> str:
 
 
 def hf_config(cfg: TrainConfig, dtype: str, eod_id: int) -> dict:
+    """config.json of the export: a LlamaForCausalLM of the run's shape, weights saved in `dtype`."""
     m = cfg.model
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -63,6 +66,7 @@ def hf_config(cfg: TrainConfig, dtype: str, eod_id: int) -> dict:
 
 
 def generation_config(eod_id: int) -> dict:
+    """generation_config.json: the end-of-document id begins, ends and pads generated text."""
     return {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
 
 
@@ -118,11 +122,6 @@ def _write_tokenizer(out: Path, spec: str, eod_id: int) -> None:
     shutil.copyfile(spec, out / "tokenizer.json")
     config = _tokenizer_config(tokenizer.eod_token, bos=False)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
-
-
-def _trainer_state(folder: Path) -> dict:
-    path = folder / "trainer_rank_00000.pt"
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else {}
 
 
 def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, tokenizer: str) -> str:
@@ -209,7 +208,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
     (out / "generation_config.json").write_text(json.dumps(generation_config(eod_id), indent=2))
     _write_tokenizer(out, tokenizer, eod_id)
     save_config(cfg, out / "lh_dist_config.yaml")
-    (out / "README.md").write_text(model_card(cfg, checkpoint, _trainer_state(checkpoint), n_params, tokenizer))
+    (out / "README.md").write_text(model_card(cfg, checkpoint, trainer_state(checkpoint), n_params, tokenizer))
     # safetensors writes its file for the owner only; an export is meant to be shared.
     out.chmod(0o755)
     for name in EXPORT_FILES:
@@ -218,6 +217,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`lh-export`; 0 on success, 2 (one line on stderr) for a missing checkpoint or a bad argument."""
     parser = argparse.ArgumentParser(prog="lh-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path,

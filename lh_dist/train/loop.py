@@ -13,14 +13,14 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError, TrainConfig
-from lh_dist.train.cli import resolve_degrees
 from lh_dist.data.loader import PackedLoader, read_dataset_info
-from lh_dist.parallel.mesh import init_parallel_layout
-from lh_dist.train.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token, lighthouse_length,
-                                 phase_at, set_phase)
+from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
+from lh_dist.runtime.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token,
+                                   lighthouse_length, phase_at, set_phase)
+from lh_dist.runtime.device import local_device
+from lh_dist.runtime.distributed import init_distributed
 from lh_dist.train.checkpoint import Checkpointer
-from lh_dist.train.device import local_device
-from lh_dist.train.engine import Engine, init_distributed
+from lh_dist.train.engine import Engine
 from lh_dist.train.metrics import Metrics, peak_flops
 from lh_dist.train.step import StepResult, TrainStep
 
@@ -130,7 +130,7 @@ class Trainer:
         self.tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * cfg.optim.grad_accum * dp
         cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
         loader_args = dict(seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch, dp_rank=self.layout.dp_rank,
-                           dp_degree=dp, cp_degree=cp, seed=cfg.seed, cache_dir=cache)
+                           dp_degree=dp, seed=cfg.seed, cache_dir=cache)
         try:
             self.loader = PackedLoader(cfg.data.path, "train", **loader_args)
             self.val_loader = PackedLoader(cfg.data.path, "val", max_batches=cfg.logging.eval_batches, **loader_args)

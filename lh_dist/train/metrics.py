@@ -24,6 +24,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak FLOP/s of a known GPU (by its name), for MFU; None on CPU and on unknown GPUs."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -46,6 +47,7 @@ class StepMeans:
         self.lr = math.nan
 
     def add(self, *, loss: float, grad_norm: float, lr: float, tokens: int, seconds: float, finite: bool = True):
+        """Count one optimizer step: its mean loss, gradient norm, learning rate, tokens and seconds."""
         self.steps += 1
         self.tokens += tokens
         self.seconds += seconds
@@ -141,6 +143,7 @@ class Metrics:
 
     @property
     def elapsed(self) -> float:
+        """Seconds since `start` (or since this object was made)."""
         return self.clock() - self._t0
 
     def eta(self, step: int) -> float:
@@ -160,39 +163,47 @@ class Metrics:
         return means
 
     def validation(self, step: int, loss: float) -> None:
+        """Record the validation loss of `step`: TensorBoard `val/loss` and a console line."""
         self.last_val = (step, loss)
         self.scalars(step, {"val/loss": loss})
         self.log(f"step {step}: validation loss {loss:.4f}")
 
     def progress(self, step: int, values: dict[str, float], phase: str) -> None:
+        """Print the console line of a logged step (`progress_line`)."""
         if self.enabled:
             print(progress_line(step, self.total_steps, values, phase, self.elapsed, self.eta(step)), flush=True)
 
     def summary(self, status: str, step: int, tokens_per_step: int, lighthouse_steps: int,
                 checkpoint: Path | None) -> None:
+        """Print the run's closing paragraph (`run_summary`) with what this object has seen."""
         self.log(run_summary(status=status, step=step, total_steps=self.total_steps, start_step=self.start_step,
                              seconds=self.elapsed, tokens_per_step=tokens_per_step,
                              lighthouse_steps=lighthouse_steps, train_loss=self.last_train,
                              val_loss=self.last_val, checkpoint=checkpoint))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        """TensorBoard scalars {tag: value} at `step`."""
         if self.writer is not None:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
 
     def image(self, step: int, tag: str, image_hw3) -> None:
+        """A TensorBoard image at `step`: a uint8 RGB array [H, W, 3]."""
         if self.writer is not None:
             self.writer.add_image(tag, image_hw3, step, dataformats="HWC")
 
     def text(self, step: int, tag: str, message: str) -> None:
+        """A TensorBoard text (rendered as Markdown) at `step`."""
         if self.writer is not None:
             self.writer.add_text(tag, message, step)
 
     def log(self, message: str) -> None:
+        """A console line (rank 0 only)."""
         if self.enabled:
             print(message, flush=True)
 
     def close(self) -> None:
+        """Flush and close the event file; later writes are dropped."""
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()

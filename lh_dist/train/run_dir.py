@@ -98,6 +98,7 @@ class RunLock:
         self._thread: threading.Thread | None = None
 
     def describe(self, holder: dict) -> str:
+        """Who holds the lock, for messages: "pid P on HOST[, SLURM job J], since TIME"."""
         job = f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else ""
         return f"pid {holder.get('pid')} on {holder.get('host')}{job}, since {holder.get('since')}"
 

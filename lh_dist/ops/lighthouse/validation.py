@@ -8,6 +8,17 @@ TILE_SELECT = 128  # entries selected per tile and level (64 by query score + 64
 BACKENDS = ("auto", "reference", "triton")
 
 
+class LighthouseArgError(ValueError):
+    """A Lighthouse layout parameter that does not fit; `arg` names it: n, levels, pooling, topk or chunks."""
+
+    def __init__(self, message: str, arg: str):
+        super().__init__(message)
+        self.arg = arg
+
+    def __reduce__(self):  # pickled with its arg (the default would call __init__ with the message only)
+        return type(self), (str(self), self.arg)
+
+
 def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -17,38 +28,40 @@ def validate_lighthouse_args(n: int, levels: int, pooling: int, topk: int, *, ch
 
     n is the sequence length seen by one call; under context parallelism the sequence is cut into
     `chunks` equal pieces that are selected independently, so each piece must hold whole tiles.
-    Raises ValueError naming the offending parameter and what is allowed.
+    Raises LighthouseArgError (a ValueError) naming the offending parameter and what is allowed.
     """
     for name, value in (("n", n), ("levels", levels), ("pooling", pooling), ("topk", topk), ("chunks", chunks)):
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"{name} must be an int, got {value!r}")
+            raise LighthouseArgError(f"{name} must be an int, got {value!r}", name)
     if levels < 2:
-        raise ValueError(f"levels must be >= 2, got {levels}")
+        raise LighthouseArgError(f"levels must be >= 2, got {levels}", "levels")
     if pooling < 2 or not _is_power_of_two(pooling):
-        raise ValueError(f"pooling must be a power of two >= 2, got {pooling}")
+        raise LighthouseArgError(f"pooling must be a power of two >= 2, got {pooling}", "pooling")
     if topk <= 0 or topk % TILE_SELECT:
-        raise ValueError(f"topk must be a positive multiple of {TILE_SELECT}, got {topk}")
+        raise LighthouseArgError(f"topk must be a positive multiple of {TILE_SELECT}, got {topk}", "topk")
     if chunks < 1:
-        raise ValueError(f"chunks must be >= 1, got {chunks}")
+        raise LighthouseArgError(f"chunks must be >= 1, got {chunks}", "chunks")
     n_tiles = topk // TILE_SELECT
     if n_tiles % chunks:
-        raise ValueError(
+        raise LighthouseArgError(
             f"topk/{TILE_SELECT} = {n_tiles} tiles must be divisible by chunks = {chunks} "
-            "so that no tile straddles a chunk"
+            "so that no tile straddles a chunk", "topk"
         )
     if n <= 0 or n % n_tiles:
-        raise ValueError(f"n must be a positive multiple of topk/{TILE_SELECT} = {n_tiles} tiles, got n = {n}")
+        raise LighthouseArgError(
+            f"n must be a positive multiple of topk/{TILE_SELECT} = {n_tiles} tiles, got n = {n}", "n"
+        )
     tile = n // n_tiles
     coarsest = pooling ** (levels - 1)
     if tile % coarsest:
-        raise ValueError(
+        raise LighthouseArgError(
             f"tile length n*{TILE_SELECT}/topk = {tile} must be divisible by pooling**(levels-1) = {coarsest}; "
-            "choose n, topk, pooling or levels so it is"
+            "choose n, topk, pooling or levels so it is", "n"
         )
     if tile // coarsest < TILE_SELECT:
-        raise ValueError(
+        raise LighthouseArgError(
             f"each tile needs at least {TILE_SELECT} coarsest windows, got {tile // coarsest} "
-            f"(n >= pooling**(levels-1) * topk = {coarsest * topk} is required; got n = {n})"
+            f"(n >= pooling**(levels-1) * topk = {coarsest * topk} is required; got n = {n})", "n"
         )
 
 

@@ -1,19 +1,13 @@
-"""Run a function on several local processes joined by torch.distributed (tests, smoke runs)."""
+"""Test harness: run a function on several local processes joined by torch.distributed."""
 
 import datetime
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from lh_dist.runtime.distributed import free_port
 
 
 def _worker(rank, world_size, port, backend, timeout_s, fn, args):

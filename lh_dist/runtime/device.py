@@ -6,19 +6,17 @@ LOCAL_WORLD_SIZE, and the GPUs torch sees, which honours CUDA_VISIBLE_DEVICES). 
 evaluation both call it before any process group starts, so too few GPUs stop every rank with
 the same one-line error instead of a crash inside NCCL on some of them.
 
-`python -m lh_dist.train.device [--config FILE] [overrides]` prints the number of ranks a node
-starts by default (launch/run.sh): one per visible GPU, or 2 CPU ranks.
+`default_ranks_per_node` is how many ranks a node starts when nobody says (`lh-train
+--ranks-per-node`, which launch/run.sh asks): one per visible GPU, or 2 CPU ranks.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import torch
 
-from lh_dist.config import ConfigError, load_config
+from lh_dist.config import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 # Ranks per node without GPUs: enough for context parallelism (CP 2) on CPU.
@@ -67,22 +65,3 @@ def default_ranks_per_node(requested: str, num_gpus: int) -> int:
     if requested == "cpu" or num_gpus == 0:
         return CPU_RANKS
     return num_gpus
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lh_dist.train.device",
-                                     description="Print the default number of ranks per node for a run.")
-    parser.add_argument("--config", help="YAML run file (its `device` field counts)")
-    parser.add_argument("overrides", nargs="*", help="section.field=value")
-    args = parser.parse_intermixed_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"lh-train: config error: {e}", file=sys.stderr)
-        return 2
-    print(default_ranks_per_node(cfg.device, torch.cuda.device_count()))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

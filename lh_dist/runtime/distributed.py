@@ -1,0 +1,39 @@
+"""Starting torch.distributed, from torchrun's environment or alone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def backend_for(device: torch.device) -> str:
+    """The torch.distributed backend for ranks on `device`: NCCL on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(device: torch.device) -> None:
+    """Initialize torch.distributed for training, through DeepSpeed, from torchrun's environment
+    variables; a process started without torchrun becomes a world of one."""
+    if device.type == "cpu":
+        # DeepSpeed guesses the accelerator when it is imported; on CPU say so, to keep it certain and quiet.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # Importing DeepSpeed imports torch's extension builder, which warns on every rank of a machine
+        # without CUDA that it "found no CUDA runtime"; nothing here builds CUDA code.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import deepspeed
+
+    if "WORLD_SIZE" not in os.environ:
+        # A plain `lh-train` without torchrun: a world of one on a free local port.
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    deepspeed.init_distributed(dist_backend=backend_for(device))
