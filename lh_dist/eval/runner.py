@@ -56,8 +56,6 @@ class ModelRunner:
         if phase not in PHASES:
             raise ValueError(f"--phase must be one of {PHASES}, got {phase!r}")
         self.device = local_device(device, option="--device", cp_option="--cp")
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self.folder = resolve_checkpoint(checkpoint)
         cfg = checkpoint_config(self.folder, overrides)
         # Evaluation needs neither recomputation nor compilation.

@@ -55,9 +55,13 @@ def choose_device(requested: str, local_rank: int, local_ranks: int, num_gpus: i
 
 
 def local_device(requested: str, **options: str) -> torch.device:
-    """`choose_device` for this process, from torchrun's environment (a lone process is rank 0 of 1)."""
-    return choose_device(requested, int(os.environ.get("LOCAL_RANK", "0")),
-                         int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), **options)
+    """`choose_device` for this process, from torchrun's environment (a lone process is rank 0 of 1),
+    made the current CUDA device when it is one (NCCL and kernels then use this rank's GPU)."""
+    device = choose_device(requested, int(os.environ.get("LOCAL_RANK", "0")),
+                           int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count(), **options)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def default_ranks_per_node(requested: str, num_gpus: int) -> int:

@@ -115,8 +115,6 @@ class Trainer:
         self.device = local_device(cfg.device)  # too few GPUs stop every rank here, before NCCL starts
         dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_split_sizes(cfg, info, dp)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         init_distributed(self.device)
         world = dist.get_world_size()
         self.layout = init_parallel_layout(dp, cp)
