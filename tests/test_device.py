@@ -89,7 +89,10 @@ def test_local_device_reads_torchruns_environment(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
     assert local_device("auto") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]  # kernels and NCCL then use this rank's GPU
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ConfigError, match="2 ranks on this node but 1 visible GPU"):
         local_device("auto")
