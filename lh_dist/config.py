@@ -230,12 +230,12 @@ _LIGHTHOUSE_ARG_FIELDS = {"n": "data.seq_len", "levels": "lighthouse.levels", "p
 
 def validate_lighthouse_shape(cfg: TrainConfig) -> None:
     """Check that Lighthouse can tile the training sequence on every CP rank (the kernels' own rules)."""
-    from lh_dist.ops.lighthouse import validate_lighthouse_args
+    from lh_dist.ops.lighthouse import LighthouseParams
 
     lh, cp = cfg.lighthouse, cfg.parallel.cp_degree
     try:
         # CP cuts the sequence into 2 * cp zigzag chunks that select independently.
-        validate_lighthouse_args(cfg.data.seq_len, lh.levels, lh.pooling, lh.topk, chunks=2 * cp if cp > 1 else 1)
+        LighthouseParams.from_config(lh).check(cfg.data.seq_len, chunks=2 * cp if cp > 1 else 1)
     except ValueError as e:
         field = _LIGHTHOUSE_ARG_FIELDS.get(str(e).split()[0].split("/")[0], "lighthouse")
         raise ConfigError(f"{field}: {e} (here n = data.seq_len, chunks = 2 * parallel.cp_degree)") from None

@@ -41,7 +41,7 @@ def test_interpreter_suite():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "3 passed" in result.stdout, result.stdout[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
 
 
 def _inputs(b, n, h, hkv, d, dtype, device, seed):
@@ -106,6 +106,14 @@ def test_interpreter_compiles_without_graph_break():
     eager = block(q, k, v)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@interpreter_only
+def test_interpreter_opcheck():
+    from test_lighthouse_ops import op_samples
+
+    for op, args in op_samples("triton", layout=(2, 2, 128, 256)):  # the smallest layout: the interpreter is slow
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.gpu

@@ -42,23 +42,28 @@ def _select(q: Tensor, k: Tensor, levels: int, pooling: int, n_tiles: int, score
     return _kernels(backend).select_indices(q, k, levels, pooling, n_tiles, scorer)
 
 
+def _unit_stride(x: Tensor) -> Tensor:
+    """x, copied only if its last dim is strided (the kernels take any other strides)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _gather(x: Tensor, index: Tensor, levels: int, pooling: int, backend: str) -> Tensor:
-    return _kernels(backend).segment(x.contiguous(), index, x.shape[1], levels, pooling, shift=False, mean=True)
+    return _kernels(backend).segment(_unit_stride(x), index, x.shape[1], levels, pooling, shift=False, mean=True)
 
 
 def _gather_grad(grad: Tensor, inverse: Tensor, n: int, levels: int, pooling: int, backend: str) -> Tensor:
-    return _kernels(backend).level_gather(grad.contiguous(), inverse, n, levels, pooling, scatter=False)
+    return _kernels(backend).level_gather(_unit_stride(grad), inverse, n, levels, pooling, scatter=False)
 
 
 def _scatter(o: Tensor, inverse: Tensor, n: int, levels: int, pooling: int, spill: int,
              out_dtype: torch.dtype | None, backend: str) -> Tensor:
-    return _kernels(backend).level_gather(o.contiguous(), inverse, n, levels, pooling, scatter=True,
+    return _kernels(backend).level_gather(_unit_stride(o), inverse, n, levels, pooling, scatter=True,
                                           n_out=n + spill, out_dtype=out_dtype)
 
 
 def _scatter_grad(grad: Tensor, index: Tensor, n: int, levels: int, pooling: int, out_dtype: torch.dtype,
                   backend: str) -> Tensor:
-    return _kernels(backend).segment(grad.contiguous(), index, n, levels, pooling, shift=True, mean=False,
+    return _kernels(backend).segment(_unit_stride(grad), index, n, levels, pooling, shift=True, mean=False,
                                      out_dtype=out_dtype)
 
 
@@ -168,6 +173,9 @@ def _forward_op(
     index, inverse = _select(q, k, levels, pooling, n_tiles, scorer, backend)
     qg, kg, vg = (_gather(x, index, levels, pooling, backend) for x in (q, k, v))  # [B, S, H | Hkv, D]
     og, lse = attention_forward(qg, kg, vg, causal=True, backend=attention_backend)
+    # FlashAttention-4, cuDNN and flash return both contiguous already (no copy); math returns og as a
+    # transposed view. Contiguous outputs are what the fake promises.
+    og, lse = og.contiguous(), lse.contiguous()
     out = _scatter(og, inverse, n, levels, pooling, 0, None, backend)  # [B, N, H, D]
     return out, index, inverse, qg, kg, vg, og, lse
 
@@ -196,9 +204,9 @@ def _backward_op(
     levels: int, pooling: int, backend: str, attention_backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     n = dout.shape[1]
-    dog = _scatter_grad(dout, index, n, levels, pooling, dout.dtype, backend)  # [B, S, H, D]
+    dog = _scatter_grad(dout.contiguous(), index, n, levels, pooling, dout.dtype, backend)  # [B, S, H, D]
     dgathered = attention_backward(dog, qg, kg, vg, og, lse, causal=True, backend=attention_backend)
-    return tuple(_gather_grad(dx, inverse, n, levels, pooling, backend) for dx in dgathered)
+    return tuple(_gather_grad(dx.contiguous(), inverse, n, levels, pooling, backend) for dx in dgathered)
 
 
 @_backward_op.register_fake
