@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from lh_dist.ops.attention import BACKENDS, attention, attention_backward, attention_forward, resolve_backend
-from lh_dist.ops.lighthouse import gathered_length, lighthouse_attention, validate_lighthouse_args
+from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_attention
 from lh_dist.ops.lighthouse import triton_kernels as kernels
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,23 +95,28 @@ def fwd_bwd(layer, q, k, v, grad):
     return run
 
 
+def lighthouse_params(args, attention_backend: str = "auto") -> LighthouseParams:
+    return LighthouseParams(levels=args.levels, pooling=args.pooling, topk=args.topk, backend="triton",
+                            attention_backend=attention_backend)
+
+
 def lighthouse_breakdown(q, k, v, grad, args, backend, iters, warmup):
     """Milliseconds per stage, each timed alone on the same inputs; inner attention by `backend`."""
-    levels, pooling, n_tiles, n = args.levels, args.pooling, args.topk // 128, q.shape[1]
+    levels, pooling, n_tiles, n = args.levels, args.pooling, lighthouse_params(args).n_tiles, q.shape[1]
     q_scores, k_scores = kernels.pyramid_scores_triton(q, k, levels, pooling)
     index, inverse = kernels.select_triton(q_scores, k_scores, n, levels, pooling, n_tiles)
-    gathered = [kernels.segment(x, index, levels, pooling, shift=False, mean=True) for x in (q, k, v)]
+    gathered = [kernels.segment(x, index, n, levels, pooling, shift=False, mean=True) for x in (q, k, v)]
     og, lse = attention_forward(*gathered, causal=True, backend=backend)
-    dog = kernels.segment(grad, index, levels, pooling, shift=True, mean=False)
+    dog = kernels.segment(grad, index, n, levels, pooling, shift=True, mean=False)
     dgathered = attention_backward(dog, *gathered, og, lse, causal=True, backend=backend)
     stages = {
         "fwd: pool+score": lambda: kernels.pyramid_scores_triton(q, k, levels, pooling),
         "fwd: select": lambda: kernels.select_triton(q_scores, k_scores, n, levels, pooling, n_tiles),
-        "fwd: gather (q, k, v)": lambda: [kernels.segment(x, index, levels, pooling, shift=False, mean=True)
+        "fwd: gather (q, k, v)": lambda: [kernels.segment(x, index, n, levels, pooling, shift=False, mean=True)
                                           for x in (q, k, v)],
         "fwd: attention": lambda: attention_forward(*gathered, causal=True, backend=backend),
         "fwd: scatter": lambda: kernels.level_gather(og, inverse, n, levels, pooling, scatter=True),
-        "bwd: scatter": lambda: kernels.segment(grad, index, levels, pooling, shift=True, mean=False),
+        "bwd: scatter": lambda: kernels.segment(grad, index, n, levels, pooling, shift=True, mean=False),
         "bwd: attention": lambda: attention_backward(dog, *gathered, og, lse, causal=True, backend=backend),
         "bwd: gather (q, k, v)": lambda: [kernels.level_gather(dx.contiguous(), inverse, n, levels, pooling,
                                                                scatter=False) for dx in dgathered],
@@ -134,7 +139,7 @@ def main() -> int:
         print("benchmarks/attention.py needs a CUDA GPU", file=sys.stderr)
         return 1
     for n in args.lengths:
-        validate_lighthouse_args(n, args.levels, args.pooling, args.topk)
+        lighthouse_params(args).check(n)
     device = torch.device("cuda")
     for name in args.backends:  # fail now, saying why, rather than after the first lengths
         resolve_backend(name, device, torch.bfloat16, args.head_dim)
@@ -145,8 +150,7 @@ def main() -> int:
         return lambda q, k, v: attention(q, k, v, causal=True, backend=name)
 
     def lighthouse(name):
-        return lambda q, k, v: lighthouse_attention(q, k, v, levels=args.levels, pooling=args.pooling,
-                                                    topk=args.topk, backend="triton", attention_backend=name)
+        return lambda q, k, v: lighthouse_attention(q, k, v, lighthouse_params(args, name))
 
     methods = {f"{kind} {name}": make(name) for kind, make in (("dense", dense), ("lighthouse", lighthouse))
                for name in args.backends}
@@ -216,7 +220,7 @@ def write_report(args, rows, breakdowns, gpu: str) -> None:
         "|" + "---|" * (2 + 3 * len(names)),
     ]
     for n in args.lengths:
-        s = gathered_length(n, args.levels, args.pooling, args.topk // 128)
+        s = lighthouse_params(args).gathered_length(n)
         cells = [f"{n:,}", f"{s:,}"]
         for m in names:
             if (n, m) in table:

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lh_dist.ops.lighthouse import gathered_length, lighthouse_attention
+from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_attention
 from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
 from lh_dist.parallel.ring_attention import ring_attention
 from lh_dist.parallel.sharding import zigzag_shard
@@ -166,18 +166,17 @@ def dense_torch_cp(n, args, ctx):
     return step, None
 
 
-def lighthouse_args(args):
-    return dict(levels=args.levels, pooling=args.pooling, topk=args.topk)
+def lighthouse_params(args):
+    return LighthouseParams(levels=args.levels, pooling=args.pooling, topk=args.topk, backend=args.lighthouse_backend)
 
 
 def lighthouse_single(n, args, ctx):
     q, k, v, dout = make_inputs(n, args, ctx["device"], ctx["dtype"])
-    return fwd_bwd(lambda q, k, v: lighthouse_attention(
-        q, k, v, backend=args.lighthouse_backend, **lighthouse_args(args)), q, k, v, dout), 0
+    return fwd_bwd(lambda q, k, v: lighthouse_attention(q, k, v, lighthouse_params(args)), q, k, v, dout), 0
 
 
 def gathered_tokens(n, args):
-    return gathered_length(n, args.levels, args.pooling, args.topk // 128)
+    return lighthouse_params(args).gathered_length(n)
 
 
 def lighthouse_cp(exchange):
@@ -186,11 +185,10 @@ def lighthouse_cp(exchange):
         shards = [zigzag_shard(x, 1, world, rank).contiguous()
                   for x in make_inputs(n, args, ctx["device"], ctx["dtype"])]
         step = fwd_bwd(lambda q, k, v: lighthouse_cp_attention(
-            q, k, v, ctx["group"], exchange=exchange, backend=args.lighthouse_backend,
-            **lighthouse_args(args)), *shards)
+            q, k, v, ctx["group"], lighthouse_params(args), exchange=exchange), *shards)
         local = gathered_tokens(n, args) // world
         element = shards[0].element_size()
-        spill = 0 if world == 1 else 2 * 2 * (args.pooling ** (args.levels - 1) - 1) * args.heads * args.head_dim * 4
+        spill = 0 if world == 1 else 2 * 2 * lighthouse_params(args).spill * args.heads * args.head_dim * 4
         if exchange == "ring":
             return step, ring_bytes(local, args, world, element) + spill
         # all-gather K/V (each rank sends its part to W-1 ranks), reduce-scatter fp32 dK/dV.

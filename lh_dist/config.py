@@ -238,19 +238,19 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# The config field behind each argument of validate_lighthouse_args.
+# The config field behind each argument that LighthouseParams checks.
 _LIGHTHOUSE_ARG_FIELDS = {"n": "data.seq_len", "levels": "lighthouse.levels", "pooling": "lighthouse.pooling",
                          "topk": "lighthouse.topk", "chunks": "parallel.cp_degree"}
 
 
 def validate_lighthouse_shape(cfg: TrainConfig) -> None:
     """Check that Lighthouse can tile the training sequence on every CP rank (the kernels' own rules)."""
-    from lh_dist.ops.lighthouse.validation import LighthouseArgError, validate_lighthouse_args
+    from lh_dist.ops.lighthouse.params import LighthouseArgError, LighthouseParams
 
     lh, cp = cfg.lighthouse, cfg.parallel.cp_degree
     try:
         # CP cuts the sequence into 2 * cp zigzag chunks that select independently.
-        validate_lighthouse_args(cfg.data.seq_len, lh.levels, lh.pooling, lh.topk, chunks=2 * cp if cp > 1 else 1)
+        LighthouseParams.from_config(lh).check(cfg.data.seq_len, chunks=2 * cp if cp > 1 else 1)
     except LighthouseArgError as e:
         field = _LIGHTHOUSE_ARG_FIELDS[e.arg]
         raise ConfigError(f"{field}: {e} (here n = data.seq_len, chunks = 2 * parallel.cp_degree)") from None

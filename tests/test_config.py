@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from lh_dist.config import ConfigError, load_config, save_config
-from lh_dist.ops.lighthouse.validation import LighthouseArgError, validate_lighthouse_args
+from lh_dist.ops.lighthouse.params import LighthouseArgError, LighthouseParams
 
 
 def test_configs_in_repo_load():
@@ -69,7 +69,7 @@ def test_lighthouse_shape_errors_name_the_field_of_the_failed_rule(override, mes
 
 def test_lighthouse_arg_error_carries_its_argument_through_pickling():
     with pytest.raises(LighthouseArgError) as err:
-        validate_lighthouse_args(1024, 2, 2, 512, chunks=0)
+        LighthouseParams(levels=2, pooling=2, topk=512).check(1024, chunks=0)
     again = pickle.loads(pickle.dumps(err.value))  # as it crosses process boundaries
     assert (err.value.arg, again.arg, str(again)) == ("chunks", "chunks", "chunks must be >= 1, got 0")
 

@@ -179,9 +179,13 @@ def test_ring_attention_against_cudnn(world, monkeypatch):
 
 
 def test_lighthouse_inner_attention_against_cudnn():
-    from lh_dist.ops.lighthouse import gather_pyramid, lighthouse_attention, scatter_back
-    from lh_dist.ops.lighthouse.fast import select_fast
-    from lh_dist.ops.lighthouse.layout import Selection
+    from lh_dist.ops.lighthouse import (
+        LighthouseParams,
+        gather_pyramid,
+        lighthouse_attention,
+        lighthouse_select,
+        scatter_back,
+    )
     from lh_dist.ops.lighthouse.reference import causal_attention
 
     levels, pooling, topk, n, h, hkv, d = 3, 4, 512, 16384, 8, 2, 128
@@ -190,12 +194,11 @@ def test_lighthouse_inner_attention_against_cudnn():
     results = {}
     for backend in BACKENDS:
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = lighthouse_attention(*leaves, levels=levels, pooling=pooling, topk=topk, backend="triton",
-                                   attention_backend=backend)
+        out = lighthouse_attention(*leaves, LighthouseParams(levels=levels, pooling=pooling, topk=topk,
+                                                             backend="triton", attention_backend=backend))
         results[backend] = (out.detach(), *torch.autograd.grad(out, leaves, dout))
     # The selection depends on q and k only, so one float64 layer over it is exact for both.
-    index, inverse = select_fast(q, k, levels, pooling, topk // 128)
-    sel = Selection(index=index, inverse=inverse, n=n, levels=levels, pooling=pooling)
+    sel = lighthouse_select(q, k, LighthouseParams(levels=levels, pooling=pooling, topk=topk, backend="triton"))
     leaves = [x.double().requires_grad_() for x in (q, k, v)]
     out = scatter_back(causal_attention(*(gather_pyramid(x, sel) for x in leaves), backend="math"), sel)
     exact = (out.detach(), *torch.autograd.grad(out, leaves, dout.double()))

@@ -12,10 +12,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # Lowest first; a module belongs to its longest prefix here. A module may import modules of its own
-# package or of a lower layer. The kernels' argument rules sit below the config, which applies them
-# while it validates.
+# package or of a lower layer. The kernels' argument rules (and what they name: the attention
+# backends, the Lighthouse layout and scorers) sit below the config, which applies them while it validates.
 LAYERS = {
-    "lh_dist.ops.lighthouse.validation": 0,
+    "lh_dist.ops.lighthouse.params": 0, "lh_dist.ops.lighthouse.layout": 0, "lh_dist.ops.lighthouse.scorers": 0,
+    "lh_dist.ops.attention": 0,
     "lh_dist.config": 1,
     "lh_dist.model": 2, "lh_dist.ops": 2, "lh_dist.data": 2,
     "lh_dist.parallel": 3,

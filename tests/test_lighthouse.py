@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from lh_dist.ops.lighthouse import (
+    LighthouseParams,
     gather_pyramid,
     gathered_length,
     lighthouse_attention,
     pyramid_scores,
     scatter_back,
     select,
-    validate_lighthouse_args,
 )
 from lh_dist.ops.lighthouse.reference import causal_attention
 
@@ -112,7 +112,8 @@ def test_reference_matches_literal_outputs_and_grads(levels, pooling, topk, n):
         out.backward(grad_out)
         return [out.detach()] + [x.grad for x in leaves]
 
-    ref = run(lambda a, b_, c: lighthouse_attention(a, b_, c, levels=levels, pooling=pooling, topk=topk, backend="reference"))
+    params = LighthouseParams(levels=levels, pooling=pooling, topk=topk, backend="reference")
+    ref = run(lambda a, b_, c: lighthouse_attention(a, b_, c, params))
     lit = run(lambda a, b_, c: literal_lighthouse(a, b_, c, levels, pooling, topk))
     # Both run in float64 with the same selection; only summation order differs.
     for name, r, l in zip(("out", "dq", "dk", "dv"), ref, lit):
@@ -196,14 +197,15 @@ def test_selection_per_chunk_concatenates_to_whole():
     ],
 )
 def test_validation_errors(kwargs, match):
+    n, chunks = kwargs.pop("n"), kwargs.pop("chunks", 1)
     with pytest.raises(ValueError, match=match):
-        validate_lighthouse_args(**kwargs)
+        LighthouseParams(**kwargs).check(n, chunks=chunks)
 
 
 def test_validation_accepts_design_configs():
     for levels, pooling, topk, n in CONFIGS:
-        validate_lighthouse_args(n, levels, pooling, topk)
-    validate_lighthouse_args(512 * 1024, 3, 4, 2048, chunks=8)
+        LighthouseParams(levels=levels, pooling=pooling, topk=topk).check(n)
+    LighthouseParams(levels=3, pooling=4, topk=2048).check(512 * 1024, chunks=8)
 
 
 @pytest.mark.parametrize(
@@ -220,20 +222,24 @@ def test_input_errors(shapes, dtypes, match):
     dtypes = dtypes or (torch.float32,) * 3
     q, k, v = (torch.randn(s, dtype=dt) for s, dt in zip(shapes, dtypes))
     with pytest.raises(ValueError, match=match):
-        lighthouse_attention(q, k, v, levels=2, pooling=2, topk=256)
+        lighthouse_attention(q, k, v, LighthouseParams(levels=2, pooling=2, topk=256))
 
 
 def test_api_argument_errors():
     q = torch.randn(1, 512, 2, 8)
     with pytest.raises(ValueError, match="backend"):
-        lighthouse_attention(q, q, q, levels=2, pooling=2, topk=256, backend="cuda")
+        LighthouseParams(levels=2, pooling=2, topk=256, backend="cuda")
+    with pytest.raises(ValueError, match="attention_backend"):
+        LighthouseParams(levels=2, pooling=2, topk=256, attention_backend="cuda")
     if os.environ.get("TRITON_INTERPRET") != "1":
         with pytest.raises(ValueError, match="CUDA"):
-            lighthouse_attention(q, q, q, levels=2, pooling=2, topk=256, backend="triton")
+            lighthouse_attention(q, q, q, LighthouseParams(levels=2, pooling=2, topk=256, backend="triton"))
     with pytest.raises(ValueError, match="scorer"):
-        lighthouse_attention(q, q, q, levels=2, pooling=2, topk=256, scorer="dilated")
+        LighthouseParams(levels=2, pooling=2, topk=256, scorer="dilated")
     with pytest.raises(ValueError, match="pooling"):
-        lighthouse_attention(q, q, q, levels=2, pooling=6, topk=256)
+        LighthouseParams(levels=2, pooling=6, topk=256)
+    with pytest.raises(ValueError, match="at least 128 coarsest windows"):  # the sequence is checked too
+        lighthouse_attention(q[:, :500], q[:, :500], q[:, :500], LighthouseParams(levels=2, pooling=2, topk=256))
 
 
 def test_scatter_back_keeps_rows_past_the_chunk_end():
@@ -371,7 +377,8 @@ def test_selection_is_not_causal():
     sel2, _ = fixed_selection_layer(q2, k2, v, levels, pooling, topk)
     refined2 = sel2.inverse[0, 0, :n : pooling] >= 0
     assert torch.equal(refined2.nonzero().flatten(), torch.cat([torch.arange(127), torch.tensor([t // pooling])]))
-    out_free = lighthouse_attention(q2, k2, v, levels=levels, pooling=pooling, topk=topk, backend="reference")
+    out_free = lighthouse_attention(q2, k2, v, LighthouseParams(levels=levels, pooling=pooling, topk=topk,
+                                                                backend="reference"))
     base = layer(q, k, v)
     # Token 254 was gathered as the child of window 127 and is not any more, so the output at
     # position 254 < t loses that entry: an earlier output depends on a later token.
@@ -396,8 +403,9 @@ def test_gqa_with_identical_heads_equals_repeated_kv_heads():
     # The two KV heads select differently, so a head routed to the wrong KV head would be caught.
     assert not torch.equal(sel_gqa.index[:, 0], sel_gqa.index[:, 1])
     for attention_backend in ("math", "cpu_flash"):
-        gqa = lighthouse_attention(q, k, v, attention_backend=attention_backend, **args)
-        mha = lighthouse_attention(q, k4, v4, attention_backend=attention_backend, **args)
+        params = LighthouseParams(attention_backend=attention_backend, **args)
+        gqa = lighthouse_attention(q, k, v, params)
+        mha = lighthouse_attention(q, k4, v4, params)
         # Both backends repeat KV heads before computing, so the arithmetic is identical: exact.
         torch.testing.assert_close(gqa, mha, rtol=0, atol=0)
         torch.testing.assert_close(gqa[:, :, 0], gqa[:, :, 1], rtol=0, atol=0)

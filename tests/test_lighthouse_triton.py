@@ -14,8 +14,15 @@ import sys
 import pytest
 import torch
 
-from lh_dist.ops.lighthouse import gather_pyramid, lighthouse_attention, pyramid_scores, scatter_back, select
-from lh_dist.ops.lighthouse.layout import Selection
+from lh_dist.ops.lighthouse import (
+    LighthouseParams,
+    gather_pyramid,
+    lighthouse_attention,
+    lighthouse_select,
+    pyramid_scores,
+    scatter_back,
+    select,
+)
 from lh_dist.ops.lighthouse.reference import causal_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -34,7 +41,7 @@ def test_interpreter_suite():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert "3 passed" in result.stdout, result.stdout[-2000:]
+    assert "4 passed" in result.stdout, result.stdout[-2000:]
 
 
 def _inputs(b, n, h, hkv, d, dtype, device, seed):
@@ -55,22 +62,20 @@ def _reference_given(selection, q, k, v):
 
 def _check_against_float64(levels, pooling, topk, n, h, hkv, d, dtype, device, seed):
     """Triton output and grads must be as close to float64 as the reference in the same dtype."""
-    from lh_dist.ops.lighthouse.fast import select_fast
-
+    params = LighthouseParams(levels=levels, pooling=pooling, topk=topk, backend="triton")
     # One sequence at long lengths: the float64 baseline materializes S x S scores per head.
     b = 2 if device == "cuda" and n < 65536 else 1
     q, k, v = _inputs(b, n, h, hkv, d, dtype, device, seed)
-    index, inverse = select_fast(q, k, levels, pooling, topk // 128)
-    ref_sel = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, topk // 128)
+    sel = lighthouse_select(q, k, params)
+    ref_sel = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, params.n_tiles)
     if dtype == torch.float32:
-        assert torch.equal(index, ref_sel.index) and torch.equal(inverse, ref_sel.inverse)
+        assert torch.equal(sel.index, ref_sel.index) and torch.equal(sel.inverse, ref_sel.inverse)
     else:  # bf16 norms may round differently in the last bit; nearly all entries must agree
-        assert (index == ref_sel.index).float().mean() > 0.99
-    sel = Selection(index=index, inverse=inverse, n=n, levels=levels, pooling=pooling)
+        assert (sel.index == ref_sel.index).float().mean() > 0.99
     grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
 
     def triton_layer(q_, k_, v_):
-        return lighthouse_attention(q_, k_, v_, levels=levels, pooling=pooling, topk=topk, backend="triton")
+        return lighthouse_attention(q_, k_, v_, params)
 
     fast = _fwd_bwd(triton_layer, q, k, v, grad_out.to(dtype))
     same_dtype = _fwd_bwd(lambda *x: _reference_given(sel, *x), q, k, v, grad_out.to(dtype))
@@ -95,11 +100,20 @@ def test_interpreter_compiles_without_graph_break():
     q, k, v = _inputs(1, n, 2, 1, 16, torch.float32, "cpu", seed=9)
 
     def block(q_, k_, v_):
-        return lighthouse_attention(q_ * 2, k_, v_, levels=levels, pooling=pooling, topk=topk, backend="triton")
+        return lighthouse_attention(q_ * 2, k_, v_, LighthouseParams(levels=levels, pooling=pooling, topk=topk,
+                                                                     backend="triton"))
 
     eager = block(q, k, v)
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(q, k, v)
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@interpreter_only
+def test_interpreter_opcheck():
+    from test_lighthouse_ops import op_samples
+
+    for op, args in op_samples("triton", layout=(2, 2, 128, 256)):  # the smallest layout: the interpreter is slow
+        torch.library.opcheck(op, args)
 
 
 @pytest.mark.gpu

@@ -19,21 +19,17 @@ import torch
 
 from lh_dist.ops.attention import attention_backward, attention_forward
 from lh_dist.ops.lighthouse import (
-    gather_pyramid,
-    pyramid_scores,
-    scatter_back,
-    select,
-    validate_lighthouse_args,
+    LighthouseParams,
+    lighthouse_gather,
+    lighthouse_scatter,
+    lighthouse_select,
     validate_lighthouse_inputs,
 )
-from lh_dist.ops.lighthouse.validation import TILE_SELECT
 from lh_dist.parallel.comm import all_gather_stacked, exchange_with_neighbors, group_coords, reduce_scatter_stacked
 from lh_dist.parallel.ring_attention import ring_attention
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_chunk_ids, zigzag_shard, zigzag_unshard
 
 EXCHANGES = ("allgather", "ring")
-BACKENDS = ("auto", "reference", "triton")
-
 
 
 class _AllGatherCausalAttention(torch.autograd.Function):
@@ -63,7 +59,8 @@ class _AllGatherCausalAttention(torch.autograd.Function):
         q, kv, out, lse = ctx.saved_tensors
         chunk = q.shape[1] // 2
         dq = torch.empty_like(q)
-        dkv = torch.zeros_like(kv, dtype=torch.float32)  # [2, B, S, Hkv, D]: summed in fp32 over ranks
+        # [2, B, S, Hkv, D]: summed over ranks in fp32 (fp64 for fp64)
+        dkv = torch.zeros_like(kv, dtype=torch.promote_types(kv.dtype, torch.float32))
         for j, chunk_id in enumerate(zigzag_chunk_ids(ctx.world, ctx.rank)):
             rows, prefix = slice(j * chunk, (j + 1) * chunk), (chunk_id + 1) * chunk
             dq[:, rows], dk, dv = attention_backward(
@@ -101,69 +98,39 @@ class _SpillToNeighbors(torch.autograd.Function):
         return grad_to_prev, grad_to_next, None
 
 
-def _chunk_reference(qc, kc, vc, levels, pooling, tiles, scorer, spill):
-    """Gathered (q, k, v) of one chunk, and its scatter (-> fp32 [B, n + spill, H, D]), in plain PyTorch."""
-    q_scores, k_scores = pyramid_scores(qc, kc, levels, pooling, scorer)
-    selection = select(q_scores, k_scores, qc.shape[1], levels, pooling, tiles)
-    gathered = [gather_pyramid(x, selection) for x in (qc, kc, vc)]
-    return gathered, lambda og: scatter_back(og.float(), selection, qc.shape[1] + spill)
-
-
-def _chunk_triton(qc, kc, vc, levels, pooling, tiles, scorer, spill):
-    """As _chunk_reference, on the Triton kernels."""
-    from lh_dist.ops.lighthouse.fast import select_fast
-    from lh_dist.parallel.lighthouse_chunk_ops import gather_chunk, scatter_chunk
-
-    qc, kc, vc = (x.contiguous() for x in (qc, kc, vc))
-    index, inverse = select_fast(qc, kc, levels, pooling, tiles, scorer)
-    gathered = [gather_chunk(x, index, inverse, levels, pooling) for x in (qc, kc, vc)]
-    return gathered, lambda og: scatter_chunk(og, index, inverse, qc.shape[1], levels, pooling, spill)
-
-
 @torch.compiler.disable  # selection and communication stay eager; compiled layers call it as an opaque step
-def lighthouse_cp_attention(q, k, v, group, *, levels: int, pooling: int, topk: int, scorer: str = "norm",
-                            exchange: str = "allgather", backend: str = "auto",
-                            attention_backend: str = "auto") -> torch.Tensor:
+def lighthouse_cp_attention(q, k, v, group, params: LighthouseParams, *, exchange: str = "allgather") -> torch.Tensor:
     """Lighthouse attention of zigzag-sharded q [B, N/W, H, D], k/v [B, N/W, Hkv, D] over the CP group.
 
     Every rank of `group` (W ranks; None means one) passes its shards of a sequence of N
     tokens; returns this rank's output shard [B, N/W, H, D], equal to the zigzag shard of
-    single-device Lighthouse with the same levels, pooling and topk. topk/128 tiles must
-    divide into 2W chunks. exchange: "allgather" or "ring" (how gathered K/V travel).
-    backend: per-chunk select/gather/scatter, "reference", "triton" or "auto" (Triton on CUDA).
+    single-device Lighthouse with the same params. params.n_tiles must divide into 2W chunks.
+    exchange: "allgather" or "ring" (how gathered K/V travel). params.backend runs the per-chunk
+    select, gather and scatter. The output has q's dtype; partial sums stay in fp32 (fp64 for fp64).
     """
     validate_lighthouse_inputs(q, k, v)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
     world, rank = group_coords(group)
-    seq_len = q.shape[1] * world
-    chunk = check_zigzag_length(seq_len, world)
-    validate_lighthouse_args(seq_len, levels, pooling, topk, chunks=2 * world)
-    tiles_per_chunk = topk // TILE_SELECT // (2 * world)
+    chunk = check_zigzag_length(q.shape[1] * world, world)
 
-    # Pool, score, select and gather each local chunk on its own.
-    spill = pooling ** (levels - 1) - 1  # rows past a chunk's end that its last windows reach
-    per_chunk = _chunk_triton if backend == "triton" else _chunk_reference
-    gathered, scatters = [], []
-    for j in range(2):
-        parts, scatter = per_chunk(*(x[:, j * chunk:(j + 1) * chunk] for x in (q, k, v)),
-                                   levels, pooling, tiles_per_chunk, scorer, spill)
-        gathered.append(parts)
-        scatters.append(scatter)
-    qg, kg, vg = (torch.cat(parts, dim=1) for parts in zip(*gathered))  # [B, 2Sc, H or Hkv, D]
+    # Select and gather each local chunk on its own.
+    selections = [lighthouse_select(q[:, j * chunk:(j + 1) * chunk], k[:, j * chunk:(j + 1) * chunk], params,
+                                    chunks=2 * world) for j in range(2)]
+    qg, kg, vg = (torch.cat([lighthouse_gather(x[:, j * chunk:(j + 1) * chunk], selections[j], params)
+                             for j in range(2)], dim=1) for x in (q, k, v))  # [B, 2Sc, H or Hkv, D]
 
     if exchange == "ring":
-        og = ring_attention(qg, kg, vg, group, backend=attention_backend)
+        og = ring_attention(qg, kg, vg, group, backend=params.attention_backend)
     else:
-        og = _AllGatherCausalAttention.apply(qg, kg, vg, group, attention_backend)  # [B, 2Sc, H, D]
+        og = _AllGatherCausalAttention.apply(qg, kg, vg, group, params.attention_backend)  # [B, 2Sc, H, D]
 
-    # Scatter each chunk in fp32, keeping the rows its last windows spill into the next chunk.
+    # Scatter each chunk, keeping the rows its last windows spill into the next chunk, unrounded
+    # until the rows from the neighbours are added.
+    spill, acc_dtype = params.spill, torch.promote_types(q.dtype, torch.float32)
     gathered_chunk = og.shape[1] // 2
-    first, second = (scatters[j](og[:, j * gathered_chunk:(j + 1) * gathered_chunk])
+    first, second = (lighthouse_scatter(og[:, j * gathered_chunk:(j + 1) * gathered_chunk], selections[j], params,
+                                        spill=spill, out_dtype=acc_dtype)
                      for j in range(2))  # [B, chunk + spill, H, D] each
     # Chunk r spills into chunk r+1: rank r+1's first chunk, or for r = W-1 the local second
     # chunk 2W-1-r = r+1. Chunk 2W-1-r spills into chunk 2W-r: rank r-1's second chunk

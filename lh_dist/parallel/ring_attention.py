@@ -14,7 +14,8 @@ So every step after the first costs half a block, and all ranks do the same work
 Partial outputs merge through their log-sum-exp in fp32. The backward reuses
 the final output and LSE for every block (the block softmax is exp(s - lse)),
 and sends fp32 dK/dV accumulators around the ring with the K/V they belong to,
-so each block's gradient arrives back at its owner after W steps.
+so each block's gradient arrives back at its owner after W steps. (Every
+accumulator is fp64 instead for fp64 inputs.)
 """
 
 import torch
@@ -49,9 +50,12 @@ def check_ring_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def _accumulator(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
 
 def ring_attention_forward(q, k, v, group, *, scale=None, backend="auto"):
-    """Forward only. Returns out [B, 2c, H, D] (q's dtype) and lse [B, H, 2c] (fp32)."""
+    """Forward only. Returns out [B, 2c, H, D] (q's dtype) and lse [B, H, 2c] (fp32; fp64 for fp64)."""
     world, rank = group_coords(group)
     chunk = q.shape[1] // 2
     ring = RingExchange(group) if world > 1 else None
@@ -72,7 +76,7 @@ def ring_attention_forward(q, k, v, group, *, scale=None, backend="auto"):
             tail_out, tail_lse = merge_partials(out[:, chunk:], lse[:, :, chunk:], block_out, block_lse)
             out[:, chunk:] = tail_out
             lse[:, :, chunk:] = tail_lse
-        out = out.float()  # partials stay fp32 until the end
+        out = out.to(_accumulator(q))  # partials stay unrounded until the end
         if pending is not None:
             kv = pending.wait()
     return out.to(q.dtype), lse
@@ -84,12 +88,12 @@ def ring_attention_backward(dout, q, k, v, out, lse, group, *, scale=None, backe
     chunk = q.shape[1] // 2
     ring = RingExchange(group) if world > 1 else None
     kv = torch.stack([k, v])  # [2, B, 2c, Hkv, D]
-    dq = torch.zeros_like(q, dtype=torch.float32)  # [B, 2c, H, D]
+    dq = torch.zeros_like(q, dtype=_accumulator(q))  # [B, 2c, H, D]
     dkv_pending = None
     for step in range(world):
         kv_pending = ring.start(kv, _KV_TAG) if step + 1 < world else None
         src = (rank - step) % world
-        dkv = torch.zeros_like(kv, dtype=torch.float32)  # [2, B, 2c, Hkv, D]: this block's gradient
+        dkv = torch.zeros_like(kv, dtype=_accumulator(q))  # [2, B, 2c, Hkv, D]: this block's gradient
         if step == 0:
             dq_b, dk_b, dv_b = attention_backward(
                 dout, q, k, v, out, lse, causal=True, scale=scale, backend=backend)

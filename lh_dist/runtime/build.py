@@ -42,18 +42,17 @@ def dense_layer_ids(cfg: TrainConfig) -> set[int]:
 
 def _attention_fns(cfg: TrainConfig, cp_group) -> tuple:
     """(dense_fn, lighthouse_fn) for local execution or for the CP group."""
-    lh, backend = cfg.lighthouse, cfg.model.attention_backend
-    lh_kwargs = dict(levels=lh.levels, pooling=lh.pooling, topk=lh.topk, scorer=lh.scorer, backend=lh.backend,
-                     attention_backend=backend)
-    if cp_group is None:
-        from lh_dist.ops.lighthouse import lighthouse_attention
+    from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_attention
 
-        return (partial(attention, causal=True, backend=backend), partial(lighthouse_attention, **lh_kwargs))
+    backend = cfg.model.attention_backend
+    params = LighthouseParams.from_config(cfg.lighthouse, attention_backend=backend)
+    if cp_group is None:
+        return (partial(attention, causal=True, backend=backend), partial(lighthouse_attention, params=params))
     from lh_dist.parallel.lighthouse_cp import lighthouse_cp_attention
     from lh_dist.parallel.ring_attention import ring_attention
 
     return (partial(ring_attention, group=cp_group, backend=backend),
-            partial(lighthouse_cp_attention, group=cp_group, exchange=cfg.parallel.lighthouse_exchange, **lh_kwargs))
+            partial(lighthouse_cp_attention, group=cp_group, params=params, exchange=cfg.parallel.lighthouse_exchange))
 
 
 # What `parallel.activation_checkpointing: selective` keeps from the forward: the outputs of the
@@ -117,10 +116,9 @@ def phase_at(cfg: TrainConfig, step: int) -> str:
 
 def lighthouse_length(cfg: TrainConfig) -> int:
     """Gathered length S = N / p^(L-1) + (L-1) p k of a Lighthouse layer for the training sequence."""
-    from lh_dist.ops.lighthouse import gathered_length
+    from lh_dist.ops.lighthouse import LighthouseParams
 
-    lh = cfg.lighthouse
-    return gathered_length(cfg.data.seq_len, lh.levels, lh.pooling, lh.topk // 128)
+    return LighthouseParams.from_config(cfg.lighthouse).gathered_length(cfg.data.seq_len)
 
 
 def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> float:

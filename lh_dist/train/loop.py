@@ -289,15 +289,16 @@ class Trainer:
         return layer
 
     def _log_selection_map(self, layer, phase: str) -> None:
+        from lh_dist.ops.lighthouse import LighthouseParams
         from lh_dist.train.selection_map import selection_map
 
-        lh, cp = self.cfg.lighthouse, self.layout.cp_degree
+        cp = self.layout.cp_degree
         q, k = layer.captured
         layer.captured = None
         chunk = q.shape[1] // 2 if cp > 1 else q.shape[1]  # under CP: this rank's first zigzag chunk
         layer_id = min(set(range(self.cfg.model.n_layers)) - dense_layer_ids(self.cfg))  # the first Lighthouse layer
-        image = selection_map(q[:, :chunk].float(), k[:, :chunk].float(), levels=lh.levels, pooling=lh.pooling,
-                              n_tiles=lh.topk // 128 // (2 * cp if cp > 1 else 1), scorer=lh.scorer,
+        params = LighthouseParams.from_config(self.cfg.lighthouse)
+        image = selection_map(q[:, :chunk].float(), k[:, :chunk].float(), params, chunks=2 * cp if cp > 1 else 1,
                               title=f"{self.run_dir.name}, step {self.step} ({phase} phase): layer {layer_id}, "
                                     f"KV head 0" + (", CP rank 0's first chunk" if cp > 1 else ""))
         self.metrics.image(self.step, "lighthouse/selection_map", image)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lh_dist.ops.lighthouse import pyramid_scores, select
+from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
 
 STATES = ("skipped", "attended (leaf)", "refined (children considered)")
 # Okabe-Ito colours, distinguishable with every common colour-vision deficiency.
@@ -14,16 +14,16 @@ _COLORS = ("#3b3b3b", "#0072B2", "#E69F00")
 
 
 @torch.no_grad()
-def selection_states(q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling: int, n_tiles: int,
-                     scorer: str = "norm", width: int = 1024) -> np.ndarray:
+def selection_states(q: torch.Tensor, k: torch.Tensor, params: LighthouseParams, *, chunks: int = 1,
+                     width: int = 1024) -> np.ndarray:
     """int array [levels, min(N, width)]: the state (index into STATES) of each token's window at each
-    level, coarsest level first, for batch 0 and KV head 0 of q [B, N, H, D], k [B, N, Hkv, D].
+    level, coarsest level first, for batch 0 and KV head 0 of q [B, N, H, D], k [B, N, Hkv, D]: one of
+    `chunks` equal chunks of the sequence, as under context parallelism.
 
     Longer sequences are shown `width` columns wide; a column shows the most advanced state of its tokens.
     """
-    n = q.shape[1]
-    q_scores, k_scores = pyramid_scores(q[:1], k[:1], levels, pooling, scorer)
-    sel = select(q_scores, k_scores, n, levels, pooling, n_tiles)
+    n, levels, pooling = q.shape[1], params.levels, params.pooling
+    sel = lighthouse_select(q[:1], k[:1], params, chunks=chunks)
     inverse, offsets = sel.inverse[0, 0].cpu(), sel.offsets
     rows = []
     for lvl in range(levels - 1, -1, -1):
@@ -60,8 +60,9 @@ def render_states(states: np.ndarray, *, pooling: int, n: int, title: str = "") 
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-def selection_map(q: torch.Tensor, k: torch.Tensor, *, levels: int, pooling: int, n_tiles: int,
-                  scorer: str = "norm", title: str = "") -> np.ndarray:
-    """HWC uint8 image of the selection of q [B, N, H, D], k [B, N, Hkv, D] (batch 0, KV head 0)."""
-    states = selection_states(q, k, levels=levels, pooling=pooling, n_tiles=n_tiles, scorer=scorer)
-    return render_states(states, pooling=pooling, n=q.shape[1], title=title)
+def selection_map(q: torch.Tensor, k: torch.Tensor, params: LighthouseParams, *, chunks: int = 1,
+                  title: str = "") -> np.ndarray:
+    """HWC uint8 image of the selection of q [B, N, H, D], k [B, N, Hkv, D] (batch 0, KV head 0), one of
+    `chunks` equal chunks of the sequence."""
+    states = selection_states(q, k, params, chunks=chunks)
+    return render_states(states, pooling=params.pooling, n=q.shape[1], title=title)

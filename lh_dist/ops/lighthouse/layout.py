@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .validation import TILE_SELECT
+TILE_SELECT = 128  # entries selected per tile and level (64 by query score + 64 by key score)
 
 
 def level_offsets(n: int, levels: int, pooling: int) -> list[int]:

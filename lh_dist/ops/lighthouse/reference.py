@@ -8,6 +8,9 @@ parallelism can run them per chunk of the sequence:
     qg, kg, vg = (gather_pyramid(x, sel) for x in (q, k, v))             # [B, S, *, D]
     og = causal attention over (qg, kg, vg)
     out = scatter_back(og, sel)                                          # [B, N, H, D]
+
+`segment` and `level_gather` are the twins of the Triton launchers of the same names (same
+arguments, same results up to rounding): the reference backend of the custom ops in ops.py.
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ import torch
 
 from lh_dist.ops.attention import attention
 
-from .layout import Selection, level_offsets
+from .layout import TILE_SELECT, Selection, level_offsets
+from .params import LighthouseParams
 from .scorers import get_scorer
-from .validation import TILE_SELECT
 
 HALF = TILE_SELECT // 2  # picked by query score, then the same number by key score
 
@@ -112,16 +115,73 @@ def select(
     return Selection(index=index, inverse=inverse, n=n, levels=levels, pooling=pooling)
 
 
+def select_indices(q: torch.Tensor, k: torch.Tensor, levels: int, pooling: int, n_tiles: int,
+                   scorer: str = "norm") -> tuple[torch.Tensor, torch.Tensor]:
+    """(index [B, Hkv, S], inverse [B, Hkv, P]) int64 of the selection of q, k (see Selection)."""
+    selection = select(*pyramid_scores(q, k, levels, pooling, scorer), q.shape[1], levels, pooling, n_tiles)
+    return selection.index, selection.inverse
+
+
 def _per_head(index: torch.Tensor, heads: int, d: int) -> torch.Tensor:
     """[B, Hkv, M] indices -> [B, M, heads, d], query head h taking KV head h // (heads // Hkv)."""
     group = heads // index.shape[1]
     return index.repeat_interleave(group, dim=1).transpose(1, 2).unsqueeze(-1).expand(-1, -1, -1, d)
 
 
+def segment(x: torch.Tensor, index: torch.Tensor, n: int, levels: int, pooling: int, *, shift: bool, mean: bool,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Row s, head h of the result reduces x [B, >= n, Hx, D] over the window of entry index[b, h // G, s].
+
+    mean and not shift: window means (gather-pool); shift and not mean: sums over the rows
+    [start + c - 1, start + 2c - 1) that the entry's output was scattered to, as far as x reaches
+    (the scatter's backward; rows past n are a chunk's spill). n is the length the pyramid was
+    built on. Returns [B, S, Hx, D] in out_dtype (default x.dtype).
+    """
+    b, rows, hx, d = x.shape
+    if mean and not shift:
+        pyramid = pool(x[:, :n], levels, pooling)  # [B, P, Hx, D]
+    else:
+        acc_dtype = torch.promote_types(x.dtype, torch.float32)
+        parts = []
+        for lvl in range(levels):
+            c = pooling**lvl
+            start = c - 1 if shift else 0
+            window_rows = x[:, start:start + n].to(acc_dtype)
+            if window_rows.shape[1] < n:  # the last windows reach past the rows given: those add nothing
+                window_rows = torch.cat([window_rows, window_rows.new_zeros(b, n - window_rows.shape[1], hx, d)], 1)
+            part = window_rows.view(b, n // c, c, hx, d).sum(2)  # [B, n / c, Hx, D]
+            parts.append(part / c if mean else part)
+        pyramid = torch.cat(parts, dim=1)  # [B, P, Hx, D]
+    return pyramid.gather(1, _per_head(index, hx, d)).to(out_dtype or x.dtype)
+
+
+def level_gather(y: torch.Tensor, inverse: torch.Tensor, n: int, levels: int, pooling: int, *, scatter: bool,
+                 n_out: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Token rows from gathered rows y [B, S, Hx, D] through the inverse maps: [B, n_out, Hx, D].
+
+    scatter: out[t] = sum_l y[inv_l[(t+1)//c - 1]] (the scatter-back; n_out > n keeps the rows
+    past the end that the last windows reach); else: out[t] = sum_l y[inv_l[t//c]] / c (the
+    backward of the window means). Sums in (at least) fp32; returns out_dtype (default y.dtype).
+    """
+    n_out = n if n_out is None else n_out
+    b, _, h, d = y.shape
+    t = torch.arange(n_out, device=y.device)
+    acc_dtype = torch.promote_types(y.dtype, torch.float32)
+    out = torch.zeros(b, n_out, h, d, dtype=acc_dtype, device=y.device)
+    for lvl, offset in enumerate(level_offsets(n, levels, pooling)[:-1]):
+        c = pooling**lvl
+        window = (t + 1) // c - 1 if scatter else t // c
+        valid = (window >= 0) & (window < n // c)
+        pos = inverse[:, :, offset + window.clamp(0, n // c - 1)]  # [B, Hkv, n_out]
+        valid = valid & (pos >= 0)
+        contrib = y.gather(1, _per_head(pos.clamp(min=0), h, d)).to(acc_dtype)  # [B, n_out, Hx, D]
+        out = out + (contrib if scatter else contrib / c) * _per_head(valid, h, 1)
+    return out.to(out_dtype or y.dtype)
+
+
 def gather_pyramid(x: torch.Tensor, selection: Selection) -> torch.Tensor:
     """Window means of the selected entries, x [B, N, Hx, D] -> [B, S, Hx, D] (Hx = H or Hkv)."""
-    pyramid = pool(x, selection.levels, selection.pooling)  # [B, P, Hx, D]
-    return pyramid.gather(1, _per_head(selection.index, x.shape[2], x.shape[3]))
+    return segment(x, selection.index, selection.n, selection.levels, selection.pooling, shift=False, mean=True)
 
 
 def scatter_back(o: torch.Tensor, selection: Selection, length: int | None = None) -> torch.Tensor:
@@ -131,21 +191,8 @@ def scatter_back(o: torch.Tensor, selection: Selection, length: int | None = Non
     out[t] = sum_l o[inverse_l[(t + 1) // c - 1]]. length defaults to n; a larger length keeps the
     positions past the end of this sequence (chunk) that its last windows reach. Sums in (at least) fp32.
     """
-    n, pooling = selection.n, selection.pooling
-    length = n if length is None else length
-    b, _, h, d = o.shape
-    t = torch.arange(length, device=o.device)
-    acc_dtype = torch.promote_types(o.dtype, torch.float32)
-    out = torch.zeros(b, length, h, d, dtype=acc_dtype, device=o.device)
-    for lvl, offset in enumerate(selection.offsets[:-1]):
-        c = pooling**lvl
-        window = (t + 1) // c - 1
-        valid = (window >= 0) & (window < n // c)
-        pos = selection.inverse[:, :, offset + window.clamp(0, n // c - 1)]  # [B, Hkv, length]
-        valid = valid & (pos >= 0)
-        contrib = o.gather(1, _per_head(pos.clamp(min=0), h, d))  # [B, length, H, D]
-        out = out + contrib.to(acc_dtype) * _per_head(valid, h, 1)
-    return out.to(o.dtype)
+    return level_gather(o, selection.inverse, selection.n, selection.levels, selection.pooling, scatter=True,
+                        n_out=length)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto") -> torch.Tensor:
@@ -153,21 +200,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return attention(q, k, v, causal=True, backend=backend)
 
 
-def lighthouse_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    levels: int,
-    pooling: int,
-    topk: int,
-    scorer: str = "norm",
-    attention_backend: str = "auto",
-) -> torch.Tensor:
-    """Lighthouse attention, q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D]. Arguments unchecked."""
+def lighthouse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: LighthouseParams) -> torch.Tensor:
+    """Lighthouse attention, q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D], by autograd through the
+    pieces above (params.backend is not read). Arguments unchecked."""
     n = q.shape[1]
-    q_scores, k_scores = pyramid_scores(q, k, levels, pooling, scorer)
-    selection = select(q_scores, k_scores, n, levels, pooling, topk // TILE_SELECT)
+    q_scores, k_scores = pyramid_scores(q, k, params.levels, params.pooling, params.scorer)
+    selection = select(q_scores, k_scores, n, params.levels, params.pooling, params.n_tiles)
     qg, kg, vg = (gather_pyramid(x, selection) for x in (q, k, v))
-    og = causal_attention(qg, kg, vg, attention_backend)
+    og = causal_attention(qg, kg, vg, params.attention_backend)
     return scatter_back(og, selection)

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .validation import TILE_SELECT
+from .layout import TILE_SELECT
+from .reference import pyramid_scores
 
-_NONE = 2**62  # sort key of padding lanes: after every real key
 _POS_BITS = 24  # low bits of a selection sort key hold the candidate's position in the tile
 
 
@@ -197,10 +197,10 @@ def _decode(f, n, LEVELS: tl.constexpr, LOG2P: tl.constexpr):
 
 @triton.jit
 def _segment_kernel(
-    x_ptr, index_ptr, out_ptr, n, S,
+    x_ptr, index_ptr, out_ptr, n, n_rows, S,
     sxb, sxn, sxh, sob, son, soh,
     HX: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    LEVELS: tl.constexpr, LOG2P: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr,
+    LEVELS: tl.constexpr, LOG2P: tl.constexpr, SHIFT: tl.constexpr, MEAN: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
@@ -214,16 +214,16 @@ def _segment_kernel(
     if SHIFT:
         start += c - 1  # the entry's output lands on [start + c - 1, start + 2c - 1)
     c = tl.where(in_s, c, 0)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=ACC)
     x_base = x_ptr + b.to(tl.int64) * sxb + h * sxh
     for j in range(0, tl.max(c, axis=0)):
         row = start + j
-        ok = (j < c) & (row < n)
+        ok = (j < c) & (row < n_rows)
         x = tl.load(x_base + row[:, None].to(tl.int64) * sxn + dd[None, :], mask=ok[:, None] & (dd[None, :] < D),
                     other=0.0)
-        acc += x.to(tl.float32)
+        acc += x.to(ACC)
     if MEAN:
-        acc = acc / tl.maximum(c, 1).to(tl.float32)[:, None]
+        acc = acc / tl.maximum(c, 1).to(ACC)[:, None]
     out = out_ptr + b.to(tl.int64) * sob + s[:, None].to(tl.int64) * son + h * soh + dd[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=in_s[:, None] & (dd[None, :] < D))
 
@@ -233,7 +233,7 @@ def _level_gather_kernel(
     y_ptr, inverse_ptr, out_ptr, n, n_out, P,
     syb, sy_s, syh, sob, son, soh,
     HX: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-    LEVELS: tl.constexpr, LOG2P: tl.constexpr, SCATTER: tl.constexpr,
+    LEVELS: tl.constexpr, LOG2P: tl.constexpr, SCATTER: tl.constexpr, ACC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -243,7 +243,7 @@ def _level_gather_kernel(
     dd = tl.arange(0, BLOCK_D)
     inv_base = inverse_ptr + (b * (HX // GROUP) + h // GROUP).to(tl.int64) * P
     y_base = y_ptr + b.to(tl.int64) * syb + h * syh
-    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
     for lvl in tl.static_range(LEVELS):
         if SCATTER:
             w = ((t + 1) >> (lvl * LOG2P)) - 1
@@ -254,9 +254,9 @@ def _level_gather_kernel(
         ok = ok & (pos >= 0)
         y = tl.load(y_base + pos[:, None] * sy_s + dd[None, :], mask=ok[:, None] & (dd[None, :] < D), other=0.0)
         if SCATTER:
-            acc += y.to(tl.float32)
+            acc += y.to(ACC)
         else:
-            acc += y.to(tl.float32) * (1.0 / (1 << (lvl * LOG2P)))
+            acc += y.to(ACC) * (1.0 / (1 << (lvl * LOG2P)))
     out = out_ptr + b.to(tl.int64) * sob + t[:, None].to(tl.int64) * son + h * soh + dd[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(t < n_out)[:, None] & (dd[None, :] < D))
 
@@ -266,6 +266,11 @@ def _level_gather_kernel(
 
 def _log2(p: int) -> int:
     return p.bit_length() - 1
+
+
+def _accumulator(x: torch.Tensor, out: torch.Tensor):
+    """Sums run in fp32, or in fp64 where the input or the output is fp64."""
+    return tl.float64 if torch.float64 in (x.dtype, out.dtype) else tl.float32
 
 
 def pyramid_scores_triton(q: torch.Tensor, k: torch.Tensor, levels: int, pooling: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,22 +316,33 @@ def select_triton(
     return index, inverse
 
 
-def segment(x: torch.Tensor, index: torch.Tensor, levels: int, pooling: int, *, shift: bool, mean: bool,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Row s, head h of the result reduces x [B, N, Hx, D] over the window of entry index[b, h // G, s].
+def select_indices(q: torch.Tensor, k: torch.Tensor, levels: int, pooling: int, n_tiles: int,
+                   scorer: str = "norm") -> tuple[torch.Tensor, torch.Tensor]:
+    """As `reference.select_indices`; scorers other than "norm" score in PyTorch, then select here."""
+    if scorer == "norm":
+        scores = pyramid_scores_triton(q, k, levels, pooling)
+    else:
+        scores = pyramid_scores(q, k, levels, pooling, scorer)
+    return select_triton(*scores, q.shape[1], levels, pooling, n_tiles)
 
-    mean and not shift: window means (gather-pool); shift and not mean: sums over the positions the
-    entry's output was scattered to (the scatter's backward). Returns [B, S, Hx, D].
+
+def segment(x: torch.Tensor, index: torch.Tensor, n: int, levels: int, pooling: int, *, shift: bool, mean: bool,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Row s, head h of the result reduces x [B, >= n, Hx, D] over the window of entry index[b, h // G, s].
+
+    mean and not shift: window means (gather-pool); shift and not mean: sums over the rows the
+    entry's output was scattered to, as far as x reaches (the scatter's backward; rows past n are a
+    chunk's spill). n is the length the pyramid was built on. Returns [B, S, Hx, D].
     """
-    b, n, hx, d = x.shape
+    b, rows, hx, d = x.shape
     s = index.shape[-1]
-    assert x.stride(-1) == 1 and index.is_contiguous()
+    assert x.stride(-1) == 1 and index.is_contiguous() and rows >= n
     out = torch.empty(b, s, hx, d, dtype=out_dtype or x.dtype, device=x.device)
     block_s = 32
     _segment_kernel[(triton.cdiv(s, block_s), b * hx)](
-        x, index, out, n, s, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        x, index, out, n, rows, s, x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HX=hx, GROUP=hx // index.shape[1], D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_S=block_s,
-        LEVELS=levels, LOG2P=_log2(pooling), SHIFT=shift, MEAN=mean,
+        LEVELS=levels, LOG2P=_log2(pooling), SHIFT=shift, MEAN=mean, ACC=_accumulator(x, out),
     )
     return out
 
@@ -335,8 +351,9 @@ def level_gather(y: torch.Tensor, inverse: torch.Tensor, n: int, levels: int, po
                  n_out: int | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Token rows from gathered rows y [B, S, Hx, D] through the inverse maps: [B, n_out, Hx, D].
 
-    scatter: out[t] = sum_l y[inv_l[(t+1)//c - 1]] (the forward scatter-back);
-    else:    out[t] = sum_l y[inv_l[t//c]] / c     (the backward of the window means). fp32 sums.
+    scatter: out[t] = sum_l y[inv_l[(t+1)//c - 1]] (the forward scatter-back; n_out > n keeps the rows
+             past the end that the last windows reach);
+    else:    out[t] = sum_l y[inv_l[t//c]] / c     (the backward of the window means). fp32 (fp64) sums.
     """
     b, _, hx, d = y.shape
     n_out = n if n_out is None else n_out
@@ -347,6 +364,6 @@ def level_gather(y: torch.Tensor, inverse: torch.Tensor, n: int, levels: int, po
         y, inverse, out, n, n_out, inverse.shape[-1],
         y.stride(0), y.stride(1), y.stride(2), out.stride(0), out.stride(1), out.stride(2),
         HX=hx, GROUP=hx // inverse.shape[1], D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_N=block_n,
-        LEVELS=levels, LOG2P=_log2(pooling), SCATTER=scatter,
+        LEVELS=levels, LOG2P=_log2(pooling), SCATTER=scatter, ACC=_accumulator(y, out),
     )
     return out
