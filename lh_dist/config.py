@@ -99,6 +99,7 @@ class ParallelConfig:
     compile: bool = False
 
     def validate(self, p: str = "parallel") -> None:
+        """ConfigError naming the first field out of range (`p` is the section's name)."""
         _check(self.dp_degree >= 0, f"{p}.dp_degree", "0 (auto) or a positive integer", self.dp_degree)
         _check(self.cp_degree >= 1, f"{p}.cp_degree", "a positive integer", self.cp_degree)
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "one of 0, 1, 2, 3", self.zero_stage)

@@ -25,6 +25,8 @@ class AttentionFn(Protocol):
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * weight over the last dim [..., E], computed in fp32, returned in x's dtype."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -54,6 +56,8 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    """Grouped-query self-attention [B, N, E] -> [B, N, E]: projections, RoPE, the injected kernel."""
+
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -74,6 +78,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), [B, N, E] -> [B, N, E]."""
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.w1 = nn.Linear(dim, hidden, bias=False)
@@ -85,6 +91,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then + feed-forward(norm(x)); [B, N, E]."""
+
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -114,6 +122,7 @@ class Transformer(nn.Module):
             self.output.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
+        """Normal(0, init_std) matrices, residual outputs scaled by 1/sqrt(2 n_layers), unit norm gains."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() == 1:
@@ -133,4 +142,5 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))  # [B, N, V]
 
     def num_params(self) -> int:
+        """Parameters, tied embeddings counted once."""
         return sum(p.numel() for p in self.parameters())

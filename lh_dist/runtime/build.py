@@ -36,6 +36,7 @@ class PhasedAttention(nn.Module):
 
 
 def dense_layer_ids(cfg: TrainConfig) -> set[int]:
+    """Layers that stay dense in the Lighthouse phase (lighthouse.dense_layers, negatives from the end)."""
     n = cfg.model.n_layers
     return {i % n for i in cfg.lighthouse.dense_layers}
 
@@ -102,6 +103,7 @@ def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
 
 
 def set_phase(model: nn.Module, phase: str) -> None:
+    """Switch every layer's attention to `phase` ("lighthouse" or "dense"); weights are untouched."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     for module in model.modules():

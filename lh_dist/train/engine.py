@@ -81,6 +81,7 @@ class Engine:
 
     @property
     def module(self) -> nn.Module:
+        """The model itself (its parameters in the engine's precision)."""
         return self.ds.module
 
     def __call__(self, *args, **kwargs):

@@ -43,13 +43,14 @@ class StopRequest:
         self.signum = signum
 
     def agreed(self) -> bool:
+        """Whether any rank got a stop signal; every rank calls it at the same step."""
         flag = torch.tensor([1.0 if self.signum is not None else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """schedule.max_nonfinite_steps steps in a row had a non-finite loss or gradient."""
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -101,6 +102,10 @@ class _PendingStep:
 
 
 class Trainer:
+    """One rank of `lh-train`: builds the run (layout, data, model, engine, step), resumes or starts
+    it, and runs the schedule (the Lighthouse phase, then dense), logging, validating, checkpointing
+    and stopping cleanly on SIGTERM / SIGUSR1."""
+
     def __init__(self, cfg: TrainConfig, resume: str = "auto", overwrite: bool = False, rewind: bool = False):
         """resume: 'auto', 'none' or a checkpoint folder; overwrite: archive a previous run's outputs first
         (with 'none' or another run's checkpoint); rewind: allow resuming from an older checkpoint of this run."""
@@ -171,6 +176,7 @@ class Trainer:
         return float(_all_mean(self.step_fn.validation_loss(self.val_loader)))
 
     def trainer_state(self) -> dict:
+        """What a checkpoint keeps besides the engine's state: step, data position, counters."""
         # tokens_seen and the last losses are for readers of the checkpoint (lh-export's model card).
         return {"step": self.step, "phase": phase_at(self.cfg, max(self.step - 1, 0)),
                 "data": self.loader.state_dict(), "nonfinite_total": self.nonfinite_total,
@@ -178,6 +184,7 @@ class Trainer:
                 "val_loss": self.metrics.last_val}
 
     def save(self) -> Path:
+        """Checkpoint the current step (all ranks); returns its folder."""
         folder = self.checkpointer.save(self.engine, self.step, self.trainer_state())
         self.metrics.log(f"checkpoint {folder}")
         return folder

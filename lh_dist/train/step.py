@@ -23,6 +23,8 @@ from lh_dist.train.engine import Engine
 
 @dataclass
 class StepResult:
+    """What one optimizer step leaves for the loop to read when it logs."""
+
     loss: Tensor  # [] fp32 on the device: the mean loss of this rank's micro-batches
     grad_norm: Tensor | float  # global gradient norm before clipping (NaN or inf when not finite)
     applied: bool  # False: the loss or the gradient was not finite and nothing was updated

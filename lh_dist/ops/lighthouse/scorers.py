@@ -26,6 +26,7 @@ SCORERS: dict[str, Scorer] = {"norm": norm_scorer}
 
 
 def get_scorer(name: str) -> Scorer:
+    """The scorer called `name`; ValueError listing the known ones otherwise."""
     if name not in SCORERS:
         raise ValueError(f"scorer must be one of {sorted(SCORERS)}, got {name!r}")
     return SCORERS[name]
