@@ -18,6 +18,7 @@ so ranks would pack different numbers of documents per batch and a single
 resume position would not exist.
 """
 
+import atexit
 import hashlib
 import json
 import os
@@ -29,6 +30,17 @@ import numpy as np
 import torch
 
 from lh_dist.data.shards import DATASET_INFO, DOC_LENGTHS, FORMAT_VERSION, SPLITS
+
+
+def _shared_memories(obj, depth: int = 3) -> set:
+    """The streaming SharedMemory objects held by `obj` and its attributes, `depth` levels down."""
+    from streaming.base.shared.memory import SharedMemory
+
+    if isinstance(obj, SharedMemory):
+        return {obj}
+    if not depth or not hasattr(obj, "__dict__"):
+        return set()
+    return set().union(*(_shared_memories(v, depth - 1) for v in vars(obj).values()))
 
 
 class CorruptDataError(ValueError):
@@ -156,6 +168,21 @@ class PackedLoader:
         self._doc_cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     # ----- opening the split
+
+    def close(self) -> None:
+        """Release the dataset's shared memory now. mosaicml-streaming keeps it open until the
+        process exits (an exit handler holds it), so a process that opens many loaders would run
+        out of file descriptors."""
+        dataset = self.__dict__.pop("_dataset", None)
+        for shm in _shared_memories(dataset):
+            atexit.unregister(shm.cleanup)
+            shm.cleanup()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the modules it needs may be gone already
+            pass
 
     def _open_dataset(self, cache_dir: str | None):
         from streaming import StreamingDataset  # importing streaming takes seconds
