@@ -13,10 +13,12 @@
 # lh-train's step, so it needs DeepSpeed: with a .whl/ folder of wheels present (DeepSpeed and its
 # pure-Python dependencies, for a machine without a package index) part2 installs them first.
 # FA4_TRAIN_MODE (default selective+compile) is the step's checkpointing mode; EXTRA, a command
-# run as one more phase before the other attention tests.
+# run as one more phase before the other attention tests; FA4_PHASES, the phases to run (default
+# all: selfcheck tests_flash_attn bench_attention bench_train extra tests_other).
 set -uo pipefail
 OUT=${OUT:-/tmp/fa4_out}
 STAGE=/tmp/fa4
+ALL_PHASES="selfcheck tests_flash_attn bench_attention bench_train extra tests_other"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
@@ -33,6 +35,7 @@ part1() {
 phase() {  # phase NAME MAX_SECONDS COMMAND...: run it within what is left of the budget
     local name=$1 limit=$2 left start rc
     shift 2
+    [[ " ${FA4_PHASES:-$ALL_PHASES} " == *" $name "* ]] || return 0
     left=$((BUDGET - (SECONDS - T0)))
     ((left < limit)) && limit=$left
     if ((limit < 30)); then
