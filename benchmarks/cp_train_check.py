@@ -3,6 +3,7 @@ SIGTERM mid-run and resumed, against one rank of the same config, within the noi
 
     python benchmarks/cp_train_check.py                        # a machine with 2+ GPUs (4: also DP 2 x CP 2)
     python benchmarks/cp_train_check.py --cpu --data runs/data/stdlib --layouts cp2,dp2cp2   # CPU ranks, gloo
+    python benchmarks/cp_train_check.py --references-only      # one GPU: step 2 alone (the references, their noise)
 
 Every run is `lh-train` under torchrun (`--standalone --max-restarts 0`, as launch/run.sh starts it),
 in its own run directory under --work, logging every step's loss to TensorBoard:
@@ -392,13 +393,19 @@ def markdown(args, profile: Profile, record: dict) -> str:
         f"- command: `{record['command']}`",
         f"- config: {profile.config} with {' '.join(record['overrides'])}; {profile.steps} steps, "
         f"{profile.lighthouse_steps} Lighthouse then dense; SIGTERM to torchrun after step {args.stop_at}, "
-        "then `--resume auto`",
+        "then `--resume auto`" + (" (this run: the references alone)" if args.references_only else ""),
         f"- references: one rank, model.attention_backend {profile.backends[0]} and {profile.backends[1]}; "
         "tolerance per step s: 2 max_{t<=s} |a_t - b_t| + 4 eps_fp32 |a_s|",
         f"- result: {sum(c['ok'] for c in record['checks'])} of {len(record['checks'])} checks passed",
         "",
     ]
     lines += [f"- {'ok' if c['ok'] else '**FAIL**'}: {c['text']}" for c in record["checks"]]
+    if args.references_only and len(record["references"]) == 2:
+        (a_name, a), (b_name, b) = record["references"].items()
+        lines += ["", "## references", "", f"| step | phase | {a_name} | {b_name} | abs diff |", "|---|---|---|---|---|"]
+        for s in range(profile.steps):
+            phase = "lighthouse" if s < profile.lighthouse_steps else "dense"
+            lines.append(f"| {s + 1} | {phase} | {a[s]:.6f} | {b[s]:.6f} | {abs(a[s] - b[s]):.2e} |")
     for name, result in record["layouts"].items():
         cmp = result.get("comparison")
         if not cmp:
@@ -423,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="dataset folder (default: runs/data/pycode on GPUs, runs/data/stdlib on CPU)")
     parser.add_argument("--layouts", help="comma-separated among cp2 (2 ranks), dp2cp2 (4 ranks); default: those "
                                           "the visible GPUs hold (all of them with --cpu)")
+    parser.add_argument("--references-only", action="store_true",
+                        help="run only the one-rank reference pair of --layouts (default cp2) and measure its noise; "
+                             "needs one GPU")
     parser.add_argument("--stop-at", type=int, help="SIGTERM once rank 0 logs this step (default 30, 4 with --cpu)")
     parser.add_argument("--stop-timeout", type=int, default=300,
                         help="seconds torchrun gives the ranks to checkpoint after SIGTERM (default 300)")
@@ -446,25 +456,26 @@ def main(argv: list[str] | None = None) -> int:
         gpus, width = None, 2
     else:
         count = torch.cuda.device_count()
-        if count < 2:
+        if count < (1 if args.references_only else 2):
             parser.error(f"needs 2 or more GPUs, this process sees {count} (--cpu checks the check on CPU ranks)")
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         gpus = visible.split(",")[:count] if visible else [str(i) for i in range(count)]
         width = count
     names = args.layouts.split(",") if args.layouts else [n for n, (ranks, _) in LAYOUTS.items()
-                                                          if args.cpu or ranks <= len(gpus)]
+                                                          if args.cpu or ranks <= len(gpus)] or ["cp2"]
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         parser.error(f"--layouts: {', '.join(unknown)} not among {', '.join(LAYOUTS)}")
-    if gpus is not None and any(LAYOUTS[n][0] > len(gpus) for n in names):
+    if gpus is not None and not args.references_only and any(LAYOUTS[n][0] > len(gpus) for n in names):
         parser.error(f"--layouts {','.join(names)} needs more than the {len(gpus)} visible GPUs")
 
-    print(f"cp_train_check: {_hardware(args.cpu)}; layouts {', '.join(names)}", flush=True)
+    print(f"cp_train_check: {_hardware(args.cpu)}; layouts {', '.join(names)}"
+          + (" (references only)" if args.references_only else ""), flush=True)
     ensure_data(args)
     runner = Runner(args, profile)
     report = Report()
     # Check the shapes before starting anything (the config's own validation, for every layout's world size).
-    for name in names:
+    for name in [] if args.references_only else names:
         ranks, extra = LAYOUTS[name]
         r = subprocess.run([sys.executable, "-m", "lh_dist.train.cli", "--config", str(REPO / profile.config),
                             "--dry-run", "--world-size", str(ranks),
@@ -504,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
             report.add(curves[a][-1] < curves[a][0], f"{a} trains: loss {curves[a][0]:.4f} -> {curves[a][-1]:.4f}")
 
     layouts = {}
-    for name in names:
+    for name in [] if args.references_only else names:
         ranks, extra = LAYOUTS[name]
         print(f"== {name}", flush=True)
         launch = Launch(name, ranks, [f"model.attention_backend={profile.backends[0]}", *extra],

@@ -54,3 +54,18 @@ def test_cp_train_check_passes_on_cpu_ranks(tmp_path, stdlib_dataset):
     assert record["layouts"]["dp2cp2"]["comparison"]["reference"] == "ref-ga2-math"
     table = (out / "cp_train_check.md").read_text()
     assert "| 12 | dense |" in table and "**FAIL**" not in table
+
+
+def test_references_only_runs_the_pair_and_no_layout(tmp_path, stdlib_dataset):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "cp_train_check.py"), "--cpu", "--data",
+                        str(stdlib_dataset), "--work", str(tmp_path / "work"), "--out", str(out),
+                        "--layouts", "cp2", "--references-only"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    record = json.loads((out / "cp_train_check.json").read_text())
+    assert sorted(record["references"]) == ["ref-ga1-cpu_flash", "ref-ga1-math"]
+    assert record["layouts"] == {}
+    assert not (tmp_path / "work" / "runs" / "cp2").exists()  # no CP run was started
+    report = (out / "cp_train_check.md").read_text()
+    assert "## references" in report and report.count("| lighthouse |") == check.CPU_PROFILE.lighthouse_steps
