@@ -71,14 +71,20 @@ class Profile:
     steps: int
     lighthouse_steps: int
     stop_at: int
+    # bf16 kernels that agree to the bit would be one kernel twice; in float32 on CPU the pair may
+    # agree to the last bit of the logged loss, and the tolerance is then a few ulps (stricter).
+    expect_noise: bool
 
 
 GPU_PROFILE = Profile(
     config="configs/repro-64k.yaml",
     # Lighthouse L=3, p=4, k=1024 tiles 131,072 tokens in 4 zigzag chunks (S = 16,384 = 0.125 N).
-    overrides=["data.seq_len=131072", "schedule.warmup_steps=10", "logging.log_interval=1",
+    # The config's own 100-step warmup: the reproduction's first 60 steps, which train without a spike
+    # (a 10-step warmup to its 1e-3 spiked to loss 10.5 at step 21, after which the pair's difference,
+    # and with it the tolerance, says nothing of reordered sums).
+    overrides=["data.seq_len=131072", "logging.log_interval=1",
                "logging.eval_interval=20", "checkpoint.interval=100000", "device=cuda"],
-    backends=("cudnn", "flash"), steps=60, lighthouse_steps=40, stop_at=30)
+    backends=("cudnn", "flash"), steps=60, lighthouse_steps=40, stop_at=30, expect_noise=True)
 CPU_PROFILE = Profile(
     config="configs/tiny-cpu.yaml",
     overrides=["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=128",
@@ -86,7 +92,10 @@ CPU_PROFILE = Profile(
                "lighthouse.topk=512", "lighthouse.dense_layers=[0]", "schedule.warmup_steps=2",
                "logging.log_interval=1", "logging.eval_interval=100", "logging.eval_batches=1",
                "logging.selection_map_interval=0", "checkpoint.interval=100000", "device=cpu"],
-    backends=("math", "cpu_flash"), steps=12, lighthouse_steps=8, stop_at=4)
+    backends=("math", "cpu_flash"), steps=12, lighthouse_steps=8, stop_at=4, expect_noise=False)
+# The pair has diverged (a loss spike in one of them) when it differs by more than this fraction of
+# the loss: reordered sums move a loss by far less, so the tolerance could not tell a CP error from noise.
+DIVERGED = 0.05
 
 
 @dataclass
@@ -510,8 +519,14 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in pairs.values():
         if a in curves and b in curves:
             noise = max(abs(x - y) for x, y in zip(curves[a], curves[b]))
-            report.add(noise > 0, f"{a} and {b} differ (max |a - b| {noise:.2e}): the tolerance has a noise to "
-                                  "measure")
+            if profile.expect_noise:
+                report.add(noise > 0, f"{a} and {b} differ (max |a - b| {noise:.2e}): the tolerance has a noise "
+                                      "to measure")
+            else:
+                print(f"  ...   {a} and {b}: max |a - b| {noise:.2e}", flush=True)
+            worst = max(abs(x - y) / abs(x) for x, y in zip(curves[a], curves[b]))
+            report.add(worst <= DIVERGED, f"{a} and {b} stay within {DIVERGED:.0%} of the loss (worst "
+                                          f"{worst:.2%}): neither spiked")
             report.add(curves[a][-1] < curves[a][0], f"{a} trains: loss {curves[a][0]:.4f} -> {curves[a][-1]:.4f}")
 
     layouts = {}
