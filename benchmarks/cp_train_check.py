@@ -79,10 +79,10 @@ class Profile:
 GPU_PROFILE = Profile(
     config="configs/repro-64k.yaml",
     # Lighthouse L=3, p=4, k=1024 tiles 131,072 tokens in 4 zigzag chunks (S = 16,384 = 0.125 N).
-    # The config's own 100-step warmup: the reproduction's first 60 steps, which train without a spike
-    # (a 10-step warmup to its 1e-3 spiked to loss 10.5 at step 21, after which the pair's difference,
-    # and with it the tolerance, says nothing of reordered sums).
-    overrides=["data.seq_len=131072", "logging.log_interval=1",
+    # The reproduction's learning rate over its first 60 steps (a linear warmup to 1e-3 over 100 steps,
+    # so 6e-4 at step 60), which trains without a spike; a 10-step warmup to 1e-3 spiked to loss 10.5 at
+    # step 21, after which the pair's difference, and with it the tolerance, says nothing of sums.
+    overrides=["data.seq_len=131072", "optim.lr=6e-4", "schedule.warmup_steps=60", "logging.log_interval=1",
                "logging.eval_interval=20", "checkpoint.interval=100000", "device=cuda"],
     backends=("cudnn", "flash"), steps=60, lighthouse_steps=40, stop_at=30, expect_noise=True)
 CPU_PROFILE = Profile(
@@ -255,6 +255,8 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     """`train/loss` by step over every event file of the run (a resumed run has one per attempt)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    if not (run_dir / "tensorboard").is_dir():
+        return {}  # the run stopped before it logged anything; its log says why
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     if "train/loss" not in acc.Tags()["scalars"]:
@@ -483,9 +485,10 @@ def main(argv: list[str] | None = None) -> int:
     ensure_data(args)
     runner = Runner(args, profile)
     report = Report()
-    # Check the shapes before starting anything (the config's own validation, for every layout's world size).
-    for name in [] if args.references_only else names:
-        ranks, extra = LAYOUTS[name]
+    # Check the shapes before starting anything (the config's own validation, for one rank and for every
+    # layout's world size).
+    shapes = {"references": (1, [])} | ({} if args.references_only else {n: LAYOUTS[n] for n in names})
+    for name, (ranks, extra) in shapes.items():
         r = subprocess.run([sys.executable, "-m", "lh_dist.train.cli", "--config", str(REPO / profile.config),
                             "--dry-run", "--world-size", str(ranks),
                             *runner.overrides(Launch(name, ranks, extra))], cwd=REPO, capture_output=True, text=True)
