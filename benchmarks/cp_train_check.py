@@ -451,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=str(REPO / "runs/cp-train-check"),
                         help="run directories, checkpoints and status files (default runs/cp-train-check; its "
                              "runs are replaced)")
+    parser.add_argument("--commit", help="commit to report when the tree's git does not name it (a copied tree)")
     parser.add_argument("--out", default=os.environ.get("OUT"), help="report and logs (default: $OUT, else --work)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value", help="extra overrides for every run")
     args = parser.parse_args(argv)
@@ -487,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     # Check the shapes before starting anything (the config's own validation, for one rank and for every
     # layout's world size).
-    shapes = {"references": (1, [])} | ({} if args.references_only else {n: LAYOUTS[n] for n in names})
+    shapes = {"references": (1, ["parallel.cp_degree=1"])}
+    shapes |= {} if args.references_only else {n: LAYOUTS[n] for n in names}
     for name, (ranks, extra) in shapes.items():
         r = subprocess.run([sys.executable, "-m", "lh_dist.train.cli", "--config", str(REPO / profile.config),
                             "--dry-run", "--world-size", str(ranks),
@@ -545,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         result["comparison"] = compare(report, name, pairs[ranks // 2], curves, profile.steps)
         layouts[name] = result
 
-    record = {"hardware": _hardware(args.cpu), "commit": _commit(),
+    record = {"hardware": _hardware(args.cpu), "commit": args.commit or _commit(),
               "command": " ".join(["python", os.path.relpath(Path(__file__).resolve(), REPO), *argv]),
               "config": profile.config, "overrides": [*profile.overrides, *args.overrides],
               "steps": profile.steps, "lighthouse_steps": profile.lighthouse_steps, "stop_at": args.stop_at,
