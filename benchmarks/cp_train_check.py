@@ -482,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in LAYOUTS]
     if unknown:
         parser.error(f"--layouts: {', '.join(unknown)} not among {', '.join(LAYOUTS)}")
-    if gpus is not None and not args.references_only and any(LAYOUTS[n][0] > len(gpus) for n in names):
-        parser.error(f"--layouts {','.join(names)} needs more than the {len(gpus)} visible GPUs")
+    runs = [] if args.references_only else names  # the layouts run here (names also picks the references)
+    if gpus is not None and any(LAYOUTS[n][0] > len(gpus) for n in runs):
+        parser.error(f"--layouts {','.join(runs)} needs more than the {len(gpus)} visible GPUs")
 
     print(f"cp_train_check: {_hardware(args.cpu)}; layouts {', '.join(names)}"
           + (" (references only)" if args.references_only else ""), flush=True)
@@ -492,8 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     # Check the shapes before starting anything (the config's own validation, for one rank and for every
     # layout's world size).
-    shapes = {"references": (1, ["parallel.cp_degree=1"])}
-    shapes |= {} if args.references_only else {n: LAYOUTS[n] for n in names}
+    shapes = {"references": (1, ["parallel.cp_degree=1"])} | {n: LAYOUTS[n] for n in runs}
     for name, (ranks, extra) in shapes.items():
         r = subprocess.run([sys.executable, "-m", "lh_dist.train.cli", "--config", str(REPO / profile.config),
                             "--dry-run", "--world-size", str(ranks),
@@ -539,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
             report.add(curves[a][-1] < curves[a][0], f"{a} trains: loss {curves[a][0]:.4f} -> {curves[a][-1]:.4f}")
 
     layouts = {}
-    for name in [] if args.references_only else names:
+    for name in runs:
         ranks, extra = LAYOUTS[name]
         print(f"== {name}", flush=True)
         launch = Launch(name, ranks, [f"model.attention_backend={profile.backends[0]}", *extra],
