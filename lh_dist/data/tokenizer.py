@@ -1,9 +1,11 @@
 """Tokenizers: the byte-level default and Hugging Face `tokenizers` files.
 
 Both expose `encode(text) -> np.ndarray[int32]`, `decode(ids) -> str`, `eod_id`,
-`vocab_size` and `spec` (the string that `load_tokenizer` turns back into it).
+`vocab_size`, `spec` (the string that `load_tokenizer` turns back into it) and
+`identity()` (what data and models record to tell tokenizers apart).
 """
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -30,6 +32,11 @@ class ByteTokenizer:
         if ids.size and (ids.min() < 0 or ids.max() > self.eod_id):
             raise ValueError(f"ids must lie in 0..{self.eod_id} for the byte tokenizer")
         return ids[ids != self.eod_id].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+
+    def identity(self) -> dict:
+        """{"sha256", "vocab_size", "eod_id"}: equal exactly when two tokenizers give the same ids."""
+        return {"sha256": hashlib.sha256(b"lh_dist byte tokenizer").hexdigest(), "vocab_size": self.vocab_size,
+                "eod_id": self.eod_id}
 
 
 class HFTokenizer:
@@ -67,6 +74,12 @@ class HFTokenizer:
             if self._tokenizer.token_to_id(token) is not None:
                 return token
         raise ValueError(f"{self.path} has no known end-of-document token; pass eod_token (--eod-token)")
+
+    def identity(self) -> dict:
+        """{"sha256" (of tokenizer.json's bytes), "vocab_size", "eod_id"}: equal exactly when two
+        tokenizers give the same ids (a copy of the file elsewhere is the same tokenizer)."""
+        digest = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
+        return {"sha256": digest, "vocab_size": self.vocab_size, "eod_id": self.eod_id}
 
     def encode(self, text: str) -> np.ndarray:
         """int32 ids [T] of `text`, without special tokens (no end-of-document id)."""

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from lh_dist.config import validate_lighthouse_shape
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
@@ -87,8 +86,9 @@ class ModelRunner:
             cfg = dataclasses.replace(self.cfg, data=dataclasses.replace(self.cfg.data, seq_len=seq_len))
             validate_lighthouse_shape(cfg)
 
-    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Logits [B, N_local, V] (fp32) of this rank's shard of tokens [B, N]."""
+    def _forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, N_local, V] (fp32) of this rank's shard of tokens [B, N], or with this rank's
+        targets [B, N_local] its next-token losses [B, N_local] (fp32)."""
         n = tokens.shape[1]
         tokens = tokens.to(self.device)
         if self.cp_degree > 1:
@@ -97,7 +97,7 @@ class ModelRunner:
             else torch.arange(n, device=self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.device.type == "cuda"):
-            return self.model(tokens, positions).float()
+            return self.model(tokens, positions, targets).float()
 
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (fp32, on CPU) at the last position of tokens [B, N]; the same on every rank."""
@@ -112,8 +112,7 @@ class ModelRunner:
         inputs, targets = batch[:, :-1], batch[:, 1:].to(self.device)
         if self.cp_degree > 1:
             targets = zigzag_shard(targets, 1, self.cp_degree, self.cp_rank)
-        logits = self._forward(inputs)  # [B, N_local, V]
-        losses = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
+        losses = self._forward(inputs, targets)  # [B, N_local]
         if self.cp_degree > 1:
             shards = [torch.empty_like(losses) for _ in range(self.cp_degree)]
             dist.all_gather(shards, losses.contiguous(), group=self.cp_group)

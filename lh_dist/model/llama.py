@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lh_dist.config import ModelConfig
+from lh_dist.model.loss import LMHead
 
 
 class AttentionFn(Protocol):
@@ -116,7 +117,7 @@ class Transformer(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg, fn) for fn in attention_fns)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = LMHead(cfg.dim, cfg.vocab_size)
         self.reset_parameters()
         if cfg.tie_embeddings:
             self.output.weight = self.embed.weight
@@ -133,13 +134,14 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, std=std)
 
-    def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """Logits [B, N, V] for tokens [B, N] at global positions [N]."""
+    def forward(self, tokens: Tensor, positions: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits [B, N, V] for tokens [B, N] at global positions [N]; with targets [B, N], the
+        next-token losses [B, N] (fp32) instead, without holding every logit at once."""
         cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.embed(tokens)  # [B, N, E]
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.output(self.norm(h))  # [B, N, V]
+        return self.output(self.norm(h), targets)  # [B, N, V] or [B, N]
 
     def num_params(self) -> int:
         """Parameters, tied embeddings counted once."""

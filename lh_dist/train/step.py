@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lh_dist.config import TrainConfig
@@ -52,8 +51,7 @@ class TrainStep:
     def loss(self, inputs: Tensor, targets: Tensor) -> Tensor:
         """Mean next-token cross-entropy [] (fp32) of this rank's tokens."""
         # No autocast here: the engine runs the model in its own precision (bf16 weights on GPUs).
-        logits = self.engine(inputs, self.positions)  # [B, N_local, V]
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return self.engine(inputs, self.positions, targets).mean()  # per-token losses [B, N_local] -> []
 
     def __call__(self, micro_batches: Sequence[Tensor], lr: float) -> StepResult:
         """Train on `grad_accum` micro-batches [B, N + 1] at learning rate `lr`."""
