@@ -12,10 +12,11 @@ def test_linear_edges_are_equal_widths():
 
 
 def test_log_edges_grow_and_cover_the_sequence():
+    assert bucket_edges(65536, 7, "log") == [0, 1024, 2048, 4096, 8192, 16384, 32768, 65536]
     edges = bucket_edges(4096, 8, "log")
-    assert edges[0] == 0 and edges[1] == 1 and edges[-1] == 4096
+    assert edges[0] == 0 and edges[-1] == 4096
     widths = np.diff(edges)
-    assert len(widths) == 8 and np.all(widths[2:] > widths[1:-1])
+    assert len(widths) == 8 and np.all(widths[2:] == 2 * widths[1:-1])
     assert bucket_edges(4, 4, "log") == sorted(set(bucket_edges(4, 4, "log")))  # rounding duplicates merged
 
 

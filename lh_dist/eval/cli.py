@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     loss.add_argument("--micro-batch", type=int, default=DEFAULT_LOSS["micro_batch"], help="sequences per batch")
     loss.add_argument("--buckets", type=int, default=DEFAULT_LOSS["buckets"], help="position buckets")
     loss.add_argument("--spacing", default=DEFAULT_LOSS["spacing"], metavar="{linear,log}",
-                      help="bucket widths: equal, or growing geometrically from position 1")
+                      help="bucket widths: equal, or octaves ending at the sequence length (log: each twice the one before)")
     loss.add_argument("--phase", default="dense", metavar="{dense,lighthouse}",
                       help="attention of the layers not listed in lighthouse.dense_layers")
     loss.add_argument("--data", default=None, help="dataset folder or URL (default: the config's data.path)")

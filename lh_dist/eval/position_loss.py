@@ -25,9 +25,10 @@ SPACINGS = ("linear", "log")
 def bucket_edges(seq_len: int, num_buckets: int, spacing: str = "linear") -> list[int]:
     """Position edges [0, ..., seq_len] of at most num_buckets buckets.
 
-    "linear": equal widths. "log": widths growing geometrically from position 1, so the
-    first tokens (where loss falls fastest) get buckets of their own; duplicate edges from
-    rounding are merged, so short sequences may get fewer buckets.
+    "linear": equal widths. "log": octaves ending at seq_len, each bucket twice as wide as the one
+    before, the first one [0, seq_len / 2^(num_buckets-1)): at 65,536 tokens and 7 buckets 0-1K,
+    1K-2K, ..., 32K-64K, so that the gain from far context is as visible as the gain from near
+    context. Duplicate edges from rounding are merged, so short sequences may get fewer buckets.
     """
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
@@ -36,7 +37,7 @@ def bucket_edges(seq_len: int, num_buckets: int, spacing: str = "linear") -> lis
     if spacing == "linear":
         edges = np.linspace(0, seq_len, num_buckets + 1)
     else:
-        edges = np.concatenate([[0], np.geomspace(1, seq_len, num_buckets)])
+        edges = [0] + [seq_len / 2 ** k for k in range(num_buckets - 1, -1, -1)]
     return sorted({int(round(e)) for e in edges})
 
 
