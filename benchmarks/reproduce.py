@@ -78,9 +78,11 @@ def ensure_data(args) -> dict:
     info_file = path / "lh_data.json"
     if not info_file.is_file():
         roots = args.data_roots or [sysconfig.get_paths()["purelib"]]
+        tokenizer = ["--tokenizer", args.tokenizer] + (["--eod-token", args.eod_token] if args.eod_token else [])
+        limit = ["--max-docs", str(args.max_docs)] if args.max_docs else []
         _run([sys.executable, "-m", "lh_dist.data.cli", "tree", "--out", str(path), "--overwrite",
               "--include", "*.py", "--min-doc-tokens", str(args.min_doc_tokens),
-              "--val-tokens", str(args.val_tokens), *roots])
+              "--val-tokens", str(args.val_tokens), *tokenizer, *limit, *roots])
     else:
         _log(f"data: {path} exists, not rebuilt")
     return json.loads(info_file.read_text())
@@ -133,9 +135,10 @@ def train(args) -> Path:
     out.mkdir(parents=True)
     overrides = [f"logging.run_dir={run_dir}", f"data.path={_data_path(args)}", f"schedule.steps={steps}",
                  f"schedule.lighthouse_steps={lighthouse_steps}", *args.overrides]
-    train_cmd = [sys.executable, "-m", "lh_dist.train.cli", "--config", str(args.config), *overrides]
+    init = ["--init-from", str(args.init_from)] if args.init_from else []
+    train_cmd = [sys.executable, "-m", "lh_dist.train.cli", "--config", str(args.config), *init, *overrides]
     loss_cmd = [sys.executable, "-m", "lh_dist.eval.cli", "loss", str(run_dir), "--batches", str(args.eval_batches),
-                "--buckets", "8", "--out", str(out / "eval_loss")]
+                "--buckets", str(args.loss_buckets), "--spacing", args.loss_spacing, "--out", str(out / "eval_loss")]
     passkey_cmd = [sys.executable, "-m", "lh_dist.eval.cli", "passkey", str(run_dir), "--out", str(out / "eval_passkey")]
     if args.passkey_lengths:
         passkey_cmd += ["--lengths", args.passkey_lengths]
@@ -288,30 +291,59 @@ def _plots(runs: list[dict], out: Path, prefix: str) -> list[str]:
     ax.legend(fontsize=8)
     save(fig, "train_loss_switch")
 
+    plot_position_loss([(run["name"], run["loss_eval"]) for run in runs], out / f"{prefix}position_loss.png",
+                       "nats/byte")
+    plot_passkey([(run["name"], run["passkey_eval"]) for run in runs], out / f"{prefix}passkey.png")
+    return names + [f"{prefix}position_loss.png", f"{prefix}passkey.png"]
+
+
+def plot_position_loss(curves: list[tuple[str, dict]], path: Path, unit: str, log_x: bool = False) -> None:
+    """One line per model: the loss of each position bucket of an `lh-eval loss` result, with its
+    standard error as a band where the result has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for i, run in enumerate(runs):
-        buckets = run["loss_eval"]["buckets"]
-        ax.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["loss"] for b in buckets], color=colors[i],
-                marker="o", label=run["name"])
-    ax.set(xlabel="position in the sequence (tokens)", ylabel="validation loss (nats/byte)",
-           title="Final models (dense attention): loss by position")
+    for i, (name, result) in enumerate(curves):
+        buckets = result["buckets"]
+        x = [(b["start"] + b["end"]) / 2 for b in buckets]
+        y = [b["loss"] for b in buckets]
+        color = plt.get_cmap("tab10").colors[i]
+        ax.plot(x, y, color=color, marker="o", label=name)
+        if all(b.get("stderr") is not None for b in buckets):
+            err = [b["stderr"] for b in buckets]
+            ax.fill_between(x, [a - e for a, e in zip(y, err)], [a + e for a, e in zip(y, err)], color=color, alpha=0.2)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set(xlabel="position in the sequence (tokens)", ylabel=f"validation loss ({unit})",
+           title="Loss by position (dense attention)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    save(fig, "position_loss")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs) + 1, 3.6), squeeze=False, layout="constrained")
-    for ax, run in zip(axes[0], runs):
-        p = run["passkey_eval"]
+
+def plot_passkey(panels: list[tuple[str, dict]], path: Path) -> None:
+    """One heatmap per model of an `lh-eval passkey` result: accuracy by needle depth and context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels) + 1, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, (name, p) in zip(axes[0], panels):
         image = ax.imshow(p["accuracy"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(p["lengths"])), [f"{n // 1024}K" if n >= 1024 else str(n) for n in p["lengths"]],
                       fontsize=7)
         ax.set_yticks(range(len(p["depths"])), [f"{d}%" for d in p["depths"]], fontsize=7)
-        ax.set(xlabel="context length", ylabel="needle depth", title=f"{run['name']}: mean {p['mean']:.2f}")
+        ax.set(xlabel="context length", ylabel="needle depth", title=f"{name}: mean {p['mean']:.2f}")
     fig.colorbar(image, ax=axes[0].tolist(), label="pass-key accuracy (chance 0.1)")
-    fig.savefig(out / f"{prefix}passkey.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    names.append(f"{prefix}passkey.png")
-    return names
 
 
 def report(args) -> Path:
@@ -441,6 +473,10 @@ def main(argv: list[str] | None = None) -> int:
                                                         "site-packages)")
     common.add_argument("--min-doc-tokens", type=int, default=65536, help="shortest document kept (default: 65536)")
     common.add_argument("--val-tokens", type=int, default=2_000_000, help="validation tokens (default: 2,000,000)")
+    common.add_argument("--max-docs", type=int, help="stop the corpus after this many documents (default: all)")
+    common.add_argument("--tokenizer", default="byte", help="tokenizer of the corpus: 'byte' (default), a Hugging "
+                                                            "Face folder or tokenizer.json")
+    common.add_argument("--eod-token", help="end-of-document token of that tokenizer (default: its eos)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data", parents=[common], help="build the corpus if missing")
     tr = commands.add_parser("train", parents=[common], help="one training, its evaluations and its results folder")
@@ -450,6 +486,10 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--steps", type=int, help="training steps (default: the config's schedule.steps)")
     tr.add_argument("--eval-batches", type=int, default=16, help="batches of the final lh-eval loss (default: 16)")
     tr.add_argument("--passkey-lengths", help="lh-eval passkey --lengths (default: its own, scaled to seq_len)")
+    tr.add_argument("--loss-buckets", type=int, default=8, help="position buckets of lh-eval loss (default: 8)")
+    tr.add_argument("--loss-spacing", default="linear", choices=("linear", "log"),
+                    help="their widths: equal (default) or octaves")
+    tr.add_argument("--init-from", help="start from these weights (lh-train --init-from), e.g. an imported model")
     tr.add_argument("--results", default=str(DEFAULT_RESULTS), help="results root (default: runs/reproduce/results)")
     tr.add_argument("--work", default=str(DEFAULT_WORK), help="scratch run directories (default: runs/reproduce/work)")
     tr.add_argument("overrides", nargs="*", help="extra lh-train overrides section.field=value")
