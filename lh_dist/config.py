@@ -47,7 +47,8 @@ class RopeScalingConfig:
     type: Literal["none", "linear", "llama3", "yarn"] = "none"
     # How many times longer the new context is (linear, llama3, yarn); 0 = unset.
     factor: float = 0.0
-    # The context length before the extension (llama3, yarn); 0 = unset.
+    # The context length before the extension (llama3, yarn; a Hugging Face yarn config without
+    # it means its max_position_embeddings); 0 = unset.
     original_max_position_embeddings: int = 0
     # llama3: wavelengths above original / low_freq_factor are divided by factor, those below
     # original / high_freq_factor kept, those between blended; 0 = unset.
