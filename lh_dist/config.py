@@ -27,39 +27,115 @@ def _check(ok: bool, name: str, allowed: str, value) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
+# The fields each RoPE scaling type reads; the others must keep their defaults.
+_ROPE_SCALING_FIELDS = {
+    "none": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "mscale",
+             "mscale_all_dim", "truncate"),
+}
+
+
+@dataclass(kw_only=True)
+class RopeScalingConfig:
+    """How RoPE's frequencies are stretched for contexts beyond the original one (Hugging Face's
+    `rope_scaling`, same names and meanings). Fields that the chosen type does not read must stay unset."""
+
+    # none: plain RoPE; linear: every frequency divided by factor; llama3: Llama 3.1's blend (low
+    # frequencies divided by factor, high ones kept); yarn: YaRN (a per-frequency ramp and a cos/sin multiplier).
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    # How many times longer the new context is (linear, llama3, yarn); 0 = unset.
+    factor: float = 0.0
+    # The context length before the extension (llama3, yarn; a Hugging Face yarn config without
+    # it means its max_position_embeddings); 0 = unset.
+    original_max_position_embeddings: int = 0
+    # llama3: wavelengths above original / low_freq_factor are divided by factor, those below
+    # original / high_freq_factor kept, those between blended; 0 = unset.
+    low_freq_factor: float = 0.0
+    high_freq_factor: float = 0.0
+    # yarn: frequencies turning more than beta_fast times over the original context are kept,
+    # fewer than beta_slow times divided by factor, a linear ramp between.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    # yarn: the cos/sin multiplier; 0 derives it from factor: 0.1 ln(factor) + 1, or with mscale and
+    # mscale_all_dim both set, (0.1 mscale ln(factor) + 1) / (0.1 mscale_all_dim ln(factor) + 1).
+    attention_factor: float = 0.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    # yarn: round the ramp's ends outwards to whole frequency indices.
+    truncate: bool = True
+
+    def validate(self, p: str = "model.rope_scaling") -> None:
+        """ConfigError naming the first field (as `p`.field) that is out of range or not read by `type`."""
+        used = _ROPE_SCALING_FIELDS[self.type]
+        for f in dataclasses.fields(self):
+            if f.name != "type" and f.name not in used:
+                _check(getattr(self, f.name) == f.default, f"{p}.{f.name}",
+                       f"left unset (type {self.type!r} does not read it)", getattr(self, f.name))
+        if self.type == "none":
+            return
+        _check(self.factor >= 1, f"{p}.factor", f">= 1 with type {self.type!r}", self.factor)
+        if self.type in ("llama3", "yarn"):
+            _check(self.original_max_position_embeddings > 0, f"{p}.original_max_position_embeddings",
+                   f"a positive integer with type {self.type!r}", self.original_max_position_embeddings)
+        if self.type == "llama3":
+            _check(self.low_freq_factor > 0, f"{p}.low_freq_factor", "positive with type 'llama3'",
+                   self.low_freq_factor)
+            _check(self.high_freq_factor > self.low_freq_factor, f"{p}.high_freq_factor",
+                   f"greater than {p}.low_freq_factor={self.low_freq_factor}", self.high_freq_factor)
+        if self.type == "yarn":
+            _check(self.beta_slow > 0, f"{p}.beta_slow", "positive", self.beta_slow)
+            _check(self.beta_fast >= self.beta_slow, f"{p}.beta_fast", f">= {p}.beta_slow={self.beta_slow}",
+                   self.beta_fast)
+            for name in ("attention_factor", "mscale", "mscale_all_dim"):
+                _check(getattr(self, name) >= 0, f"{p}.{name}", ">= 0 (0: unset)", getattr(self, name))
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Llama-3-style decoder shape."""
+    """Llama-3-style decoder shape, with the options of Mistral, Qwen2 and Qwen3 checkpoints."""
 
     dim: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int = 4
+    # Width of one attention head; 0 means dim / n_heads (resolved on construction, so
+    # `head_dim` is always the width in use). Qwen3 sets it apart from dim / n_heads.
+    head_dim: int = 0
     ffn_hidden: int = 704
     vocab_size: int = 257
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
+    # Biases on the q, k and v projections (Qwen2); the output projection never has one.
+    attention_bias: bool = False
+    # RMSNorm of each query and key head (weight [head_dim]) before RoPE (Qwen3).
+    qk_norm: bool = False
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Kernel behind every dense attention call (see lh_dist.ops.attention).
     attention_backend: Literal["auto", "flash_attn", "cudnn", "flash", "cpu_flash", "math"] = "auto"
 
+    def __post_init__(self) -> None:
+        # Left at 0 when dim does not split into n_heads, for validate to say so.
+        if self.head_dim == 0 and self.n_heads > 0 and self.dim % self.n_heads == 0:
+            self.head_dim = self.dim // self.n_heads
+
     def validate(self, p: str = "model") -> None:
         """ConfigError naming the first field (as `p`.field) that is out of range."""
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
             _check(getattr(self, name) > 0, f"{p}.{name}", "a positive integer", getattr(self, name))
-        _check(self.dim % self.n_heads == 0, f"{p}.dim", f"divisible by {p}.n_heads={self.n_heads}", self.dim)
+        _check(self.head_dim != 0 or self.dim % self.n_heads == 0, f"{p}.dim",
+               f"divisible by {p}.n_heads={self.n_heads} (or {p}.head_dim set)", self.dim)
+        _check(self.head_dim > 0 and self.head_dim % 2 == 0, f"{p}.head_dim",
+               "a positive even integer (RoPE rotates pairs; 0 means dim / n_heads)", self.head_dim)
         _check(self.n_heads % self.n_kv_heads == 0, f"{p}.n_kv_heads",
                f"a divisor of {p}.n_heads={self.n_heads}", self.n_kv_heads)
-        _check((self.dim // self.n_heads) % 2 == 0, f"{p}.dim", "such that the head dim is even (RoPE)", self.dim)
         _check(self.rope_theta > 0, f"{p}.rope_theta", "positive", self.rope_theta)
+        self.rope_scaling.validate(f"{p}.rope_scaling")
         _check(self.norm_eps > 0, f"{p}.norm_eps", "positive", self.norm_eps)
         _check(self.init_std > 0, f"{p}.init_std", "positive", self.init_std)
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head: dim / n_heads."""
-        return self.dim // self.n_heads
 
 
 @dataclass(kw_only=True)

@@ -234,6 +234,8 @@ def test_a_rewind_interrupted_before_it_removed_the_abandoned_checkpoints(tmp_pa
     ("model.dim=128", "model.dim 64 -> 128"),
     ("model.n_kv_heads=4", "model.n_kv_heads 2 -> 4"),
     ("model.vocab_size=300", "model.vocab_size 257 -> 300"),
+    ("model.qk_norm=true", "model.qk_norm False -> True"),
+    ("model.rope_scaling={type: linear, factor: 2.0}", "model.rope_scaling.type 'none' -> 'linear'"),
     ("data.seq_len=512", "data.seq_len 1024 -> 512"),
     ("seed=3", "seed 0 -> 3"),
     ("lighthouse.topk=256", "lighthouse.topk 512 -> 256"),

@@ -82,9 +82,9 @@ def test_checkpointed_blocks_trace_without_graph_breaks(phase, mode):
     # A graph break inside a checkpointed block makes torch.compile run the whole block eagerly.
     model, cfg = _model(phase, f"parallel.activation_checkpointing={mode}", dtype=torch.float32)
     x = torch.randn(1, cfg.data.seq_len, cfg.model.dim)
-    from lh_dist.model.llama import rope_tables
+    from lh_dist.model import rope_tables
 
-    cos, sin = rope_tables(torch.arange(cfg.data.seq_len), cfg.model.head_dim, cfg.model.rope_theta)
+    cos, sin = (t.float() for t in rope_tables(torch.arange(cfg.data.seq_len), cfg.model))  # as the model passes them
     block = model.layers[1]  # a Lighthouse layer in the Lighthouse phase
     torch._dynamo.reset()
     explained = torch._dynamo.explain(block)(x, cos, sin)

@@ -14,10 +14,10 @@ def _dense(q, k, v):
 def test_rope_with_offset_positions_equals_slicing_the_full_sequence():
     torch.manual_seed(0)
     x = torch.randn(2, 64, 3, 16, dtype=torch.float64)
-    cos, sin = rope_tables(torch.arange(64), 16, 10000.0)
+    cos, sin = rope_tables(torch.arange(64), ModelConfig(head_dim=16))
     full = apply_rope(x, cos, sin)
     pos = torch.cat([torch.arange(8, 24), torch.arange(40, 56)])  # a zigzag-like shard
-    cos_s, sin_s = rope_tables(pos, 16, 10000.0)
+    cos_s, sin_s = rope_tables(pos, ModelConfig(head_dim=16))
     assert torch.allclose(apply_rope(x[:, pos], cos_s, sin_s), full[:, pos], atol=1e-12)
 
 
@@ -25,14 +25,17 @@ def test_rope_preserves_norm_and_relative_positions():
     torch.manual_seed(0)
     q, k = torch.randn(1, 1, 1, 32, dtype=torch.float64), torch.randn(1, 1, 1, 32, dtype=torch.float64)
 
+    cfg = ModelConfig(head_dim=32, rope_theta=500.0)
+
     def score(i, j):
-        ci, si = rope_tables(torch.tensor([i]), 32, 500.0)
-        cj, sj = rope_tables(torch.tensor([j]), 32, 500.0)
+        ci, si = rope_tables(torch.tensor([i]), cfg)
+        cj, sj = rope_tables(torch.tensor([j]), cfg)
         return (apply_rope(q, ci, si) * apply_rope(k, cj, sj)).sum()
 
-    assert torch.allclose(score(5, 2), score(105, 102), atol=1e-4)  # float32 tables
-    c, s = rope_tables(torch.tensor([7]), 32, 500.0)
-    assert torch.allclose(apply_rope(q, c, s).norm(), q.norm(), atol=1e-5)
+    # float64 tables: angles up to 105 rad carry rounding errors of ~105 * 2^-53 ~ 1e-14.
+    assert torch.allclose(score(5, 2), score(105, 102), atol=1e-12)
+    c, s = rope_tables(torch.tensor([7]), cfg)
+    assert torch.allclose(apply_rope(q, c, s).norm(), q.norm(), atol=1e-12)
 
 
 def test_gqa_equals_multi_head_with_repeated_kv():
@@ -48,7 +51,7 @@ def test_gqa_equals_multi_head_with_repeated_kv():
             w = getattr(gqa, name).weight.view(2, d, 64)
             getattr(mha, name).weight.copy_(w.repeat_interleave(2, dim=0).reshape(4 * d, 64))
     x = torch.randn(2, 33, 64, dtype=torch.float64)
-    cos, sin = rope_tables(torch.arange(33), d, 10000.0)
+    cos, sin = rope_tables(torch.arange(33), gqa_cfg)
     assert torch.allclose(gqa(x, cos, sin), mha(x, cos, sin), atol=1e-12)
 
 

@@ -3,6 +3,13 @@
 The attention kernel of every layer is injected from outside (`AttentionFn`), so
 this file knows nothing of Lighthouse, ring attention or process groups.
 
+Options (in `ModelConfig`) let it compute what transformers computes for Llama,
+Mistral, Qwen2 and Qwen3 checkpoints: `head_dim` apart from dim / n_heads,
+`attention_bias` (q/k/v projections only), `qk_norm` (per-head RMSNorm of q and k
+before RoPE), `rope_scaling` (linear, llama3, yarn; see `rope.py`) and
+`tie_embeddings`. Parameter names: `layers.{i}.attention.{wq,wk,wv,wo}.weight`,
+`wq/wk/wv.bias`, `attention.q_norm.weight`, `attention.k_norm.weight`.
+
 Shape legend: B batch, N tokens (of this rank's shard), H query heads,
 K key/value heads, D head dim, E model dim, V vocabulary.
 """
@@ -17,6 +24,7 @@ from torch import Tensor, nn
 
 from lh_dist.config import ModelConfig
 from lh_dist.model.loss import LMHead
+from lh_dist.model.rope import apply_rope, rope_tables
 
 
 class AttentionFn(Protocol):
@@ -26,7 +34,7 @@ class AttentionFn(Protocol):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight over the last dim [..., E], computed in fp32, returned in x's dtype."""
+    """x / rms(x) * weight over the last dim [..., E], computed in at least fp32, returned in x's dtype."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -34,38 +42,25 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalize in fp32: bf16 sums of squares lose too much over large dims.
-        xf = x.float()
+        # Normalize in fp32 (fp64 stays fp64): bf16 sums of squares lose too much over large dims.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return xf.type_as(x) * self.weight
 
 
-def rope_tables(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin [N, D/2] for explicit (global) token positions [N]."""
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim)
-    angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]  # [N, D/2]
-    return angles.cos().float(), angles.sin().float()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x [B, N, H, D] by cos/sin [N, D/2]. Pairs are (x[i], x[i + D/2]), as in Hugging Face
-    Llama, so exported weights need no permutation."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)  # [B, N, H, D/2] each
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).type_as(x)
-
-
 class Attention(nn.Module):
-    """Grouped-query self-attention [B, N, E] -> [B, N, E]: projections, RoPE, the injected kernel."""
+    """Grouped-query self-attention [B, N, E] -> [B, N, E]: projections (q/k/v biases if
+    attention_bias), per-head q/k RMSNorm (if qk_norm), RoPE, the injected kernel."""
 
     def __init__(self, cfg: ModelConfig, attention_fn: AttentionFn):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.attention_fn = attention_fn
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -73,6 +68,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim)  # [B, N, H, D]
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over D, per token and head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.attention_fn(q, k, v)  # [B, N, H, D]
         return self.wo(out.reshape(b, n, -1))
@@ -123,10 +120,13 @@ class Transformer(nn.Module):
             self.output.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) matrices, residual outputs scaled by 1/sqrt(2 n_layers), unit norm gains."""
+        """Normal(0, init_std) matrices, residual outputs scaled by 1/sqrt(2 n_layers), unit norm gains,
+        zero biases."""
         std = self.cfg.init_std
         for name, p in self.named_parameters():
-            if p.dim() == 1:
+            if name.endswith(".bias"):
+                nn.init.zeros_(p)
+            elif p.dim() == 1:
                 nn.init.ones_(p)
             elif name.endswith(("wo.weight", "w2.weight")):
                 # Residual-branch outputs scaled down with depth keep the residual stream's variance flat.
@@ -137,8 +137,9 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor, targets: Tensor | None = None) -> Tensor:
         """Logits [B, N, V] for tokens [B, N] at global positions [N]; with targets [B, N], the
         next-token losses [B, N] (fp32) instead, without holding every logit at once."""
-        cos, sin = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.embed(tokens)  # [B, N, E]
+        # Tables in float64, rotations in fp32 (fp64 for an fp64 model).
+        cos, sin = (t.to(torch.promote_types(h.dtype, torch.float32)) for t in rope_tables(positions, self.cfg))
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.output(self.norm(h), targets)  # [B, N, V] or [B, N]

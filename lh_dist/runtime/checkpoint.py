@@ -27,16 +27,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 PARTIAL = ".partial-"
 
-# Settings a resumed run must share with its checkpoint: they fix the weights' shapes and what
-# they compute, the data order that the saved position refers to, and Lighthouse's selection.
-# Everything else (optimizer, schedule, logging, checkpointing, CP degree) may change; the
-# changes are logged.
-FIXED_FIELDS = tuple(f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
-                     if f.name not in ("attention_backend", "init_std")) + (
-    "data.seq_len", "seed", "lighthouse.levels", "lighthouse.pooling", "lighthouse.topk",
-    "lighthouse.dense_layers", "lighthouse.scorer", "parallel.zero_stage")
-
-
 class InvalidCheckpoint(Exception):
     """A folder that is not a complete checkpoint; the message says why."""
 
@@ -64,6 +54,16 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
+
+
+# Settings a resumed run must share with its checkpoint: they fix the weights' shapes and what
+# they compute, the data order that the saved position refers to, and Lighthouse's selection.
+# Everything else (optimizer, schedule, logging, checkpointing, CP degree) may change; the
+# changes are logged.
+FIXED_FIELDS = tuple(f"model.{k}" for k in flat_config(dataclasses.asdict(ModelConfig()))
+                     if k not in ("attention_backend", "init_std")) + (
+    "data.seq_len", "seed", "lighthouse.levels", "lighthouse.pooling", "lighthouse.topk",
+    "lighthouse.dense_layers", "lighthouse.scorer", "parallel.zero_stage")
 
 
 def fingerprint(config: dict) -> str:
