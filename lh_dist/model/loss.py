@@ -23,12 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
-# Rows per chunk: the chunk's fp32 logits [C, V] are the largest temporaries, and backward
-# holds them beside a copy of the chunk's logits and its logit gradient in the inputs' dtype
-# (bf16: 2 + 4 + 2 bytes per logit, 1 GiB at this budget). 512 MiB of fp32 logits is 883 rows
-# at V = 151,936 and 2,730 at V = 49,152: tall enough for the matmuls to run near peak, and
-# about 1% of an H200 where the whole sequence's logits (131,072 tokens) would be 80 GB.
+# Rows per chunk. A chunk's fp32 logits [C, V] are the head's largest temporary; beside them sits
+# at most one copy in the inputs' dtype (bf16: 4 + 2 bytes per logit, 768 MiB at this budget).
+# 512 MiB of fp32 logits is 883 rows at V = 151,936 and 2,730 at V = 49,152: tall enough for the
+# matmuls to run near peak, and under 1% of an H200, where a whole 131,072-token sequence's fp32
+# logits would be 80 GB.
 CHUNK_LOGITS_BYTES = 512 * 2**20
 
 
@@ -96,11 +97,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_losses: Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[:2]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None  # [T, E]
-        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_weight else None  # [V, E]
+        # [V, E], summed over the chunks in fp32 (fp64)
+        grad_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) if want_weight else None
         grad_losses = grad_losses.to(lse.dtype)  # [T]
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk_rows):

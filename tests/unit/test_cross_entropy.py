@@ -137,14 +137,14 @@ def test_default_chunk_holds_at_most_the_budget_of_fp32_logits():
     assert default_chunk_rows(10**9) == 1
 
 
-def _bf16_case(mode: str, chunk_rows: int | None):
+def _bf16_case(mode: str, chunk_rows: int | None, device: str = "cpu"):
     """Losses, input gradients and the largest |logit| of one bf16 case; chunk_rows None: the reference."""
     torch.manual_seed(2)
     dtype = torch.bfloat16 if mode == "bf16 weights" else torch.float32
-    hidden = torch.randn(T, E, dtype=dtype, requires_grad=True)
-    weight = (0.5 * torch.randn(V, E, dtype=dtype)).requires_grad_()
-    targets = torch.randint(0, V, (T,))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+    hidden = torch.randn(T, E, dtype=dtype).to(device).requires_grad_()
+    weight = (0.5 * torch.randn(V, E, dtype=dtype)).to(device).requires_grad_()
+    targets = torch.randint(0, V, (T,)).to(device)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=mode == "autocast"):
         if chunk_rows is None:
             losses = cross_entropy_reference(hidden, weight, targets)
         else:
@@ -154,10 +154,9 @@ def _bf16_case(mode: str, chunk_rows: int | None):
     return losses.detach(), hidden.grad, weight.grad, max_logit
 
 
-@pytest.mark.parametrize("mode", ["autocast", "bf16 weights"])
-def test_bf16_matches_the_reference_in_the_same_precision(mode):
-    ref_losses, ref_hidden_grad, ref_weight_grad, max_logit = _bf16_case(mode, None)
-    losses, hidden_grad, weight_grad, _ = _bf16_case(mode, 8)
+def _compare_bf16(mode: str, device: str) -> None:
+    ref_losses, ref_hidden_grad, ref_weight_grad, max_logit = _bf16_case(mode, None, device)
+    losses, hidden_grad, weight_grad, _ = _bf16_case(mode, 8, device)
     param_dtype = torch.bfloat16 if mode == "bf16 weights" else torch.float32
     assert losses.dtype == torch.float32  # fp32 softmax in both modes
     assert hidden_grad.dtype == weight_grad.dtype == param_dtype
@@ -169,3 +168,16 @@ def test_bf16_matches_the_reference_in_the_same_precision(mode):
     # sum (bf16 weights also round the result). Four bf16 units of the norm, 2^-6, bound both.
     assert _rel(hidden_grad.float(), ref_hidden_grad.float()) <= 2**-6
     assert _rel(weight_grad.float(), ref_weight_grad.float()) <= 2**-6
+
+
+@pytest.mark.parametrize("mode", ["autocast", "bf16 weights"])
+def test_bf16_matches_the_reference_in_the_same_precision(mode):
+    _compare_bf16(mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", ["autocast", "bf16 weights"])
+def test_bf16_matches_the_reference_on_gpu(mode):
+    # On CUDA the chunked path sums in fp32 across chunks (mixed-dtype matmuls): fewer roundings.
+    _compare_bf16(mode, "cuda")
