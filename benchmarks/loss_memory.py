@@ -16,7 +16,7 @@ Each row times --steps steps after the first step (compilation included, reporte
 --warmup more, and reports the median and the peak GPU memory (torch.cuda.max_memory_allocated,
 net of what earlier rows left allocated). A row that runs out of GPU memory is recorded as OOM and
 the next row follows. Writes <name>.md (hardware, torch, commit, command, table) and <name>.json
-after every row.
+after every row, its rows ordered by vocabulary, context and head.
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def _hardware(device: torch.device) -> str:
 def write(args, meta: dict, rows: list[dict]) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    rows = sorted(rows, key=lambda r: (r["vocab"], r["seq_len"], HEADS.index(r["head"])))
     (out / f"{args.name}.json").write_text(json.dumps(meta | {"rows": rows}, indent=1))
     overrides = " with " + " ".join(meta["overrides"]) if meta["overrides"] else ""
     lines = [
@@ -174,9 +175,10 @@ def main() -> int:
             "activation_checkpointing": cfg.parallel.activation_checkpointing, "compile": cfg.parallel.compile,
             "micro_batch": cfg.data.micro_batch}
     rows = []
-    for v in vocabs:
-        for n in seq_lens:
-            for head in heads:
+    # Every chunked row first: a reference row that runs out of memory may leave some of it held.
+    for head in sorted(heads, key=HEADS.index):
+        for v in vocabs:
+            for n in seq_lens:
                 row = {"vocab": v, "seq_len": n, "head": head, "logits_gib": n * v * 4 / 2**30,
                        "chunk_rows": (args.chunk_rows or default_chunk_rows(v)) if head == "chunked" else None}
                 try:
