@@ -87,8 +87,9 @@ class ModelRunner:
             validate_lighthouse_shape(cfg)
 
     def _forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [B, N_local, V] (fp32) of this rank's shard of tokens [B, N], or with this rank's
-        targets [B, N_local] its next-token losses [B, N_local] (fp32)."""
+        """Logits [B, N_local, V] (bf16 on GPUs) of this rank's shard of tokens [B, N], or with this
+        rank's targets [B, N_local] its next-token losses [B, N_local] (fp32, from the model's chunked
+        loss: no [N, V] logits)."""
         n = tokens.shape[1]
         tokens = tokens.to(self.device)
         if self.cp_degree > 1:
@@ -97,11 +98,11 @@ class ModelRunner:
             else torch.arange(n, device=self.device)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
                                              enabled=self.device.type == "cuda"):
-            return self.model(tokens, positions, targets).float()
+            return self.model(tokens, positions, targets)
 
     def last_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] (fp32, on CPU) at the last position of tokens [B, N]; the same on every rank."""
-        last = self._forward(tokens)[:, -1]  # on CP rank 0 this is global position N - 1
+        last = self._forward(tokens)[:, -1].float()  # on CP rank 0 this is global position N - 1
         if self.cp_degree > 1:
             last = last.contiguous()
             dist.broadcast(last, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
