@@ -220,6 +220,9 @@ class Checkpointer:
             chosen = None
         else:
             chosen = self._explicit(Path(resume), found, foreign, rewind, plan.messages)
+        if chosen is not None and chosen.manifest.get("weights_only"):
+            raise RunDirError(f"{chosen.path} holds imported weights without training state: start a run from "
+                              f"them with --init-from {chosen.path.parent.parent} and another logging.run_dir")
         if chosen is not None:
             plan.folder = str(chosen.path if foreign else self.root / step_name(chosen.step))
             plan.manifest = chosen.manifest
@@ -351,6 +354,8 @@ class Checkpointer:
             "abandons": [{"name": f.path.name, "id": f.manifest["id"]} for f in later],
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if trainer_state.get("weights_only"):  # lh-import's step 0: weights, no optimizer state
+            manifest["weights_only"] = True
         tmp = partial / f"{MANIFEST}.tmp"
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)
