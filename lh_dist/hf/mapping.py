@@ -43,6 +43,7 @@ _LAYER_NAMES = {
 _TOP_NAMES = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
               "output.weight": "lm_head.weight"}
 _HF_LAYER_NAMES = {v: k for k, v in _LAYER_NAMES.items()}
+_BIASED = ("attention.wq", "attention.wk", "attention.wv")  # the projections that may have a bias
 _HF_TOP_NAMES = {v: k for k, v in _TOP_NAMES.items()}
 # Buffers that older checkpoints saved beside the weights; recomputed from the config, never read.
 IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -125,7 +126,9 @@ def our_name(name: str) -> str | None:
             return None
         module, param = parts[3].rsplit(".", 1)
         ours = _HF_LAYER_NAMES.get(module)
-        return f"layers.{parts[2]}.{ours}.{param}" if ours and param in ("weight", "bias") else None
+        if ours is None or param not in ("weight", "bias") or (param == "bias" and ours not in _BIASED):
+            return None
+        return f"layers.{parts[2]}.{ours}.{param}"
     return _HF_TOP_NAMES.get(name)
 
 
