@@ -92,6 +92,16 @@ def test_imported_run_layout(imported):
     text = (run / "config.yaml").read_text()
     assert text.startswith("# Written by lh-import") and "placeholders" in text
 
+    # lh-eval reads it like any checkpoint. Its float32 logits against the float64 reference: float32 rounding
+    # through two layers, a few 1e-6 on logits of size 3; 1e-4 leaves room and still catches any mix-up.
+    from lh_dist.eval.runner import ModelRunner
+
+    tokens = torch.randint(0, 320, (1, 50))
+    with torch.no_grad():
+        expected = hf_model_float64(source)(tokens).logits[:, -1]  # [1, V]
+    got = ModelRunner(run, device="cpu").last_logits(tokens)
+    assert float((got.double() - expected).abs().max()) <= 1e-4
+
 
 @pytest.mark.parametrize("storage", ["sharded-bf16", "bin-fp16"])
 def test_weights_of_every_storage_import_exactly(tmp_path, storage):
