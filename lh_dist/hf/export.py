@@ -164,8 +164,8 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         f"tags: [lh_dist, {config['model_type']}]", "---", "",
         f"# {run}, step {step:,}", "",
-        f"A {n_params / 1e6:.1f}M-parameter {config['architectures'][0]} ({m.n_layers} layers, width {m.dim}, {m.n_heads} "
-        f"heads, {m.n_kv_heads} KV heads, vocabulary {m.vocab_size}) trained with lh_dist"
+        f"A {n_params / 1e6:.1f}M-parameter {config['architectures'][0]} ({m.n_layers} layers, width {m.dim}, "
+        f"{m.n_heads} heads, {m.n_kv_heads} KV heads, vocabulary {m.vocab_size}) trained with lh_dist"
         + (f": Lighthouse attention (arXiv 2605.06554) for {lighthouse_steps:,} steps, then dense attention."
            if lighthouse_steps else ", dense attention throughout.")
         + " `transformers` runs every layer dense."

@@ -19,6 +19,7 @@ from pathlib import Path
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.hf.mapping import HF_DIR, read_origin
 from lh_dist.runtime.checkpoint import flat_config, read_manifest, resolve_checkpoint
+from lh_dist.train.run_dir import RunDirError
 
 # Model fields a run started from another run's weights may set for itself (prefixes of flat names).
 FREE_MODEL_FIELDS = ("model.rope_theta", "model.rope_scaling.", "model.attention_backend", "model.init_std")
@@ -77,10 +78,13 @@ def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_
 
 def copy_origin(source: InitSource, run_dir: Path) -> bool:
     """Give `run_dir` the source's hf/ folder (replacing one there), so that its checkpoints export as the
-    imported architecture with its tokenizer; False if the source has none."""
+    imported architecture with its tokenizer; False if the source has none. RunDirError if it cannot."""
     src, dst = source.run_dir / HF_DIR, run_dir / HF_DIR
     if not src.is_dir() or src.resolve() == dst.resolve():
         return False
-    shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
+    try:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    except OSError as e:
+        raise RunDirError(f"cannot copy {src} into run dir {run_dir}: {e}") from None
     return True

@@ -25,7 +25,6 @@ from lh_dist.train.checkpoint import Checkpointer
 from lh_dist.train.engine import Engine
 from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
 from lh_dist.train.metrics import Metrics, peak_flops
-from lh_dist.train.run_dir import RunDirError
 from lh_dist.train.step import StepResult, TrainStep
 
 # Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
@@ -161,13 +160,9 @@ class Trainer:
                                  f"resuming that run instead of starting over")
             init = None
         messages = plan.messages + self.checkpointer.start(plan)
-        if init is not None and self.rank == 0:
-            try:
-                if copy_origin(init, self.run_dir):
-                    messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) "
-                                    f"into the run dir")
-            except OSError as e:
-                raise RunDirError(f"cannot write to run dir {self.run_dir}: {e}") from None
+        if init is not None and self.checkpointer.on_rank0(lambda: copy_origin(init, self.run_dir)):
+            messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) into the "
+                            f"run dir")
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.layout.cp_group if cp > 1 else None)
