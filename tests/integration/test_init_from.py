@@ -83,7 +83,7 @@ def test_a_run_starts_from_the_imported_weights_and_a_restart_resumes(hf_run, hf
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     assert type(model).__name__ == "LlamaForCausalLM"
-    generated = model.generate(**tok("def main():", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    generated = model.generate(**tok("def main():", return_tensors="pt"))
     assert generated.shape[1] > len(tok("def main():").input_ids)
 
 
