@@ -81,7 +81,7 @@ def test_zero_stage_trains_and_exports_to_hugging_face(tmp_path, stdlib_dataset,
     from lh_dist.model import Transformer
     from lh_dist.ops.attention import attention
     from lh_dist.runtime.checkpoint import load_model_state
-    from lh_dist.train.export import export
+    from lh_dist.hf.export import export
 
     result = run_script("""
         trainer = Trainer(cfg, resume="none")

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output directory (gets train/, val/, lh_data.json)")
-    common.add_argument("--tokenizer", default="byte", help="'byte' (default) or a Hugging Face tokenizer.json")
+    common.add_argument("--tokenizer", default="byte",
+                        help="'byte' (default), a Hugging Face tokenizer.json, or a folder holding one (a model "
+                             "folder, or an imported run's hf/: the eos of its tokenizer_config.json ends documents)")
     common.add_argument("--eod-token", default=None, help="end-of-document token of a tokenizer.json (default: eos)")
     split = common.add_mutually_exclusive_group()
     split.add_argument("--val-tokens", type=_size, default=None,

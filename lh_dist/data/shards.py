@@ -5,7 +5,8 @@ Layout of a dataset directory `OUT`:
     OUT/train/            MDS shards + index.json; one sample = one document's token ids
     OUT/train/doc_lengths.npy   token count of each sample, in sample order
     OUT/val/              the same for the validation split
-    OUT/lh_data.json      tokenizer, vocab_size, eod_id, token dtype, counts per split, source,
+    OUT/lh_data.json      tokenizer (its spec and identity: sha256, vocab_size, eod_id), vocab_size, eod_id,
+                          token dtype, counts per split, source,
                           how validation was chosen, content_sha256 (of both splits' samples)
 
 `doc_lengths.npy` lets a reader plan the packing of an epoch without opening
@@ -196,6 +197,7 @@ def _write(documents, out, tokenizer, source, val_tokens, val_fraction, min_doc_
     info = {
         "format_version": FORMAT_VERSION,
         "tokenizer": tokenizer.spec,
+        "tokenizer_identity": tokenizer.identity(),
         "vocab_size": tokenizer.vocab_size,
         "eod_id": tokenizer.eod_id,
         "dtype": dtype,

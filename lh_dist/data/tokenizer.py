@@ -92,9 +92,14 @@ class HFTokenizer:
 
 
 def load_tokenizer(spec: str = "byte", eod_token: str | None = None) -> ByteTokenizer | HFTokenizer:
-    """`"byte"` gives the byte-level tokenizer; anything else is a path to a `tokenizer.json`."""
+    """`"byte"` gives the byte-level tokenizer; anything else is a path to a `tokenizer.json`, or to a
+    Hugging Face folder holding one (its tokenizer_config.json then names the end-of-document token)."""
     if spec == "byte":
         if eod_token is not None:
             raise ValueError("eod_token applies only to a tokenizer.json, not to tokenizer 'byte'")
         return ByteTokenizer()
+    if Path(spec).is_dir():
+        if not (Path(spec) / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"tokenizer folder {spec} has no tokenizer.json")
+        spec = str(Path(spec) / "tokenizer.json")
     return HFTokenizer(spec, eod_token=eod_token)

@@ -211,4 +211,6 @@ def load_model_state(folder: Path) -> dict:
     files = sorted(folder.glob("mp_rank_*_model_states.pt"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no DeepSpeed model states (mp_rank_*_model_states.pt)")
-    return {k: v.float() for k, v in torch.load(files[0], map_location="cpu", weights_only=False)["module"].items()}
+    # Memory-mapped: ranks of a node that all load the weights share the page cache, not copies.
+    state = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)["module"]
+    return {k: v.float() for k, v in state.items()}

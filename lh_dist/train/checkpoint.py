@@ -168,7 +168,7 @@ class Checkpointer:
         if self._kill == (point, step, self.rank):
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _rank0(self, fn):
+    def on_rank0(self, fn):
         """fn() on rank 0; its result, or its error, on every rank."""
         box = [None]
         if self.rank == 0:
@@ -199,7 +199,7 @@ class Checkpointer:
 
     def open(self, resume: str, overwrite: bool = False, rewind: bool = False) -> Plan:
         """Lock the run dir and decide what to resume; checks everything, writes nothing else."""
-        return self._rank0(lambda: self._plan(resume, overwrite, rewind))
+        return self.on_rank0(lambda: self._plan(resume, overwrite, rewind))
 
     def _plan(self, resume: str, overwrite: bool, rewind: bool) -> Plan:
         foreign = check_resume_arg(resume, overwrite, rewind, self.run_dir)
@@ -220,6 +220,9 @@ class Checkpointer:
             chosen = None
         else:
             chosen = self._explicit(Path(resume), found, foreign, rewind, plan.messages)
+        if chosen is not None and chosen.manifest.get("weights_only"):
+            raise RunDirError(f"{chosen.path} holds imported weights without training state: start a run from "
+                              f"them with --init-from {chosen.path.parent.parent} and another logging.run_dir")
         if chosen is not None:
             plan.folder = str(chosen.path if foreign else self.root / step_name(chosen.step))
             plan.manifest = chosen.manifest
@@ -266,7 +269,7 @@ class Checkpointer:
             except OSError as e:
                 raise RunDirError(f"cannot write to run dir {self.run_dir}: {e}") from None
             return messages
-        return self._rank0(work)
+        return self.on_rank0(work)
 
     def _repair(self) -> None:
         """Finish what a crash interrupted: rename complete partial saves, remove leftovers."""
@@ -297,7 +300,7 @@ class Checkpointer:
     def save(self, engine, step: int, trainer_state: dict) -> Path:
         """Collective: every rank calls it with its own trainer state."""
         final, partial = self.root / step_name(step), self.root / f"{PARTIAL}{step_name(step)}"
-        self._rank0(lambda: self._check_space(step))
+        self.on_rank0(lambda: self._check_space(step))
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -351,6 +354,8 @@ class Checkpointer:
             "abandons": [{"name": f.path.name, "id": f.manifest["id"]} for f in later],
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        if trainer_state.get("weights_only"):  # lh-import's step 0: weights, no optimizer state
+            manifest["weights_only"] = True
         tmp = partial / f"{MANIFEST}.tmp"
         with open(tmp, "w") as f:
             json.dump(manifest, f, indent=1)

@@ -5,6 +5,8 @@
     lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16
     lh-train --config configs/paper-530m-98k.yaml --dry-run --world-size 16 --json   # for scripts
     lh-train --config configs/tiny-cpu.yaml --print-config     # every field, resolved
+    lh-train --config runs/qwen3-import/config.yaml --init-from runs/qwen3-import logging.run_dir=runs/qwen3-long \
+        data.path=runs/data/web     # a new run from an imported model's weights (lh-import)
 
 Config sections: model, lighthouse, parallel, data, optim, schedule, checkpoint, logging
 (fields and their meaning: lh_dist/config.py; --print-config lists them with their values).
@@ -99,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rewind", action="store_true",
                         help="allow --resume from an older checkpoint of this run; the later ones are removed "
                              "once the first new checkpoint is complete")
+    parser.add_argument("--init-from", metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="start a new run at step 0 from the weights of a run directory's newest checkpoint "
+                             "(e.g. one written by lh-import) or of a checkpoint folder: fresh optimizer and data "
+                             "order; the model must match but for model.rope_theta, model.rope_scaling, "
+                             "model.attention_backend and model.init_std. A run dir that holds checkpoints "
+                             "resumes instead")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, print the DP x CP layout and batch math, and exit")
     parser.add_argument("--world-size", type=_positive_int, default=None,
@@ -144,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # Checked again where the run dir is opened (Trainer); here it fails before any process group.
         check_resume_arg(args.resume, args.overwrite, args.rewind, cfg.logging.run_dir)
+        if args.init_from is not None and args.resume not in ("auto", "none"):
+            raise ConfigError(f"--init-from starts a new run from weights; it does not go with --resume "
+                              f"{args.resume}")
 
         check_run_dir(cfg.logging.run_dir)
     except (ConfigError, argparse.ArgumentTypeError) as e:
@@ -154,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     from lh_dist.train.run_dir import RunDirError
 
     try:
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, rewind=args.rewind)
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, rewind=args.rewind,
+                          init_from=args.init_from)
         return trainer.run()
     except ConfigError as e:
         return _fail("config error", e)

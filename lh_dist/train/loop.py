@@ -14,13 +14,16 @@ import torch.distributed as dist
 
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.data.loader import PackedLoader, read_dataset_info
+from lh_dist.hf.mapping import HF_DIR, read_origin
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.runtime.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token,
                                    lighthouse_length, phase_at, set_phase)
+from lh_dist.runtime.checkpoint import load_model_state
 from lh_dist.runtime.device import local_device
 from lh_dist.runtime.distributed import init_distributed
 from lh_dist.train.checkpoint import Checkpointer
 from lh_dist.train.engine import Engine
+from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
 from lh_dist.train.metrics import Metrics, peak_flops
 from lh_dist.train.step import StepResult, TrainStep
 
@@ -106,10 +109,16 @@ class Trainer:
     it, and runs the schedule (the Lighthouse phase, then dense), logging, validating, checkpointing
     and stopping cleanly on SIGTERM / SIGUSR1."""
 
-    def __init__(self, cfg: TrainConfig, resume: str = "auto", overwrite: bool = False, rewind: bool = False):
+    def __init__(self, cfg: TrainConfig, resume: str = "auto", overwrite: bool = False, rewind: bool = False,
+                 init_from: str | None = None):
         """resume: 'auto', 'none' or a checkpoint folder; overwrite: archive a previous run's outputs first
-        (with 'none' or another run's checkpoint); rewind: allow resuming from an older checkpoint of this run."""
+        (with 'none' or another run's checkpoint); rewind: allow resuming from an older checkpoint of this run;
+        init_from: a run directory or checkpoint whose weights a new run starts from (a run dir that holds
+        checkpoints resumes instead)."""
         self.cfg = cfg
+        self.run_dir = Path(cfg.logging.run_dir)
+        if init_from is not None and resume not in ("auto", "none"):
+            raise ConfigError(f"--init-from starts a new run from weights; it does not go with --resume {resume}")
         try:
             info = read_dataset_info(cfg.data.path)
         except (FileNotFoundError, ValueError) as e:
@@ -117,6 +126,14 @@ class Trainer:
         if info["vocab_size"] > cfg.model.vocab_size:
             raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({info['vocab_size']} in "
                               f"{cfg.data.path}), got {cfg.model.vocab_size}")
+        init = open_init_source(init_from, cfg) if init_from is not None else None
+        # The model's tokenizer: this run's own origin (a resumed run started from an import), the source's.
+        try:
+            origins = [(self.run_dir, read_origin(self.run_dir))] + ([(init.run_dir, init.origin)] if init else [])
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for where, origin in origins:
+            check_data_tokenizer(cfg, info, origin, where)
         self.device = local_device(cfg.device)  # too few GPUs stop every rank here, before NCCL starts
         dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         check_split_sizes(cfg, info, dp)
@@ -124,7 +141,6 @@ class Trainer:
         world = dist.get_world_size()
         self.layout = init_parallel_layout(dp, cp)
         self.rank = dist.get_rank()
-        self.run_dir = Path(cfg.logging.run_dir)
 
         # Rank 0 locks the run dir and checks what to resume against this config before anything is
         # written (config.yaml included); every rank gets its decision, or its error.
@@ -139,10 +155,22 @@ class Trainer:
             self.val_loader = PackedLoader(cfg.data.path, "val", max_batches=cfg.logging.eval_batches, **loader_args)
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"data.path: {e}") from None
+        if init is not None and plan.folder is not None:
+            plan.messages.append(f"--init-from {init_from}: the run dir already holds {Path(plan.folder).name}; "
+                                 f"resuming that run instead of starting over")
+            init = None
         messages = plan.messages + self.checkpointer.start(plan)
+        if init is not None and self.checkpointer.on_rank0(lambda: copy_origin(init, self.run_dir)):
+            messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) into the "
+                            f"run dir")
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.layout.cp_group if cp > 1 else None).to(self.device)
+        model = build_model(cfg, self.layout.cp_group if cp > 1 else None)
+        if init is not None:
+            # Into the module before the engine wraps it: every ZeRO stage partitions these values.
+            model.load_state_dict(load_model_state(init.folder))
+            messages.append(f"starting at step 0 from the weights of {init.folder}")
+        model = model.to(self.device)
         self.n_params = model.num_params()
         self.n_matmul_params = model.num_params() - model.embed.weight.numel()
         self.checkpointer.n_params = self.n_params

@@ -1,17 +1,22 @@
-"""`lh-export`: turn a checkpoint into a Hugging Face Llama folder that `transformers` uses as is.
+"""`lh-export`: turn a checkpoint into a Hugging Face folder that `transformers` uses as is.
 
     lh-export runs/tiny-cpu --out exported/tiny                           # the newest checkpoint of a run
     lh-export runs/tiny-cpu/checkpoints/step_00000060 --out exported/tiny --dtype bfloat16
 
-The folder holds config.json and generation_config.json (with the end-of-document token as
-eos, bos and pad), model.safetensors, the tokenizer (tokenizer.json + tokenizer_config.json),
-README.md (a model card: shape, phases, tokens, final losses) and lh_dist_config.yaml (the
-training config). Every file is readable by all (0644), for shared storage. Then:
+The folder holds config.json and generation_config.json, model.safetensors, the tokenizer
+(tokenizer.json + tokenizer_config.json), README.md (a model card: shape, phases, tokens, final
+losses) and lh_dist_config.yaml (the training config). Every file is readable by all (0644), for
+shared storage. Then:
 
     from transformers import pipeline
     pipeline("text-generation", model="exported/tiny")("def main():", max_new_tokens=40)
 
-Our RoPE pairs (x[i], x[i + D/2]) like Hugging Face's Llama, so weights map one to one.
+A run that started from an imported model (lh-import, lh-train --init-from) keeps its origin in
+<run_dir>/hf/: the export is of the imported architecture, with its config.json (rope_theta,
+rope_scaling and max_position_embeddings as the run has them), its tokenizer files byte for byte
+and its generation config. Other runs export as LlamaForCausalLM (Qwen2 / Qwen3 for models with
+q/k/v biases / q/k norms) with the end-of-document token as eos, bos and pad. Names and config
+keys map through lh_dist.hf.mapping.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from pathlib import Path
 import torch
 
 from lh_dist.config import TrainConfig, save_config
+from lh_dist.hf.mapping import HF_DIR, hf_config, hf_name, read_origin
 from lh_dist.runtime.checkpoint import (STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint,
                                         trainer_state)
 
@@ -32,37 +38,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "README.md", "lh_dist_config.yaml")
 EOD_TOKEN = "<|endoftext|>"  # the byte tokenizer's end-of-document id 256, by its usual name
-_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj", "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj", "ffn.w1": "mlp.gate_proj", "ffn.w3": "mlp.up_proj",
-    "ffn.w2": "mlp.down_proj", "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-
-
-def hf_name(name: str) -> str:
-    """The Hugging Face Llama name of one of our parameters, e.g. layers.0.attention.wq.weight ->
-    model.layers.0.self_attn.q_proj.weight."""
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        module, param = rest.rsplit(".", 1)
-        return f"model.layers.{i}.{_LAYER_NAMES[module]}.{param}"
-    return {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-            "output.weight": "lm_head.weight"}[name]
-
-
-def hf_config(cfg: TrainConfig, dtype: str, eod_id: int) -> dict:
-    """config.json of the export: a LlamaForCausalLM of the run's shape, weights saved in `dtype`."""
-    m = cfg.model
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": m.dim, "intermediate_size": m.ffn_hidden, "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
-        "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-        "max_position_embeddings": cfg.data.seq_len, "tie_word_embeddings": m.tie_embeddings,
-        "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype,
-        # Documents are separated by one end-of-document token: it starts, ends and pads them.
-        "bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id,
-    }
+# What the model's forward takes: without it, a tokenizer that also returns token_type_ids breaks
+# `model.generate(**tokenizer(text, return_tensors="pt"))`.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
 def generation_config(eod_id: int) -> dict:
@@ -104,34 +82,64 @@ def byte_tokenizer_files(eod_id: int = 256) -> dict[str, dict]:
 def _tokenizer_config(eod_token: str, bos: bool) -> dict:
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eod_token, "pad_token": eod_token,
               # Decoding must give back the text exactly, spaces before punctuation included.
-              "clean_up_tokenization_spaces": False, "model_max_length": 10**9}
+              "clean_up_tokenization_spaces": False, "model_max_length": 10**9,
+              "model_input_names": MODEL_INPUT_NAMES}
     if bos:
         config["bos_token"] = eod_token
     return config
 
 
-def _write_tokenizer(out: Path, spec: str, eod_id: int) -> None:
-    """The training tokenizer: the byte tokenizer, or a copy of the tokenizer.json it was read from."""
+def _write_tokenizer(out: Path, spec: str, eod_id: int) -> list[str]:
+    """The training tokenizer: the byte tokenizer, or a copy of the tokenizer.json it was read from.
+    Returns the names written."""
     if spec == "byte":
-        for name, content in byte_tokenizer_files(eod_id).items():
+        files = byte_tokenizer_files(eod_id)
+        for name, content in files.items():
             (out / name).write_text(json.dumps(content, indent=1, ensure_ascii=False))
-        return
+        return list(files)
     from lh_dist.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(spec)
-    shutil.copyfile(spec, out / "tokenizer.json")
+    shutil.copyfile(tokenizer.path, out / "tokenizer.json")
     config = _tokenizer_config(tokenizer.eod_token, bos=False)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1, ensure_ascii=False))
+    return ["tokenizer.json", "tokenizer_config.json"]
 
 
-def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, tokenizer: str) -> str:
-    """README.md of the export: what the model is and how it was trained, from the config and the
-    checkpoint's trainer state (older checkpoints lack tokens and losses; those rows are left out)."""
+def _write_imported_tokenizer(out: Path, hf: Path, eod_id: int) -> list[str]:
+    """The imported model's files of <run_dir>/hf byte for byte (tokenizer, special tokens, generation
+    config), but tokenizer_config.json, which gets MODEL_INPUT_NAMES. Returns the names written."""
+    from lh_dist.data.tokenizer import load_tokenizer
+
+    written = []
+    for name in ("tokenizer.json", "special_tokens_map.json", "generation_config.json"):
+        if (hf / name).is_file():
+            shutil.copyfile(hf / name, out / name)
+            written.append(name)
+    if "generation_config.json" not in written:
+        (out / "generation_config.json").write_text(json.dumps(generation_config(eod_id), indent=2))
+        written.append("generation_config.json")
+    if (hf / "tokenizer_config.json").is_file():
+        config = json.loads((hf / "tokenizer_config.json").read_text())
+        config["model_input_names"] = MODEL_INPUT_NAMES
+    else:
+        config = _tokenizer_config(load_tokenizer(str(hf / "tokenizer.json")).eod_token, bos=False)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    return [*written, "tokenizer_config.json"]
+
+
+def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, tokenizer: str, config: dict,
+               origin: dict | None = None) -> str:
+    """README.md of the export: what the model is and how it was trained, from the config, config.json and
+    the checkpoint's trainer state (older checkpoints lack tokens and losses; those rows are left out).
+    tokenizer: "byte", a tokenizer.json, or "imported" (the tokenizer of `origin`, an import's origin.json)."""
     step = int(STEP_DIR.match(folder.name).group(1))
     lh, s = cfg.lighthouse, cfg.schedule
     lighthouse_steps = min(step, s.lighthouse_steps)
     run = folder.parent.parent.name
     rows = [("steps", f"{step:,} of {s.steps:,} planned")]
+    if origin is not None:
+        rows.insert(0, ("initial weights", f"`{origin['source']}` ({origin['architecture']}, imported by lh-import)"))
     if lighthouse_steps:
         rows.append(("Lighthouse phase", f"steps 1-{lighthouse_steps:,}: levels {lh.levels}, pooling {lh.pooling}, "
                                          f"top-k {lh.topk}; layers {lh.dense_layers} always dense"))
@@ -146,16 +154,18 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
         rows.append(("final train loss", f"{loss:.4f} nats/token ({steps})"))
     if state.get("val_loss"):
         rows.append(("final validation loss", f"{state['val_loss'][1]:.4f} nats/token (step {state['val_loss'][0]:,})"))
-    rows += [("data", f"`{cfg.data.path}`, tokenizer `{tokenizer}`"),
+    rows += [("data", f"`{cfg.data.path}`, tokenizer "
+                      + ("of the imported model" if tokenizer == "imported" else f"`{tokenizer}`")),
              ("optimizer", f"AdamW, lr {cfg.optim.lr:g}, {s.decay} schedule after {s.warmup_steps} warmup steps, "
                            f"weight decay {cfg.optim.weight_decay:g}, clipping {cfg.optim.grad_clip:g}")]
     m = cfg.model
     ended_sparse = state.get("phase") == "lighthouse"
     lines = [
-        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [lh_dist, llama]", "---", "",
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        f"tags: [lh_dist, {config['model_type']}]", "---", "",
         f"# {run}, step {step:,}", "",
-        f"A {n_params / 1e6:.1f}M-parameter Llama-style decoder ({m.n_layers} layers, width {m.dim}, {m.n_heads} "
-        f"heads, {m.n_kv_heads} KV heads, vocabulary {m.vocab_size}) trained with lh_dist"
+        f"A {n_params / 1e6:.1f}M-parameter {config['architectures'][0]} ({m.n_layers} layers, width {m.dim}, "
+        f"{m.n_heads} heads, {m.n_kv_heads} KV heads, vocabulary {m.vocab_size}) trained with lh_dist"
         + (f": Lighthouse attention (arXiv 2605.06554) for {lighthouse_steps:,} steps, then dense attention."
            if lighthouse_steps else ", dense attention throughout.")
         + " `transformers` runs every layer dense."
@@ -179,7 +189,8 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
 def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str | None = None) -> Path:
     """Write the Hugging Face folder `out` from a checkpoint folder or a run directory's newest checkpoint.
 
-    tokenizer: "byte" or a tokenizer.json; default: the one recorded in the training dataset.
+    tokenizer: "byte" or a tokenizer.json; default: the imported one (<run_dir>/hf) for a run that
+    started from an imported model, else the one recorded in the training dataset.
     """
     from safetensors.torch import save_file
 
@@ -190,28 +201,43 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(checkpoint)
-    if tokenizer is None:
+    hf = checkpoint.parent.parent / HF_DIR
+    origin = read_origin(hf.parent)
+    if origin is not None and tokenizer is not None:
+        raise ValueError(f"--tokenizer does not apply: {hf.parent} started from an imported model, whose "
+                         f"tokenizer is {hf / 'tokenizer.json'}")
+    if origin is not None:
+        tokenizer = str(hf / "tokenizer.json")
+    elif tokenizer is None:
         try:
             tokenizer = read_dataset_info(cfg.data.path).get("tokenizer", "byte")
         except (FileNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"cannot tell the training tokenizer ({e}); pass --tokenizer") from None
     eod_id = load_tokenizer(tokenizer).eod_id
+    # Documents are separated by one end-of-document token: it starts, ends and pads them.
+    special_ids = {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
+    config = hf_config(cfg.model, dtype=dtype, context=cfg.data.seq_len, special_ids=special_ids, origin=origin)
     state = load_model_state(checkpoint)
-    n_params = sum(v.numel() for v in state.values())
     if cfg.model.tie_embeddings:
-        state.pop("output.weight", None)
+        state.pop("output.weight", None)  # the embedding once more
+    n_params = sum(v.numel() for v in state.values())
     tensors = {hf_name(k): v.to(getattr(torch, dtype)).contiguous() for k, v in state.items()}
 
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype, eod_id), indent=2))
-    (out / "generation_config.json").write_text(json.dumps(generation_config(eod_id), indent=2))
-    _write_tokenizer(out, tokenizer, eod_id)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if origin is not None:
+        written = _write_imported_tokenizer(out, hf, eod_id)
+    else:
+        (out / "generation_config.json").write_text(json.dumps(generation_config(eod_id), indent=2))
+        written = ["generation_config.json", *_write_tokenizer(out, tokenizer, eod_id)]
     save_config(cfg, out / "lh_dist_config.yaml")
-    (out / "README.md").write_text(model_card(cfg, checkpoint, trainer_state(checkpoint), n_params, tokenizer))
+    card = model_card(cfg, checkpoint, trainer_state(checkpoint), n_params,
+                      "imported" if origin is not None else tokenizer, config, origin)
+    (out / "README.md").write_text(card)
     # safetensors writes its file for the owner only; an export is meant to be shared.
     out.chmod(0o755)
-    for name in EXPORT_FILES:
+    for name in {*written, "config.json", "model.safetensors", "lh_dist_config.yaml", "README.md"}:
         (out / name).chmod(0o644)
     return out
 
@@ -226,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder to write (created if missing; files of the same name are replaced)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32",
                         help="dtype of the saved weights (default: float32, as trained)")
-    parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: the tokenizer recorded in the "
-                                            "training dataset's lh_data.json)")
+    parser.add_argument("--tokenizer", help="'byte' or a tokenizer.json (default: an imported model's own, else "
+                                            "the tokenizer recorded in the training dataset's lh_data.json)")
     args = parser.parse_args(argv)
     try:
         print(f"lh-export: wrote {export(args.checkpoint, args.out, args.dtype, args.tokenizer)}")

@@ -1,0 +1,90 @@
+"""A new run from another run's weights (`lh-train --init-from`), and the checks that keep a model and
+its data together.
+
+The source is a run directory (its newest checkpoint: an imported model's step 0, or any lh_dist run)
+or a checkpoint folder. The new run starts at step 0 with those weights, a fresh optimizer and a
+fresh data order. Its model must be the source's: every `model.*` field but those a run may choose
+(`FREE_MODEL_FIELDS`: RoPE's base and scaling, to extend the context, and the kernel) must match.
+
+A model imported from Hugging Face keeps its tokenizer's identity in `<run_dir>/hf/origin.json`; data
+tokenized with another tokenizer is refused (`check_data_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+from lh_dist.config import ConfigError, TrainConfig
+from lh_dist.hf.mapping import HF_DIR, read_origin
+from lh_dist.runtime.checkpoint import flat_config, read_manifest, resolve_checkpoint
+from lh_dist.train.run_dir import RunDirError
+
+# Model fields a run started from another run's weights may set for itself (prefixes of flat names).
+FREE_MODEL_FIELDS = ("model.rope_theta", "model.rope_scaling.", "model.attention_backend", "model.init_std")
+
+
+@dataclasses.dataclass
+class InitSource:
+    """The checkpoint a run starts from, and the Hugging Face origin of its run (None if not imported)."""
+
+    arg: str  # as given on the command line
+    folder: Path
+    origin: dict | None
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.parent.parent
+
+
+def _free(field: str) -> bool:
+    return any(field == f or (f.endswith(".") and field.startswith(f)) for f in FREE_MODEL_FIELDS)
+
+
+def open_init_source(arg: str, cfg: TrainConfig) -> InitSource:
+    """The checkpoint `arg` names; ConfigError (one line) if there is none or its model differs from
+    `cfg.model` in a field that must match."""
+    try:
+        folder = resolve_checkpoint(arg)
+        there = flat_config({"model": read_manifest(folder)["config"]["model"]})
+        origin = read_origin(folder.parent.parent)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--init-from {arg}: {e}") from None
+    here = flat_config({"model": cfg.to_dict()["model"]})
+    differ = [f"{k} is {there.get(k)!r} there, {here.get(k)!r} here" for k in [*here, *(set(there) - set(here))]
+              if not _free(k) and there.get(k) != here.get(k)]
+    if differ:
+        raise ConfigError(f"--init-from {arg}: {'; '.join(differ)} (a run started from weights keeps their "
+                          f"model; it may change only {', '.join(f.rstrip('.') for f in FREE_MODEL_FIELDS)})")
+    return InitSource(arg, folder, origin)
+
+
+def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_dir: Path) -> None:
+    """ConfigError if the data (its lh_data.json `info`) was tokenized with another tokenizer than the model's
+    (`origin`, the origin.json of `run_dir`). Data written before lh-data recorded the tokenizer's identity
+    is compared by vocabulary size and end-of-document id."""
+    if origin is None:
+        return
+    model = origin["tokenizer"]
+    data = info.get("tokenizer_identity") or {"vocab_size": info["vocab_size"], "eod_id": info["eod_id"]}
+    differ = [f"{k} {str(data[k])[:12]} vs {str(model[k])[:12]}" for k in ("sha256", "vocab_size", "eod_id")
+              if k in data and data[k] != model.get(k)]
+    if differ:
+        raise ConfigError(f"data.path: {cfg.data.path} was tokenized with another tokenizer than the model's "
+                          f"({', '.join(differ)}; the model's is in {run_dir / HF_DIR}): tokenize it with "
+                          f"lh-data --tokenizer {run_dir / HF_DIR}")
+
+
+def copy_origin(source: InitSource, run_dir: Path) -> bool:
+    """Give `run_dir` the source's hf/ folder (replacing one there), so that its checkpoints export as the
+    imported architecture with its tokenizer; False if the source has none. RunDirError if it cannot."""
+    src, dst = source.run_dir / HF_DIR, run_dir / HF_DIR
+    if not src.is_dir() or src.resolve() == dst.resolve():
+        return False
+    try:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+    except OSError as e:
+        raise RunDirError(f"cannot copy {src} into run dir {run_dir}: {e}") from None
+    return True
