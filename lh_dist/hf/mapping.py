@@ -75,7 +75,8 @@ _ARCH_KEYS = {
 # housekeeping settings of transformers. Any other key not read above is refused by name.
 HARMLESS_KEYS = frozenset({
     "transformers_version", "dtype", "torch_dtype", "use_cache", "initializer_range", "bos_token_id",
-    "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id", "_name_or_path", "tokenizer_class",
+    "eos_token_id", "pad_token_id", "sep_token_id", "unk_token_id", "decoder_start_token_id", "_name_or_path",
+    "_model_name_or_path", "tokenizer_class",
     # Slices the matmuls of some older Llama code into as many parts; the sum is the same.
     "pretraining_tp", "is_decoder", "use_bfloat16", "output_attentions", "output_hidden_states", "return_dict",
     "torchscript", "id2label", "label2id", "problem_type", "finetuning_task", "task_specific_params", "prefix",
