@@ -8,6 +8,7 @@ data file is touched: unknown keys, wrong types and out-of-range values raise
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import typing
@@ -420,6 +421,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
+    return config_from_dict(tree, overrides)
+
+
+def config_from_dict(tree: dict, overrides: list[str] = ()) -> TrainConfig:
+    """A nested dict as YAML holds it (a run file, or a checkpoint's saved config) plus `a.b=value`
+    overrides, validated. Fields added to lh_dist after the dict was written take their defaults."""
+    tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)
     cfg = _from_dict(TrainConfig, tree)

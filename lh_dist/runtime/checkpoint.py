@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lh_dist.config import ModelConfig, TrainConfig, load_config
+from lh_dist.config import ModelConfig, TrainConfig, config_from_dict, load_config
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 MANIFEST = "manifest.json"
@@ -70,6 +70,12 @@ def fingerprint(config: dict) -> str:
     """Hash of the settings that must not change across a resume."""
     flat = flat_config(config)
     return hashlib.sha256(json.dumps([flat.get(k) for k in FIXED_FIELDS]).encode()).hexdigest()[:16]
+
+
+def saved_settings(manifest: dict) -> dict:
+    """The flat config a checkpoint was saved with, read as this lh_dist reads configs: settings added
+    since it was written (e.g. model.qk_norm) take their defaults, which is what the run computed."""
+    return flat_config(config_from_dict(manifest["config"]).to_dict())
 
 
 def read_manifest(folder: Path, deep: bool = False) -> dict:
@@ -187,7 +193,7 @@ def checkpoint_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: a checkpoint folder must sit in <run_dir>/checkpoints/")
     manifest = read_manifest(folder)
-    old, new = flat_config(manifest["config"]), flat_config(load_config(path).to_dict())
+    old, new = saved_settings(manifest), flat_config(load_config(path).to_dict())
     wrong = [f"{k}={new[k]!r} (the checkpoint has {old.get(k)!r})" for k in FIXED_FIELDS if old.get(k) != new[k]]
     if wrong:
         raise ValueError(f"{path} does not belong to {folder}: it says {', '.join(wrong)}")

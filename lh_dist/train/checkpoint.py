@@ -44,7 +44,7 @@ import torch.distributed as dist
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.runtime.checkpoint import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
                                         InvalidCheckpoint, file_crc32, fingerprint, flat_config, newest_valid,
-                                        read_manifest, step_name, survey)
+                                        read_manifest, saved_settings, step_name, survey)
 from lh_dist.train.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
 REPLACED, DELETING = ".replaced-", ".deleting-"
@@ -112,7 +112,7 @@ def check_resume_arg(resume: str, overwrite: bool, rewind: bool, run_dir: str | 
 
 def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int, dp_degree: int) -> list[str]:
     """ConfigError naming each setting that must not change; returns notes on those that did."""
-    old, new = flat_config(manifest["config"]), flat_config(cfg.to_dict())
+    old, new = saved_settings(manifest), flat_config(cfg.to_dict())
     refused = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in FIXED_FIELDS if old.get(k) != new[k]]
     if manifest["data"]["path"] != data_location(cfg.data.path):
         refused.append(f"data.path {manifest['data']['path']!r} -> {data_location(cfg.data.path)!r}")
