@@ -62,13 +62,15 @@ def open_init_source(arg: str, cfg: TrainConfig) -> InitSource:
 
 def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_dir: Path) -> None:
     """ConfigError if the data (its lh_data.json `info`) was tokenized with another tokenizer than the model's
-    (`origin`, the origin.json of `run_dir`). Data written before lh-data recorded the tokenizer's identity
-    is compared by vocabulary size and end-of-document id."""
+    (`origin`, the origin.json of `run_dir`): the tokenizer.json's hash and the vocabulary size must match;
+    data written before lh-data recorded the hash is compared by vocabulary size. Which token separates
+    documents is the data's choice (lh-data --eod-token: continued pre-training often takes the
+    pre-training separator rather than a chat model's eos), so it is not compared."""
     if origin is None:
         return
     model = origin["tokenizer"]
-    data = info.get("tokenizer_identity") or {"vocab_size": info["vocab_size"], "eod_id": info["eod_id"]}
-    differ = [f"{k} {str(data[k])[:12]} vs {str(model[k])[:12]}" for k in ("sha256", "vocab_size", "eod_id")
+    data = info.get("tokenizer_identity") or {"vocab_size": info["vocab_size"]}
+    differ = [f"{k} {str(data[k])[:12]} vs {str(model[k])[:12]}" for k in ("sha256", "vocab_size")
               if k in data and data[k] != model.get(k)]
     if differ:
         raise ConfigError(f"data.path: {cfg.data.path} was tokenized with another tokenizer than the model's "
