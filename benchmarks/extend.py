@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import reproduce
-import yaml
+
+from lh_dist.config import load_config
 
 ROOT = reproduce.ROOT
 DEFAULT_CONFIG = ROOT / "configs" / "extend-smollm2-64k.yaml"
@@ -50,7 +51,7 @@ def prepare(args) -> Path:
         reproduce._run([sys.executable, "-m", "lh_dist.hf.importer", str(args.hf), "--out", str(imported)])
     _use_model_tokenizer(args)
     data_info = reproduce.ensure_data(args)
-    seq_len = int(yaml.safe_load(Path(args.config).read_text())["data"]["seq_len"])
+    seq_len = load_config(args.config, args.overrides).data.seq_len
     out = Path(args.results) / ORIGINAL
     out.mkdir(parents=True, exist_ok=True)
     data = str(reproduce._data_path(args))
@@ -235,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", parents=[common], help="import, corpus, evaluation of the original")
     prep.add_argument("--hf", type=Path, required=True, help="the Hugging Face model folder")
+    # prepare takes section.field=value overrides too: the ones that set the evaluated length (data.seq_len).
     tr = commands.add_parser("train", parents=[common], help="one extension run with its evaluations")
     tr.add_argument("name", help="run name, e.g. dense or lh60")
     tr.add_argument("--lighthouse-fraction", type=float, required=True,
@@ -245,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="report file; plots go beside it (default: benchmarks/results/extension.md)")
     rep.add_argument("--notes", help="a markdown file of observations to include in the report")
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command == "report"]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = extra

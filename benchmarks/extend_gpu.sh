@@ -4,7 +4,7 @@
 # .smola/ and .smolb/), the corpus and the wheels of DeepSpeed and mosaicml-streaming in a third folder.
 # Run from the repository root, one part per call, on one warm machine (/tmp is kept between calls):
 #
-#   bash benchmarks/extend_gpu.sh setup     # carry .whl/ and .extdata/: installs, keeps the corpus, times the steps
+#   bash benchmarks/extend_gpu.sh setup     # carry .whl/ and .extdata/: installs, keeps the corpus, loss benchmark
 #   bash benchmarks/extend_gpu.sh smola     # carry .smola/: keeps the first half
 #   bash benchmarks/extend_gpu.sh prepare   # carry .smolb/: rejoins, converts, lh-import, evaluates the original
 #   bash benchmarks/extend_gpu.sh train NAME FRACTION [extend.py train options and overrides...]
@@ -33,10 +33,10 @@ setup)
     rm -rf "$DATA" && mkdir -p "$(dirname "$DATA")" && cp -r .extdata "$DATA" || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, deepspeed, streaming; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)'
-    # lh-train's step at the recipe's shape and mode, both phases: sizes the runs to the time they have.
-    timeout -k 10 "${STEP_BUDGET:-240}" python3 benchmarks/train_throughput.py --config configs/extend-smollm2-64k.yaml \
-        --seq-lens 65536 --variants dense,lighthouse-1024 --modes none+compile --warmup 0 --steps 2 \
-        --name extend_steps --commit "${COMMIT:-unknown}" --out "$OUT"
+    # The loss head's memory and time at real vocabularies (lh-train's step, SmolLM2's shape); full
+    # checkpointing without compile, so that the logits, not the activations, set the peak.
+    timeout -k 10 "${LOSS_BUDGET:-200}" python3 benchmarks/loss_memory.py --warmup 0 --steps 1 \
+        --commit "${COMMIT:-unknown}" --out "$OUT" parallel.activation_checkpointing=full parallel.compile=false
     ;;
 smola)
     need .smola/gguf.part.aa "carry .smola/"
