@@ -252,7 +252,8 @@ class RetrievalGenerator:
         statement_at = rng.integers(0, num_filler + 1, size=s.keys)
         statement_at[:s.queries] = rng.integers(0, num_filler - gaps + 1)
         window = self.filler.window(int(rng.integers(0, self.filler.num_tokens - num_filler + 1)), num_filler)
-        line_starts = np.flatnonzero(self._line_ends[window]) + 1
+        # The ends of the window count as line starts: its first and last lines may be cut.
+        line_starts = np.unique(np.concatenate([[0], np.flatnonzero(self._line_ends[window]) + 1, [num_filler]]))
         query_at = _snap(line_starts, statement_at[:s.queries] + gaps, forward=True)
         statement_at = _snap(line_starts, statement_at, forward=False)
 
@@ -288,8 +289,6 @@ class RetrievalGenerator:
 def _snap(line_starts: np.ndarray, offsets: np.ndarray, forward: bool) -> np.ndarray:
     """Each offset moved to the nearest line start after it (forward) or at or before it (back),
     if one lies within MAX_SNAP tokens; else left where it is."""
-    if not len(line_starts):
-        return offsets
     if forward:
         i = np.minimum(np.searchsorted(line_starts, offsets, side="left"), len(line_starts) - 1)
     else:

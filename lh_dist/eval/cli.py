@@ -24,7 +24,7 @@ overwrites anything else; `output_path(argv)` returns the JSON path for a comman
   index.json  {"outputs": [{json, png, written, kind, run, step, checkpoint, trained_phase,
       eval_phase, result (the headline number), args}]}, one entry per JSON under the root.
 
-`-cfg<hash>` stands for config overrides, --data or --tokenizer (held in full in the JSON).
+`-cfg<hash>` stands for config overrides, --data, --tokenizer or --filler (held in full in the JSON).
 Every JSON also records run, checkpoint, step, trained_phase, eval_phase, cp_degree and
 device; floats are rounded to 6 significant digits.
 """
@@ -139,7 +139,7 @@ def _add_retrieval_parser(commands, common) -> None:
                                 "1/24, 1/12, 1/6, 1/3, 2/3, 1, those long enough for the statements and queries)")
     retrieval.add_argument("--docs", type=int, default=DEFAULT_RETRIEVAL["docs"], help="documents per length")
     retrieval.add_argument("--depth-bins", type=int, default=DEFAULT_RETRIEVAL["depth_bins"],
-                           help="equal bins of statement depth (fraction of the document)")
+                           help="equal bins of the depth of a key's statement in its document")
     retrieval.add_argument("--batch-size", type=int, default=1, help="documents per forward pass")
 
 
