@@ -84,7 +84,8 @@ def _add_retrieval_parser(sources) -> None:
         epilog="example:\n  lh-data retrieval --out runs/data/retrieval-64k --filler runs/data/code "
                "--doc-tokens 65536 --train-docs 20000")
     retrieval.add_argument("--out", required=True, help="output directory (gets train/, val/, lh_data.json)")
-    retrieval.add_argument("--filler", required=True, help="lh-data dataset directory whose token ids fill the documents")
+    retrieval.add_argument("--filler", required=True,
+                           help="local lh-data dataset directory whose token ids fill the documents")
     retrieval.add_argument("--doc-tokens", type=_size, required=True, help="tokens per document, e.g. 65536")
     retrieval.add_argument("--train-docs", type=_size, required=True, help="documents in the train split")
     retrieval.add_argument("--val-docs", type=_size, default=32, help="documents in the val split (default: 32)")

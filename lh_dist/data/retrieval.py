@@ -91,6 +91,9 @@ class RetrievalSettings:
             raise ValueError("the dataset was not written by lh-data retrieval (its lh_data.json has no "
                              "'retrieval' section)")
         recorded = info["retrieval"]
+        if recorded.get("version") != RETRIEVAL_VERSION:
+            raise ValueError(f"the dataset's retrieval version is {recorded.get('version')!r}; this lh_dist "
+                             f"builds version {RETRIEVAL_VERSION} (rebuild it with lh-data retrieval)")
         return cls(**{f.name: recorded[f.name] for f in dataclasses.fields(cls)})
 
 
@@ -124,6 +127,8 @@ class Query:
 
 @dataclasses.dataclass(frozen=True)
 class RetrievalDocument:
+    """A document's token ids, its statements in document order and its queries in document order."""
+
     tokens: np.ndarray  # int64 [length]
     statements: list[Statement]
     queries: list[Query]

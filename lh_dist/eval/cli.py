@@ -359,8 +359,8 @@ def run_retrieval(args) -> Path | None:
                                 "docs": args.docs, "settings": dataclasses.asdict(generator.settings),
                                 "tokenizer": generator.tokenizer.spec, "overrides": args.overrides} | grid
     _write(args, runner, path, result, {"mean_accuracy": grid["mean"]})
-    retrieval_heatmap(grid["accuracy"], grid["queries"], grid["depth_edges"], lengths, grid["mean"], path.with_suffix(".png"),
-                      title=_title(runner))
+    retrieval_heatmap(grid["accuracy"], grid["queries"], grid["depth_edges"], lengths, grid["mean"],
+                      path.with_suffix(".png"), title=_title(runner))
     print(f"retrieval mean accuracy {grid['mean']:.3f} +- {grid['mean_stderr']:.3f} over {grid['num_queries']} "
           f"queries (chance of guessing a value {grid['chance']:.0e}); wrote {path} and .png")
     return path

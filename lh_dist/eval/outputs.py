@@ -64,7 +64,8 @@ def loss_name(phase: str, seq_len: int | None, buckets: int, spacing: str, batch
 
 def retrieval_name(lengths: list[int], docs: int, depth_bins: int, overrides: list[str] = (),
                    data: str | None = None, filler: str | None = None) -> str:
-    """e.g. retrieval-4096_8192, retrieval-8192-docs64-bins10. data/filler None: the recorded ones."""
+    """e.g. retrieval-4096_8192, retrieval-8192-docs64-bins10. data None: the config's data.path;
+    filler None: the one the dataset records."""
     name = "retrieval-" + "_".join(str(n) for n in lengths)
     if docs != DEFAULT_RETRIEVAL["docs"]:
         name += f"-docs{docs}"

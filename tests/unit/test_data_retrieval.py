@@ -150,7 +150,8 @@ def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
                  "--train-docs", "5", "--val-docs", "3", "--keys", "6", "--queries", "4", "--min-gap", "16",
                  "--value-digits", "3", "--seed", "5", "--shard-size", "4096"]) == 0
     info = json.loads((out / "lh_data.json").read_text())
-    assert info["splits"] == {"train": {"documents": 5, "tokens": 5 * 1024}, "val": {"documents": 3, "tokens": 3 * 1024}}
+    assert info["splits"] == {"train": {"documents": 5, "tokens": 5 * 1024},
+                              "val": {"documents": 3, "tokens": 3 * 1024}}
     assert (info["tokenizer"], info["eod_id"], info["vocab_size"], info["min_doc_tokens"]) == ("byte", 256, 257, 1024)
     recorded = info["retrieval"]
     assert RetrievalSettings.from_info(info) == SETTINGS and recorded["filler"] == str(filler.resolve())
