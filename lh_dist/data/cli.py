@@ -4,6 +4,7 @@
     lh-data text --out runs/data/docs 'docs/**/*.md'
     lh-data jsonl --out runs/data/web --field text a.jsonl b.jsonl
     lh-data tree --out runs/data/code --include '*.py' --min-doc-tokens 65536 /usr/lib/python3/dist-packages
+    lh-data retrieval --out runs/data/retrieval --filler runs/data/code --doc-tokens 65536 --train-docs 20000
 
 The validation split is whole documents not in train: by default the ones that
 reach --val-tokens (enough for eight 98,304-token samples plus margin); training
@@ -27,7 +28,7 @@ def _size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """`lh-data`'s parser: one subcommand per source (stdlib, text, jsonl, tree)."""
+    """`lh-data`'s parser: one subcommand per source (stdlib, text, jsonl, tree, retrieval)."""
     parser = argparse.ArgumentParser(
         prog="lh-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -68,12 +69,59 @@ def build_parser() -> argparse.ArgumentParser:
                       help="relative paths to drop, e.g. '*/tests/*' (repeatable)")
     tree.add_argument("--doc-depth", type=int, default=None,
                       help="group whole subtrees this many levels below a root (default: one document per directory)")
+    _add_retrieval_parser(sources)
     return parser
+
+
+def _add_retrieval_parser(sources) -> None:
+    retrieval = sources.add_parser(
+        "retrieval", help="long-range retrieval documents: key/value statements and later look-ups in real text",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Documents of --doc-tokens tokens: filler from another lh-data dataset (train documents for "
+                    "train,\nits val split for val) with statements  keys[\"kv-3f9a2c\"] = \"481516\"  inserted at "
+                    "random\ndepths and, later, queries  assert keys[\"kv-3f9a2c\"] == \"481516\"  about some of "
+                    "them (the\nfiller tokens between the two log-uniform in [--min-gap, document]; the other keys "
+                    "are\ndistractors). The tokenizer is the filler's. Train with data.seq_len = --doc-tokens\n"
+                    "so that each sample is one document; lh-eval retrieval scores the queries' values.",
+        epilog="example:\n  lh-data retrieval --out runs/data/retrieval-64k --filler runs/data/code "
+               "--doc-tokens 65536 --train-docs 20000")
+    retrieval.add_argument("--out", required=True, help="output directory (gets train/, val/, lh_data.json)")
+    retrieval.add_argument("--filler", required=True,
+                           help="local lh-data dataset directory whose token ids fill the documents")
+    retrieval.add_argument("--doc-tokens", type=_size, required=True, help="tokens per document, e.g. 65536")
+    retrieval.add_argument("--train-docs", type=_size, required=True, help="documents in the train split")
+    retrieval.add_argument("--val-docs", type=_size, default=32, help="documents in the val split (default: 32)")
+    retrieval.add_argument("--keys", type=_size, default=32, help="statements per document (default: 32)")
+    retrieval.add_argument("--queries", type=_size, default=16,
+                           help="queries per document, each about another key; at most --keys (default: 16)")
+    retrieval.add_argument("--min-gap", type=_size, default=64,
+                           help="fewest filler tokens between a statement and its query (default: 64)")
+    retrieval.add_argument("--value-digits", type=_size, default=6, help="digits of a value (default: 6)")
+    retrieval.add_argument("--seed", type=int, default=0, help="seed of the documents (default: 0)")
+    retrieval.add_argument("--shard-size", default="64mb", help="largest shard size (default: 64mb)")
+    retrieval.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+
+
+def _retrieval(args) -> int:
+    from lh_dist.data.retrieval import RetrievalSettings, write_retrieval_dataset
+
+    try:
+        settings = RetrievalSettings(doc_tokens=args.doc_tokens, keys=args.keys, queries=args.queries,
+                                     min_gap=args.min_gap, value_digits=args.value_digits, seed=args.seed)
+        write_retrieval_dataset(args.out, args.filler, settings, train_docs=args.train_docs,
+                                val_docs=args.val_docs, overwrite=args.overwrite,
+                                shard_size=int(args.shard_size) if args.shard_size.isdigit() else args.shard_size)
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"lh-data: error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """`lh-data`; 0 on success, 2 (one line on stderr, nothing left written) on an error."""
     args = build_parser().parse_args(argv)
+    if args.source == "retrieval":
+        return _retrieval(args)
     if args.source == "stdlib":
         documents, source = stdlib_documents, f"stdlib:{stdlib_root()}"
     elif args.source == "text":

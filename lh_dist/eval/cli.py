@@ -4,6 +4,7 @@
     lh-eval loss runs/tiny-cpu --batches 16 --buckets 8 --spacing log
     lh-eval loss runs/tiny-cpu --phase lighthouse lighthouse.topk=512   # with a config override
     torchrun --nproc-per-node 4 -m lh_dist.eval.cli passkey RUN --cp 4 --lengths 65536,98304
+    lh-eval retrieval RUN --data runs/data/retrieval-64k --lengths 16384,65536
 
 Outputs go under the root --out (default <run_dir>/eval), one JSON and one PNG of the same
 name per evaluation, named by what was evaluated (defaults left out), so that nothing
@@ -16,10 +17,14 @@ overwrites anything else; `output_path(argv)` returns the JSON path for a comman
       e.g. loss-dense.json, loss-lighthouse-log16.json. loss (nats/token), tokens, sequences,
       bits_per_byte and bytes (byte-level tokenizer), buckets [{start, end (exclusive), tokens,
       loss, stderr (over sequences), bytes, bits_per_byte}].
+  step_XXXXXXXX/retrieval-<lengths>[-docs<D>][-bins<B>][-cfg<hash>].json
+      e.g. retrieval-4096_8192.json. lengths, depth_edges [B + 1], accuracy, stderr (binomial, over
+      queries), queries [B][L], by_length, by_distance (octaves), mean, mean_stderr, num_queries,
+      chance; always dense attention.
   index.json  {"outputs": [{json, png, written, kind, run, step, checkpoint, trained_phase,
       eval_phase, result (the headline number), args}]}, one entry per JSON under the root.
 
-`-cfg<hash>` stands for config overrides, --data or --tokenizer (held in full in the JSON).
+`-cfg<hash>` stands for config overrides, --data, --tokenizer or --filler (held in full in the JSON).
 Every JSON also records run, checkpoint, step, trained_phase, eval_phase, cp_degree and
 device; floats are rounded to 6 significant digits.
 """
@@ -27,11 +32,13 @@ device; floats are rounded to 6 significant digits.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from lh_dist.config import ConfigError
-from lh_dist.eval.outputs import DEFAULT_DEPTHS, DEFAULT_LOSS, loss_name, passkey_name, update_index, write_json
+from lh_dist.eval.outputs import (DEFAULT_DEPTHS, DEFAULT_LOSS, DEFAULT_RETRIEVAL, loss_name, passkey_name,
+                                  retrieval_name, update_index, write_json)
 
 SPACINGS = ("linear", "log")
 
@@ -61,7 +68,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lh-eval", description=__doc__, formatter_class=_HelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{passkey,loss}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{passkey,loss,retrieval}")
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("checkpoint", type=Path, help="checkpoint folder step_XXXXXXXX, or a run directory "
@@ -109,7 +116,31 @@ def _parser() -> argparse.ArgumentParser:
     loss.add_argument("--data", default=None, help="dataset folder or URL (default: the config's data.path)")
     loss.add_argument("--bits-per-byte", action="store_true",
                       help="plot bits per byte instead of nats per token (byte-level tokenizer; the JSON holds both)")
+    _add_retrieval_parser(commands, common)
     return parser
+
+
+def _add_retrieval_parser(commands, common) -> None:
+    retrieval = commands.add_parser(
+        "retrieval", parents=[common], formatter_class=_HelpFormatter, help="key/value retrieval over long distances",
+        description="Held-out documents of an `lh-data retrieval` dataset (its generator, val stream) at each\n"
+                    "length; a query counts when every value token is the argmax prediction (teacher-forced).\n"
+                    "Accuracy by depth of the key's statement and length, by distance, and overall, with\n"
+                    "binomial standard errors. Always dense attention.",
+        epilog="example:\n  lh-eval retrieval runs/ret --lengths 4096,8192   -> runs/ret/eval/step_XXXXXXXX/"
+               "retrieval-4096_8192.json (+ .png)")
+    retrieval.add_argument("--data", default=None,
+                           help="lh-data retrieval dataset folder (default: the config's data.path)")
+    retrieval.add_argument("--filler", default=None,
+                           help="the filler dataset, if moved since the retrieval dataset was written "
+                                "(default: the path its lh_data.json records)")
+    retrieval.add_argument("--lengths", type=_int_list("--lengths"), default=None,
+                           help="context lengths in tokens, comma-separated (default: the training seq_len x "
+                                "1/24, 1/12, 1/6, 1/3, 2/3, 1, those long enough for the statements and queries)")
+    retrieval.add_argument("--docs", type=int, default=DEFAULT_RETRIEVAL["docs"], help="documents per length")
+    retrieval.add_argument("--depth-bins", type=int, default=DEFAULT_RETRIEVAL["depth_bins"],
+                           help="equal bins of the depth of a key's statement in its document")
+    retrieval.add_argument("--batch-size", type=int, default=1, help="documents per forward pass")
 
 
 def _tokenizer_spec(args, cfg) -> tuple[str, bool]:
@@ -136,8 +167,34 @@ def _passkey_lengths(args, cfg, tokenizer) -> list[int]:
     return lengths
 
 
+def _retrieval_lengths(args, cfg) -> list[int]:
+    from lh_dist.data.loader import read_dataset_info
+    from lh_dist.data.retrieval import RetrievalSettings, min_document_length
+    from lh_dist.data.tokenizer import load_tokenizer
+    from lh_dist.eval.retrieval import default_lengths
+
+    if args.lengths:
+        return args.lengths
+    data = args.data or cfg.data.path
+    info = read_dataset_info(data)
+    try:
+        settings = RetrievalSettings.from_info(info)
+    except ValueError as e:
+        raise ValueError(f"{data}: {e}; pass --data") from None
+    shortest = min_document_length(settings, load_tokenizer(info.get("tokenizer", "byte")))
+    lengths = default_lengths(cfg.data.seq_len, shortest, multiple=2 * args.cp)
+    if not lengths:
+        raise ValueError(f"the training seq_len {cfg.data.seq_len} is shorter than a retrieval document needs "
+                         f"({shortest} tokens); pass --lengths")
+    return lengths
+
+
 def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Path:
-    if args.command == "passkey":
+    if args.command == "retrieval":
+        data = args.data if args.data and args.data != cfg.data.path else None
+        name = retrieval_name(lengths or _retrieval_lengths(args, cfg), args.docs, args.depth_bins, args.overrides,
+                              data, args.filler)
+    elif args.command == "passkey":
         lengths = lengths or _passkey_lengths(args, cfg, _tokenizer(args, cfg))
         spec, differs = _tokenizer_spec(args, cfg)
         name = passkey_name(lengths, args.depths, args.seed, args.overrides, spec if differs else None)
@@ -271,6 +328,44 @@ def run_loss(args) -> Path | None:
     return path
 
 
+def run_retrieval(args) -> Path | None:
+    """`lh-eval retrieval`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
+    from lh_dist.data.retrieval import dataset_generator
+    from lh_dist.eval.plotting import retrieval_heatmap
+    from lh_dist.eval.retrieval import retrieval_grid
+    from lh_dist.eval.runner import ModelRunner
+
+    for name in ("docs", "depth_bins", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase="dense",
+                         overrides=args.overrides)
+    data = args.data or runner.cfg.data.path
+    lengths = _retrieval_lengths(args, runner.cfg)
+    generator = dataset_generator(data, "val", args.filler)
+    for n in lengths:
+        runner.check_length(n, "--lengths")
+        generator.check_length(n)
+    _warn_untrained_lengths(runner, lengths, "--lengths")
+    log = print if runner.is_main else None
+    grid = retrieval_grid(runner.next_token_argmax, generator, lengths, args.docs, args.depth_bins,
+                          batch_size=args.batch_size, log=log)
+    generator.close()
+    runner.close()
+    if not runner.is_main:
+        return None
+    path = _json_path(args, runner.folder, runner.cfg, lengths)
+    result = _header(runner) | {"data": str(data), "filler": generator.filler.path, "lengths": lengths,
+                                "docs": args.docs, "settings": dataclasses.asdict(generator.settings),
+                                "tokenizer": generator.tokenizer.spec, "overrides": args.overrides} | grid
+    _write(args, runner, path, result, {"mean_accuracy": grid["mean"]})
+    retrieval_heatmap(grid["accuracy"], grid["queries"], grid["depth_edges"], lengths, grid["mean"],
+                      path.with_suffix(".png"), title=_title(runner))
+    print(f"retrieval mean accuracy {grid['mean']:.3f} +- {grid['mean_stderr']:.3f} over {grid['num_queries']} "
+          f"queries (chance of guessing a value {grid['chance']:.0e}); wrote {path} and .png")
+    return path
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """`lh-eval`'s arguments; config overrides may stand before or after the options."""
     parser = _parser()
@@ -288,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     """`lh-eval`; 0 on success, 2 (one line on stderr) for a bad argument, config or checkpoint."""
     args = parse_args(argv)
     try:
-        (run_passkey if args.command == "passkey" else run_loss)(args)
+        {"passkey": run_passkey, "loss": run_loss, "retrieval": run_retrieval}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"lh-eval {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -4,12 +4,13 @@ Layout under the output root (default <run_dir>/eval):
 
     step_00000060/loss-dense.json               + .png, one pair per distinct evaluation
     step_00000060/passkey-256_512_1024.json     + .png
+    step_00000060/retrieval-4096_8192.json      + .png
     index.json                                  every output under the root, newest last
 
 A name holds everything that changes the numbers, leaving out what is at its default, so
-repeating an evaluation replaces its own files and nothing else; config overrides, --data
-and --tokenizer, which are too long for a name, add a short hash of themselves (the JSON
-and the index hold them in full).
+repeating an evaluation replaces its own files and nothing else; config overrides, --data,
+--tokenizer and --filler, which are too long for a name, add a short hash of themselves (the
+JSON and the index hold them in full).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 # Defaults of the options that a name leaves out when they are at them (lh_dist.eval.cli uses these).
 DEFAULT_DEPTHS = [0, 15, 30, 50, 70, 85, 100]
 DEFAULT_LOSS = {"batches": 8, "micro_batch": 1, "buckets": 8, "spacing": "linear"}
+DEFAULT_RETRIEVAL = {"docs": 16, "depth_bins": 5}
 SIGNIFICANT_DIGITS = 6
 
 
@@ -58,6 +60,18 @@ def loss_name(phase: str, seq_len: int | None, buckets: int, spacing: str, batch
     if (batches, micro_batch) != (DEFAULT_LOSS["batches"], DEFAULT_LOSS["micro_batch"]):
         name += f"-batches{batches}x{micro_batch}"
     return name + _settings_hash({"overrides": list(overrides), "data": data})
+
+
+def retrieval_name(lengths: list[int], docs: int, depth_bins: int, overrides: list[str] = (),
+                   data: str | None = None, filler: str | None = None) -> str:
+    """e.g. retrieval-4096_8192, retrieval-8192-docs64-bins10. data None: the config's data.path;
+    filler None: the one the dataset records."""
+    name = "retrieval-" + "_".join(str(n) for n in lengths)
+    if docs != DEFAULT_RETRIEVAL["docs"]:
+        name += f"-docs{docs}"
+    if depth_bins != DEFAULT_RETRIEVAL["depth_bins"]:
+        name += f"-bins{depth_bins}"
+    return name + _settings_hash({"overrides": list(overrides), "data": data, "filler": filler})
 
 
 def rounded(value, digits: int = SIGNIFICANT_DIGITS):

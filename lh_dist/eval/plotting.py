@@ -21,29 +21,53 @@ def _length_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
 
 
-def passkey_heatmap(accuracy, depths, lengths, path: Path, title: str = "") -> Path:
-    """Heatmap of accuracy [depths][lengths], depth down the rows, each cell labelled."""
-    acc = np.asarray(accuracy, dtype=float)
+def _accuracy_heatmap(acc: np.ndarray, row_labels: list[str], col_labels: list[str], ylabel: str, title: str,
+                      colorbar_label: str, path: Path, cell_format: str, notes=None) -> Path:
+    """Heatmap of accuracies [rows][columns] in [0, 1], each cell labelled (NaN cells: a dash), with
+    notes [rows][columns] in small print under the labels if given."""
     cmap = plt.get_cmap("cividis")
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 3, 0.6 * len(depths) + 2))
+    fig, ax = plt.subplots(figsize=(1.2 * len(col_labels) + 3, 0.6 * len(row_labels) + 2))
     image = ax.imshow(acc, vmin=0.0, vmax=1.0, cmap=cmap, aspect="auto")
     for i in range(acc.shape[0]):
         for j in range(acc.shape[1]):
+            if not np.isfinite(acc[i, j]):
+                ax.text(j, i, "–", ha="center", va="center", fontsize=11)
+                continue
             # Dark text on the light end of the map, white on the dark end.
             r, g, b, _ = cmap(acc[i, j])
             color = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-            ax.text(j, i, f"{acc[i, j]:.1f}", ha="center", va="center", fontsize=11, color=color,
+            ax.text(j, i, format(acc[i, j], cell_format), ha="center", va="center", fontsize=11, color=color,
                     fontweight="bold")
-    ax.set_xticks(range(len(lengths)), [_length_label(n) for n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+            if notes is not None:
+                ax.text(j, i + 0.3, notes[i][j], ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(len(col_labels)), col_labels)
+    ax.set_yticks(range(len(row_labels)), row_labels)
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(f"{title}\npass-key retrieval, mean accuracy {acc.mean():.2f}".strip(), fontsize=10)
-    fig.colorbar(image, ax=ax, label="accuracy (chance 0.1)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar_label)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def passkey_heatmap(accuracy, depths, lengths, path: Path, title: str = "") -> Path:
+    """Heatmap of accuracy [depths][lengths], depth down the rows, each cell labelled."""
+    acc = np.asarray(accuracy, dtype=float)
+    return _accuracy_heatmap(acc, [f"{d:g}%" for d in depths], [_length_label(n) for n in lengths], "needle depth",
+                             f"{title}\npass-key retrieval, mean accuracy {acc.mean():.2f}".strip(),
+                             "accuracy (chance 0.1)", path, ".1f")
+
+
+def retrieval_heatmap(accuracy, queries, depth_edges, lengths, mean: float, path: Path, title: str = "") -> Path:
+    """Heatmap of key/value retrieval accuracy [depth bins][lengths] (None: no query in the cell),
+    each cell with its number of queries."""
+    acc = np.array([[np.nan if a is None else a for a in row] for row in accuracy], dtype=float)
+    rows = [f"{100 * lo:g}-{100 * hi:g}%" for lo, hi in zip(depth_edges, depth_edges[1:])]
+    return _accuracy_heatmap(acc, rows, [_length_label(n) for n in lengths], "depth of the key's statement",
+                             f"{title}\nkey/value retrieval, mean accuracy {mean:.2f}".strip(), "accuracy", path,
+                             ".2f", notes=[[f"n={n}" for n in row] for row in queries])
 
 
 def position_loss_plot(buckets: list[dict], overall: float, path: Path, log_x: bool = False, title: str = "",

@@ -1,8 +1,9 @@
 """Load a trained checkpoint and run its model for evaluation, on one device or across a CP group.
 
 `ModelRunner` is the only evaluation code that touches devices and process groups; the
-evaluations themselves (`passkey`, `position_loss`) see two plain functions:
-`last_logits(tokens [B, N]) -> [B, V]` and `token_losses(batch [B, N + 1]) -> [B, N]`.
+evaluations themselves (`passkey`, `position_loss`, `retrieval`) see plain functions:
+`last_logits(tokens [B, N]) -> [B, V]`, `token_losses(batch [B, N + 1]) -> [B, N]` and
+`next_token_argmax(tokens [B, N], positions [P]) -> [B, P]`.
 
 Under context parallelism (`torchrun --nproc-per-node W`, cp_degree W) every rank holds the
 whole prompt, keeps its zigzag shard (chunks r and 2W-1-r) and runs ring attention for the
@@ -107,6 +108,35 @@ class ModelRunner:
             last = last.contiguous()
             dist.broadcast(last, src=dist.get_global_rank(self.cp_group, 0), group=self.cp_group)
         return last.cpu()
+
+    def next_token_argmax(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Argmax over the vocabulary [B, P] (int64, on CPU) of the logits at global `positions` [P] of
+        tokens [B, N]: the token each position predicts next. The same on every rank."""
+        n = tokens.shape[1]
+        local = zigzag_positions(n, self.cp_degree, self.cp_rank) if self.cp_degree > 1 else torch.arange(n)
+        index_of = torch.full((n,), -1, dtype=torch.long)
+        index_of[local] = torch.arange(len(local))
+        local_index = index_of[positions]  # [P]: index in this rank's shard, -1 where another rank holds it
+        mine = local_index >= 0
+
+        # The output head sees only the hidden states of the positions asked for, so that the logits
+        # are [B, P_local, V], not the whole shard's [B, N_local, V] (at 64K tokens and a 50K
+        # vocabulary, 13 GB in fp32). The model taking output positions itself would spare the hook.
+        def select(head, args):
+            return (args[0][:, local_index[mine].to(args[0].device)], *args[1:])
+
+        hook = self.model.output.register_forward_pre_hook(select)
+        try:
+            predicted = self._forward(tokens).argmax(dim=-1).cpu()  # [B, P_local]
+        finally:
+            hook.remove()
+        result = torch.full((tokens.shape[0], len(positions)), -1, dtype=torch.long)  # [B, P]
+        result[:, mine] = predicted
+        if self.cp_degree > 1:
+            result = result.to(self.device)
+            dist.all_reduce(result, op=dist.ReduceOp.MAX, group=self.cp_group)  # each position: its rank's id
+            result = result.cpu()
+        return result
 
     def token_losses(self, batch: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy [B, N] (fp32, on CPU) of batch [B, N + 1]; the same on every rank."""

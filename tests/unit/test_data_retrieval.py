@@ -1,0 +1,181 @@
+"""`lh-data retrieval`: every query's answer stated earlier at the recorded place, exact lengths,
+determinism, filler of train and val kept apart, and one-line errors."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from lh_dist.data.cli import main
+from lh_dist.data.loader import PackedLoader
+from lh_dist.data.retrieval import (QUERY, STATEMENT, RetrievalGenerator, RetrievalSettings, dataset_generator,
+                                    encode_item, template_is_canonical)
+from lh_dist.data.shards import write_dataset
+from lh_dist.data.tokenizer import ByteTokenizer, load_tokenizer
+
+TOK = ByteTokenizer()
+SETTINGS = RetrievalSettings(doc_tokens=1024, keys=6, queries=4, min_gap=16, value_digits=3, seed=5)
+TAG = re.compile(r"# tag(\d+)\n")  # whole lines: a window may cut the first and the last
+
+
+@pytest.fixture(scope="module")
+def filler(tmp_path_factory):
+    """40 documents of numbered code-like lines; each line carries its document's tag."""
+    documents = [(f"doc{k}", "".join(f"x_{k}_{i} = compute({i})  # tag{k}\n" for i in range(60)))
+                 for k in range(40)]
+    out = tmp_path_factory.mktemp("filler") / "filler"
+    write_dataset(documents, out, TOK, source="test", val_fraction=0.25, log=lambda _: None)
+    return out
+
+
+def _split_tags(path, split):
+    from streaming import StreamingDataset
+
+    dataset = StreamingDataset(local=str(path), split=split)
+    text = "".join(TOK.decode(dataset[i]["tokens"]) for i in range(dataset.num_samples))
+    return {int(t) for t in TAG.findall(text)}
+
+
+def _item_text(pieces, key, value):
+    return "".join(key if p == "{key}" else value if p == "{value}" else p for p in pieces)
+
+
+@pytest.mark.parametrize("length", [1024, 700, 3000])
+def test_queries_follow_their_statements_at_the_recorded_positions(filler, length):
+    generator = RetrievalGenerator(SETTINGS, filler, "train")
+    for index in range(5):
+        document = generator.document(index, length)
+        tokens = document.tokens
+        assert tokens.shape == (length,) and tokens.dtype == np.int64 and TOK.eod_id not in tokens
+        assert len(document.statements) == 6 and sum(s.queried for s in document.statements) == 4
+        assert len({s.key for s in document.statements}) == 6 and len(document.queries) == 4
+        for s in document.statements:
+            text = _item_text(STATEMENT, s.key, s.value)
+            assert TOK.decode(tokens[s.start:s.start + len(text)]) == text
+            assert TOK.decode(tokens[s.value_start:s.value_start + 3]) == s.value
+        statements = {s.key: s for s in document.statements}
+        for q in document.queries:
+            stated = statements[q.key]
+            assert stated.queried and stated.start == q.statement_start and q.value == stated.value
+            text = _item_text(QUERY, q.key, q.value)
+            assert TOK.decode(tokens[q.start:q.start + len(text)]) == text
+            # The answer's ids are the stated value's ids, and at least min_gap filler tokens lie between.
+            answer = tokens[q.answer_start:q.answer_start + len(q.answer)]
+            assert tuple(answer) == q.answer == tuple(tokens[stated.value_start:stated.value_start + len(q.answer)])
+            assert q.start - (stated.start + len(_item_text(STATEMENT, q.key, q.value))) >= SETTINGS.min_gap
+    generator.close()
+
+
+def test_distances_cover_every_octave(filler):
+    generator = RetrievalGenerator(SETTINGS, filler, "val")
+    distances = np.array([q.distance for i in range(60) for q in generator.document(i, 3000).queries])
+    generator.close()
+    # Gaps are log-uniform over [16, ~2,700] filler tokens, about 7 octaves with 240 / 7 = 34 queries each
+    # (binomial sd 5.4). A distance adds the statement (27 tokens) and the moves to line starts (up to a
+    # 40-token line each way), which lifts the shortest gaps into 64-128.
+    counts = np.histogram(distances, bins=[64, 128, 256, 512, 1024, 2048])[0]
+    assert (counts >= 20).all(), counts
+    assert distances.min() >= 16 + 27 and distances.max() > 2048
+
+
+def test_documents_are_deterministic_and_streams_differ(filler):
+    train, val = RetrievalGenerator(SETTINGS, filler, "train"), RetrievalGenerator(SETTINGS, filler, "train")
+    other_seed = RetrievalGenerator(RetrievalSettings(**{**vars(SETTINGS), "seed": 6}), filler, "train")
+    held_out = RetrievalGenerator(SETTINGS, filler, "val")
+    a = train.document(2)
+    assert np.array_equal(a.tokens, val.document(2).tokens) and a.queries == val.document(2).queries
+    for different in (train.document(3), other_seed.document(2), held_out.document(2)):
+        assert not np.array_equal(a.tokens, different.tokens)
+        assert {s.key for s in a.statements} != {s.key for s in different.statements}
+    for generator in (train, val, other_seed, held_out):
+        generator.close()
+
+
+def test_train_and_val_documents_share_no_filler(filler):
+    train_tags, val_tags = _split_tags(filler, "train"), _split_tags(filler, "val")
+    assert train_tags and val_tags and not train_tags & val_tags
+    for split, tags in (("train", train_tags), ("val", val_tags)):
+        generator = RetrievalGenerator(SETTINGS, filler, split)
+        seen = {int(t) for i in range(20) for t in TAG.findall(TOK.decode(generator.document(i).tokens))}
+        generator.close()
+        assert seen <= tags and len(seen) > 1
+
+
+def test_items_start_lines_of_the_filler(filler):
+    generator = RetrievalGenerator(SETTINGS, filler, "val")
+    document = generator.document(0)
+    generator.close()
+    # Every filler line is at most 40 tokens, so every item finds a line start within MAX_SNAP.
+    starts = [s.start for s in document.statements] + [q.start for q in document.queries]
+    assert all(p == 0 or document.tokens[p - 1] == ord("\n") for p in starts)
+
+
+def _hf_tokenizer(tmp_path, kind):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = byte_level if kind == "gpt2" else pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), byte_level])
+    tok.decoder = decoders.ByteLevel()
+    rng = np.random.default_rng(0)
+    # Text rich in the templates' pieces, so that BPE learns merges across their boundaries if it can.
+    corpus = [_item_text(STATEMENT, f"kv-{rng.integers(16 ** 6):06x}", f"{rng.integers(10 ** 6):06d}")
+              + _item_text(QUERY, f"kv-{rng.integers(16 ** 6):06x}", f"{rng.integers(10 ** 6):06d}")
+              + "    return value\n" for _ in range(300)]
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=600, special_tokens=["</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path = tmp_path / f"{kind}.json"
+    tok.save(str(path))
+    return load_tokenizer(str(path))
+
+
+@pytest.mark.parametrize("kind", ["byte", "gpt2", "digits"])
+def test_value_tokens_are_the_same_in_statement_and_query(tmp_path, kind):
+    tokenizer = TOK if kind == "byte" else _hf_tokenizer(tmp_path, kind)
+    assert template_is_canonical(tokenizer)
+    for key, value in (("kv-3f9a2c", "481516"), ("kv-000aaa", "1"), ("kv-ffffff", "999999999")):
+        assert template_is_canonical(tokenizer, key, value)
+        stated, s_at, s_len = encode_item(tokenizer, STATEMENT, key, value)
+        asked, q_at, q_len = encode_item(tokenizer, QUERY, key, value)
+        assert stated[s_at:s_at + s_len] == asked[q_at:q_at + q_len] == tokenizer.encode(value).tolist()
+        if kind == "digits":
+            assert s_len == len(value)
+
+
+def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
+    out = tmp_path / "retrieval"
+    assert main(["retrieval", "--out", str(out), "--filler", str(filler), "--doc-tokens", "1,024",
+                 "--train-docs", "5", "--val-docs", "3", "--keys", "6", "--queries", "4", "--min-gap", "16",
+                 "--value-digits", "3", "--seed", "5", "--shard-size", "4096"]) == 0
+    info = json.loads((out / "lh_data.json").read_text())
+    assert info["splits"] == {"train": {"documents": 5, "tokens": 5 * 1024},
+                              "val": {"documents": 3, "tokens": 3 * 1024}}
+    assert (info["tokenizer"], info["eod_id"], info["vocab_size"], info["min_doc_tokens"]) == ("byte", 256, 257, 1024)
+    recorded = info["retrieval"]
+    assert RetrievalSettings.from_info(info) == SETTINGS and recorded["filler"] == str(filler.resolve())
+    assert recorded["statement"] == _item_text(STATEMENT, "{key}", "{value}")
+    # A loader at seq_len = doc-tokens gives one whole document per sample, then its end-of-document token.
+    loader = PackedLoader(str(out), "val", seq_len=1024, micro_batch=1, dp_rank=0, dp_degree=1, seed=0)
+    generator = dataset_generator(out, "val")
+    for i in range(3):
+        assert np.array_equal(loader.packed_sample(i), np.append(generator.document(i).tokens, 256))
+    loader.close()
+    generator.close()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--doc-tokens", "20000"], "split 'val' has 16,384 tokens, fewer than a 20,000-token document needs"),
+    (["--doc-tokens", "300"], "a document of 300 tokens cannot hold 32 statements, 16 queries and a gap of 64"),
+    (["--keys", "4"], "queries must not exceed keys (one query per key), got 16 > 4"),
+    (["--filler", "MISSING"], "filler dataset not found"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(filler, tmp_path, capsys, options, message):
+    out = tmp_path / "out"
+    argv = ["retrieval", "--out", str(out), "--filler", str(filler), "--doc-tokens", "2048", "--train-docs", "2"]
+    argv += [str(tmp_path / "missing") if o == "MISSING" else o for o in options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and err.startswith("lh-data: error: ")
+    assert not out.exists()
