@@ -68,8 +68,8 @@ def test_offloading_gives_exactly_the_same_loss_and_gradients(mode, phase, compi
 def test_each_block_input_and_nothing_else_goes_to_host_memory(compiled, request, monkeypatch):
     if compiled:
         request.getfixturevalue("compile_without_codegen")
-    model, cfg = _model("lighthouse", "parallel.activation_checkpointing=full", f"parallel.compile={str(compiled).lower()}",
-                        "parallel.activation_offload=cpu")
+    model, cfg = _model("lighthouse", "parallel.activation_checkpointing=full",
+                        f"parallel.compile={str(compiled).lower()}", "parallel.activation_offload=cpu")
     offload = model.activation_offload
     inputs, packed, unpacked = [], [], []
     for layer in model.layers:  # the block inputs, as the model passes them
