@@ -5,6 +5,7 @@ parallelism would make of it on paper.
     python benchmarks/scaling.py --budget-s 540         # stops starting cells before 9 minutes; run it again
                                                         # to continue: measured cells are kept and skipped
     python benchmarks/scaling.py --report-only          # tables, fits and plot again from the JSON
+    python benchmarks/scaling.py --project lighthouse-1m:1048576=6.64   # CP projection of a one-GPU step
     python benchmarks/scaling.py --device cpu --tiny --in-process --set parallel.compile=false \\
         --seq-lens 1024,2048,4096 --offload-from 2048 --out /tmp/scaling   # a CPU check of the script
 
@@ -194,29 +195,38 @@ def child_main(args) -> int:
 # ------------------------------------------------------------------ fits and comparisons
 
 
-def fit_step_time(ns, ts, intercept: bool = False) -> dict:
-    """Least-squares fit of step times t(N) = c + a N + b N^2 (c = 0 unless `intercept`) with
-    coefficients >= 0, in relative error (every point counts alike whatever its size): {"a", "b", "c"}."""
+def attention_pairs(cfg: TrainConfig) -> float:
+    """The attention work of a step in units of one layer's: the mean over layers of the squared
+    length each attends over (N for dense layers, the gathered S for Lighthouse ones). N^2 for dense."""
+    n, lh = cfg.data.seq_len, cfg.schedule.lighthouse_steps > 0
+    s = lighthouse_length(cfg) if lh else n
+    dense = dense_layer_ids(cfg) if lh else set(range(cfg.model.n_layers))
+    return sum(n * n if i in dense else s * s for i in range(cfg.model.n_layers)) / cfg.model.n_layers
+
+
+def fit_step_time(ns, ts, pairs=None) -> dict:
+    """Least-squares fit t(N) = a N + b P(N) of step times, P the attention work (`attention_pairs`;
+    N^2 when not given, so dense's a N + b N^2), with a, b >= 0 and in relative error (every point
+    counts alike whatever its size): {"a": s per token, "b": s per attended pair}."""
     ns, ts = np.asarray(ns, dtype=np.float64), np.asarray(ts, dtype=np.float64)
-    scale = ns.max()  # columns of comparable size keep the system well conditioned
-    columns = [ns / scale, (ns / scale) ** 2] + ([np.ones_like(ns)] if intercept else [])
-    design = np.stack(columns, axis=1) / ts[:, None]
-    # Non-negative least squares over so few terms: the best unconstrained fit of each subset of
-    # terms whose coefficients all come out >= 0.
-    best, best_err = np.zeros(len(columns)), math.inf
-    for mask in range(1, 1 << len(columns)):
-        keep = [j for j in range(len(columns)) if mask >> j & 1]
+    pairs = ns * ns if pairs is None else np.asarray(pairs, dtype=np.float64)
+    scale = np.array([ns.max(), pairs.max()])  # columns of order 1 keep the system well conditioned
+    design = np.stack([ns, pairs], axis=1) / scale / ts[:, None]
+    # Non-negative least squares over two terms: the best fit of both, or of one alone.
+    best, best_err = np.zeros(2), math.inf
+    for keep in ([0, 1], [0], [1]):
         coef, *_ = np.linalg.lstsq(design[:, keep], np.ones_like(ts), rcond=None)
         err = float(np.sum((design[:, keep] @ coef - 1) ** 2))
-        if np.all(coef >= 0) and err < best_err:
-            best, best_err = np.zeros(len(columns)), err
+        if np.all(coef >= 0) and err < best_err - 1e-12:
+            best, best_err = np.zeros(2), err
             best[keep] = coef
-    return {"a": best[0] / scale, "b": best[1] / scale**2, "c": best[2] if intercept else 0.0}
+    a, b = best / scale
+    return {"a": float(a), "b": float(b)}
 
 
-def fitted(fit: dict, n: float) -> float:
-    """The fit's step time at n tokens."""
-    return fit["c"] + fit["a"] * n + fit["b"] * n * n
+def fitted(fit: dict, n: float, pairs: float | None = None) -> float:
+    """The fit's step time at n tokens (pairs: the attention work there; n^2 when not given)."""
+    return fit["a"] * n + fit["b"] * (n * n if pairs is None else pairs)
 
 
 def crossover(ns, dense_s, other_s) -> dict:
@@ -238,19 +248,26 @@ def ok_rows(rows: list[dict], series: str) -> list[dict]:
     return sorted((r for r in rows if r["series"] == series and r["status"] == "ok"), key=lambda r: r["n"])
 
 
-def analyse(rows: list[dict], grid: list[int]) -> dict:
-    """Fits, dense extrapolation, crossovers and the ratio at 1M, from the measured rows."""
+def _pairs(args, series: str, n: int) -> float | None:
+    try:
+        return attention_pairs(cell_config(args, series, n))
+    except ConfigError:  # this N does not tile for the series' Lighthouse
+        return None
+
+
+def analyse(args, rows: list[dict]) -> dict:
+    """Fits (a N + b P(N) per series), dense extrapolated over the grid and 1M, the crossovers
+    and the ratio at 1M, from the measured rows."""
     out = {"fits": {}, "extrapolated": [], "crossover": {}, "ratio_at_1m": {}}
+    for series in sorted({r["series"] for r in rows}):
+        points = [(r["n"], r["step_s"], _pairs(args, series, r["n"])) for r in ok_rows(rows, series)]
+        points = [p for p in points if p[2] is not None]
+        if len(points) >= 2:
+            out["fits"][series] = fit_step_time(*zip(*points))
     dense = ok_rows(rows, "dense")
-    if len(dense) >= 2:
-        out["fits"]["dense"] = fit_step_time([r["n"] for r in dense], [r["step_s"] for r in dense])
-    for series in {r["series"] for r in rows} - {"dense"}:
-        points = ok_rows(rows, series)
-        if len(points) >= 3:
-            out["fits"][series] = fit_step_time([r["n"] for r in points], [r["step_s"] for r in points], True)
     measured = {r["n"]: r["step_s"] for r in dense}
     if "dense" in out["fits"]:
-        for n in grid + ([MILLION] if MILLION not in grid else []):
+        for n in sorted(set(args.seq_lens) | {MILLION}):
             if n > max(measured):
                 t = fitted(out["fits"]["dense"], n)
                 out["extrapolated"].append({"series": "dense", "n": n, "step_s": t, "tokens_per_s": n / t})
@@ -355,36 +372,55 @@ def cp_step(step_s_1gpu: float, cfg: TrainConfig, cp: int, phase: str, exchange:
             "step_s": step, "tokens_per_s_per_gpu": n / (cp * step)}
 
 
-def cp_projection(args, rows: list[dict], analysis: dict, lengths=(MILLION, 4 * MILLION, 8 * MILLION),
-                  degrees=(1, 2, 4, 8)) -> list[dict]:
-    """`cp_step` for the measured series (dense with ring attention, the 1M flavor with both
-    exchanges) at `lengths` and CP `degrees`, from each series' one-GPU step: measured where
-    there is one, else its fit. Rows also estimate the memory per GPU from the one-GPU peaks."""
-    out = []
-    for series, phase, exchanges in (("dense", "dense", ("ring",)),
-                                     ("lighthouse-1m", "lighthouse", ("allgather", "ring"))):
+# What the projection covers: series, phase, Lighthouse exchanges; lengths and CP degrees.
+PROJECTED = (("dense", "dense", ("ring",)), ("lighthouse-1m", "lighthouse", ("allgather", "ring")))
+PROJECTED_LENGTHS, PROJECTED_DEGREES = (MILLION, 4 * MILLION, 8 * MILLION), (1, 2, 4, 8)
+
+
+def one_gpu_steps(args, rows: list[dict], analysis: dict) -> dict:
+    """{(series, N): (one-GPU step seconds, "measured" or "fit")} at the projected lengths."""
+    out = {}
+    for series, _, _ in PROJECTED:
+        measured = {r["n"]: r["step_s"] for r in ok_rows(rows, series)}
         fit = analysis["fits"].get(series)
-        measured = {r["n"]: r for r in ok_rows(rows, series)}
-        if fit is None and not measured:
-            continue
-        mem = [(r["n"], r["peak_mem_gib"]) for r in measured.values() if r.get("peak_mem_gib") is not None]
-        mem_fit = np.polyfit([m[0] for m in mem], [m[1] for m in mem], 1) if len(mem) >= 2 else None
-        for n in lengths:
+        for n in PROJECTED_LENGTHS:
+            pairs = _pairs(args, series, n)
             if n in measured:
-                t1, source = measured[n]["step_s"], "measured"
-            elif fit is not None:
-                t1, source = fitted(fit, n), "fit"
-            else:
+                out[series, n] = (measured[n], "measured")
+            elif fit is not None and pairs is not None:
+                out[series, n] = (fitted(fit, n, pairs), "fit")
+    return out
+
+
+def cp_projection(args, steps: dict, rows: list[dict] = ()) -> list[dict]:
+    """`cp_step` for each one-GPU step of `steps` ({(series, N): (seconds, source)}) at every CP
+    degree and Lighthouse exchange; with measured rows, also the memory per GPU: the one-GPU
+    peak at N / CP from a linear fit of the series' measured peaks."""
+    out = []
+    for series, phase, exchanges in PROJECTED:
+        mem = [(r["n"], r["peak_mem_gib"]) for r in ok_rows(list(rows), series) if r.get("peak_mem_gib")]
+        mem_fit = np.polyfit([m[0] for m in mem], [m[1] for m in mem], 1) if len(mem) >= 2 else None
+        for (name, n), (t1, source) in sorted(steps.items()):
+            if name != series:
                 continue
             cfg = cell_config(args, series, n)
             for exchange in exchanges:
-                for cp in degrees:
-                    est = cp_step(t1, cfg, cp, phase, exchange)
+                for cp in PROJECTED_DEGREES:
                     memory = float(np.polyval(mem_fit, n / cp)) if mem_fit is not None else None
                     out.append({"series": series, "exchange": exchange, "n": n, "cp": cp, "step_s_1gpu": t1,
-                                "source": source, "memory_gib_per_gpu": memory} | est)
+                                "source": source, "memory_gib_per_gpu": memory} | cp_step(t1, cfg, cp, phase, exchange))
     return out
 
+
+def projection_table(projection: list[dict]) -> list[str]:
+    """The markdown table of `cp_projection`'s rows."""
+    lines = ["| series | exchange | N | CP | 1-GPU step (s) | step (s) | exposed comm (s) | sent per GPU (GB) "
+             "| tokens/s per GPU | memory per GPU (GiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in projection:
+        lines.append(f"| {p['series']} | {p['exchange']} | {p['n']:,} | {p['cp']} | {p['step_s_1gpu']:.2f} "
+                     f"({p['source']}) | {p['step_s']:.2f} | {p['exposed_s']:.3f} | {p['comm_bytes'] / 1e9:.2f} | "
+                     f"{p['tokens_per_s_per_gpu']:,.0f} | {_fmt(p['memory_gib_per_gpu'], '.0f')} |")
+    return lines
 
 
 # ------------------------------------------------------------------ the grid
@@ -505,9 +541,9 @@ def report(args, data: dict) -> str:
                      f"{_fmt(r.get('first_step_s'), '.1f')} | {note} |")
     lines += ["", "## Fits and the crossover", ""]
     for series, fit in sorted(analysis["fits"].items()):
-        form = "a N + b N^2" if series == "dense" else "c + a N + b N^2"
-        lines.append(f"- {series}: step time t(N) = {form}, a = {fit['a']:.4g} s/token, b = {fit['b']:.4g} s/token^2"
-                     + (f", c = {fit['c']:.4g} s" if series != "dense" else "") + " (least squares, relative error)")
+        form = "a N + b N^2" if series == "dense" else "a N + b P(N), P the mean over layers of S^2 (N^2 if dense)"
+        lines.append(f"- {series}: step time t(N) = {form}; a = {fit['a']:.4g} s/token, b = {fit['b']:.4g} s/pair "
+                     f"(least squares in relative error)")
     for series, cross in sorted(analysis["crossover"].items()):
         if cross["n"] is None:
             lines.append(f"- {series}: not faster than dense at any N measured for both")
@@ -529,12 +565,7 @@ def report(args, data: dict) -> str:
                   f"(NVLink 4); ring steps hide behind attention at {net.attention_flops_per_s / 1e12:.0f} TFLOP/s; "
                   f"all-gathers and the ZeRO gradient exchange do not. Memory per GPU: the one-GPU peak at N / CP "
                   f"(a linear fit of the measured peaks). The assumptions are explained in docs/scaling.md.", "",
-                  "| series | exchange | N | CP | 1-GPU step (s) | step (s) | exposed comm (s) | sent per GPU (GB) "
-                  "| tokens/s per GPU | memory per GPU (GiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
-        for p in data["cp_projection"]:
-            lines.append(f"| {p['series']} | {p['exchange']} | {p['n']:,} | {p['cp']} | {p['step_s_1gpu']:.2f} "
-                         f"({p['source']}) | {p['step_s']:.2f} | {p['exposed_s']:.3f} | {p['comm_bytes'] / 1e9:.2f} | "
-                         f"{p['tokens_per_s_per_gpu']:,.0f} | {_fmt(p['memory_gib_per_gpu'], '.0f')} |")
+                  *projection_table(data["cp_projection"])]
     lines += ["", f"![tokens/s and memory against N]({args.name}.png)", ""]
     return "\n".join(lines)
 
@@ -582,8 +613,8 @@ def plot(args, data: dict, path: Path) -> None:
 
 def write_results(args, data: dict, with_plot: bool = True) -> None:
     """Analysis, JSON, markdown and (unless told not to) plot of what data holds now."""
-    data["analysis"] = analyse(data["rows"], list(args.seq_lens))
-    data["cp_projection"] = cp_projection(args, data["rows"], data["analysis"])
+    data["analysis"] = analyse(args, data["rows"])
+    data["cp_projection"] = cp_projection(args, one_gpu_steps(args, data["rows"], data["analysis"]), data["rows"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(data, indent=1))
@@ -592,7 +623,8 @@ def write_results(args, data: dict, with_plot: bool = True) -> None:
         plot(args, data, out / f"{args.name}.png")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked; --series and --seq-lens as lists."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/paper-270m-1m.yaml", help="model and parallel settings")
     parser.add_argument("--series", default=",".join(SERIES), help=f"comma-separated, of {', '.join(SERIES)}")
@@ -614,20 +646,40 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="measure every cell in this process")
     parser.add_argument("--fresh", action="store_true", help="forget the rows of an existing <name>.json")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from <name>.json")
+    parser.add_argument("--project", action="append", default=[], metavar="SERIES:N=SECONDS[,N=SECONDS...]",
+                        help="print the context-parallel projection of these one-GPU step times (series dense or "
+                             "lighthouse-1m) and exit; repeatable")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # SERIES@N: measure one cell (the child process)
     parser.add_argument("--name", default="scaling", help="output file stem")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
     args = parser.parse_args(argv)
-    if args.cell:
-        return child_main(args)
     args.series = args.series.split(",")
     unknown = [s for s in args.series if s not in SERIES]
     if unknown:
         parser.error(f"--series: {', '.join(unknown)} not among {', '.join(SERIES)}")
     args.seq_lens = sorted(int(n) for n in args.seq_lens.split(","))
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available() and not args.report_only:
+    args.steps_given = {}
+    for spec in args.project:
+        series, _, points = spec.partition(":")
+        if series not in [p[0] for p in PROJECTED] or not points:
+            parser.error(f"--project {spec}: expected dense:N=SECONDS or lighthouse-1m:N=SECONDS[,N=SECONDS...]")
+        for point in points.split(","):
+            n, _, seconds = point.partition("=")
+            args.steps_given[series, int(n)] = (float(seconds), "given")
+    needs_gpu = not (args.cell or args.project or args.report_only)
+    if needs_gpu and args.device == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --device cpu)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.cell:
+        return child_main(args)
+    if args.steps_given:
+        print("\n".join(projection_table(cp_projection(args, args.steps_given))))
+        return 0
+    device = torch.device(args.device)
     path = Path(args.out) / f"{args.name}.json"
     data = {"runs": [], "rows": []}
     if path.exists() and not args.fresh:

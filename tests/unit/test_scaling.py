@@ -16,23 +16,40 @@ import scaling  # noqa: E402
 from lh_dist.config import load_config  # noqa: E402
 
 GRID = list(scaling.SEQ_LENS)
+MILLION = scaling.MILLION
 
 
-@pytest.mark.parametrize("intercept", [False, True])
-def test_a_fit_of_exact_data_recovers_its_coefficients(intercept):
-    a, b, c = 3.1e-6, 2.7e-12, (1.25 if intercept else 0.0)
-    fit = scaling.fit_step_time(GRID, [c + a * n + b * n * n for n in GRID], intercept=intercept)
+def test_a_fit_of_exact_data_recovers_its_coefficients():
+    a, b = 3.1e-6, 2.7e-12
+    fit = scaling.fit_step_time(GRID, [a * n + b * n * n for n in GRID])
     # Exact data: the least-squares residual is zero and only float64 round-off remains (the
     # system is scaled to columns of order 1, so ~1e-16 relative, with margin).
-    assert fit["a"] == pytest.approx(a, rel=1e-9)
-    assert fit["b"] == pytest.approx(b, rel=1e-9)
-    assert fit["c"] == pytest.approx(c, rel=1e-9, abs=1e-12)
-    assert scaling.fitted(fit, 4 * GRID[-1]) == pytest.approx(c + a * 4 * GRID[-1] + b * 16 * GRID[-1] ** 2, rel=1e-9)
+    assert fit["a"] == pytest.approx(a, rel=1e-9) and fit["b"] == pytest.approx(b, rel=1e-9)
+    n = 4 * GRID[-1]
+    assert scaling.fitted(fit, n) == pytest.approx(a * n + b * n * n, rel=1e-12)
+
+
+def test_lighthouse_is_fitted_on_its_attention_work():
+    # The 1M flavor attends over S = N/64 + 49,152 in every layer: P(N) = S^2; two measured
+    # steps determine a and b, and a step at 8M follows.
+    cfg = load_config(REPO / "configs/paper-270m-1m.yaml")
+    ns = [262144, MILLION]
+    pairs = [scaling.attention_pairs(load_config(REPO / "configs/paper-270m-1m.yaml", [f"data.seq_len={n}"]))
+             for n in ns]
+    assert pairs == [(n // 64 + 49152) ** 2 for n in ns]
+    a, b = 4e-6, 5.7e-10
+    fit = scaling.fit_step_time(ns, [a * n + b * p for n, p in zip(ns, pairs)], pairs)
+    assert fit["a"] == pytest.approx(a, rel=1e-9) and fit["b"] == pytest.approx(b, rel=1e-9)
+    # With always-dense layers P mixes both: layers 0, 1, 28, 29 of 30 attend over N.
+    paper = load_config(REPO / "configs/paper-530m-98k.yaml")
+    s = scaling.lighthouse_length(paper)
+    assert scaling.attention_pairs(paper) == pytest.approx((4 * 98304**2 + 26 * s * s) / 30)
+    assert cfg.data.seq_len == MILLION
 
 
 def test_fits_never_have_negative_terms():
-    # Noisy times that fall with N at first would give a negative quadratic; the fit drops it instead.
-    fit = scaling.fit_step_time([1000, 2000, 4000], [3.0, 2.0, 3.0], intercept=True)
+    # Noisy times that fall with N at first would give a negative term; the fit drops it instead.
+    fit = scaling.fit_step_time([1000, 2000, 4000], [3.0, 2.0, 3.0])
     assert min(fit.values()) >= 0
 
 
@@ -57,7 +74,7 @@ def test_dense_is_extrapolated_from_its_fit_and_compared_at_1m():
     rows = [_row("dense", n, a * n + b * n * n) for n in GRID[:4]]  # measured up to 262,144
     rows += [_row("lighthouse-1m", n, 0.5 + 5e-6 * n) for n in GRID[3:]]
     rows += [{"series": "lighthouse-1m", "n": n, "status": "invalid"} for n in GRID[:3]]
-    analysis = scaling.analyse(rows, GRID)
+    analysis = scaling.analyse(scaling.parse_args(["--device", "cpu"]), rows)
     assert analysis["fits"]["dense"]["a"] == pytest.approx(a, rel=1e-9)
     assert [r["n"] for r in analysis["extrapolated"]] == GRID[4:]
     assert all(r["step_s"] == pytest.approx(a * r["n"] + b * r["n"] ** 2, rel=1e-9) for r in analysis["extrapolated"])
@@ -164,3 +181,13 @@ def test_the_budget_stops_starting_cells_and_a_rerun_continues(tmp_path, monkeyp
     data = _run(tmp_path, monkeypatch, fake, "--budget-s", "1000", "--seq-lens", "32768,65536,131072")
     assert sorted((r["series"], r["n"]) for r in data["rows"]) == sorted(
         (s, n) for s in ("dense", "lighthouse-1m") for n in (32768, 65536, 131072))
+
+
+def test_project_prints_the_projection_of_given_steps(capsys):
+    assert scaling.main(["--device", "cpu", "--project", "lighthouse-1m:1048576=6.6,4194304=24"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lighthouse-1m")]
+    assert len(rows) == 2 * 2 * 4  # lengths x exchanges x CP degrees
+    assert rows[0].startswith("| lighthouse-1m | allgather | 1,048,576 | 1 | 6.60 (given) | 6.60 | 0.000 | 0.00 | "
+                              "158,875 |")
+    with pytest.raises(SystemExit):
+        scaling.main(["--device", "cpu", "--project", "lighthouse-paper:1048576=6.6"])
