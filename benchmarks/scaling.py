@@ -6,6 +6,7 @@ parallelism would make of it on paper.
                                                         # to continue: measured cells are kept and skipped
     python benchmarks/scaling.py --report-only          # tables, fits and plot again from the JSON
     python benchmarks/scaling.py --project lighthouse-1m:1048576=6.64   # CP projection of a one-GPU step
+                                                        # (docs/scaling.md has the full command)
     python benchmarks/scaling.py --device cpu --tiny --in-process --set parallel.compile=false \\
         --seq-lens 1024,2048,4096 --offload-from 2048 --out /tmp/scaling   # a CPU check of the script
 
@@ -412,14 +413,18 @@ def cp_projection(args, steps: dict, rows: list[dict] = ()) -> list[dict]:
     return out
 
 
+GPU_MEMORY_GIB = 139  # what an H200 lets a process allocate
+
+
 def projection_table(projection: list[dict]) -> list[str]:
-    """The markdown table of `cp_projection`'s rows."""
+    """The markdown table of `cp_projection`'s rows (memory past an H200's marked)."""
     lines = ["| series | exchange | N | CP | 1-GPU step (s) | step (s) | exposed comm (s) | sent per GPU (GB) "
              "| tokens/s per GPU | memory per GPU (GiB) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in projection:
         lines.append(f"| {p['series']} | {p['exchange']} | {p['n']:,} | {p['cp']} | {p['step_s_1gpu']:.2f} "
                      f"({p['source']}) | {p['step_s']:.2f} | {p['exposed_s']:.3f} | {p['comm_bytes'] / 1e9:.2f} | "
-                     f"{p['tokens_per_s_per_gpu']:,.0f} | {_fmt(p['memory_gib_per_gpu'], '.0f')} |")
+                     f"{p['tokens_per_s_per_gpu']:,.0f} | {_fmt(p['memory_gib_per_gpu'], '.0f')}"
+                     f"{' (over an H200)' if (p['memory_gib_per_gpu'] or 0) > GPU_MEMORY_GIB else ''} |")
     return lines
 
 
@@ -649,6 +654,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--project", action="append", default=[], metavar="SERIES:N=SECONDS[,N=SECONDS...]",
                         help="print the context-parallel projection of these one-GPU step times (series dense or "
                              "lighthouse-1m) and exit; repeatable")
+    parser.add_argument("--memory", action="append", default=[], metavar="SERIES:N=GIB[,N=GIB...]",
+                        help="with --project: one-GPU peak memory at these N, for the memory per GPU column")
     parser.add_argument("--cell", help=argparse.SUPPRESS)  # SERIES@N: measure one cell (the child process)
     parser.add_argument("--name", default="scaling", help="output file stem")
     parser.add_argument("--out", default=str(REPO / "benchmarks/results"))
@@ -658,14 +665,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--series: {', '.join(unknown)} not among {', '.join(SERIES)}")
     args.seq_lens = sorted(int(n) for n in args.seq_lens.split(","))
-    args.steps_given = {}
-    for spec in args.project:
-        series, _, points = spec.partition(":")
-        if series not in [p[0] for p in PROJECTED] or not points:
-            parser.error(f"--project {spec}: expected dense:N=SECONDS or lighthouse-1m:N=SECONDS[,N=SECONDS...]")
-        for point in points.split(","):
-            n, _, seconds = point.partition("=")
-            args.steps_given[series, int(n)] = (float(seconds), "given")
+    args.steps_given, args.memory_given = {}, []
+    for flag, specs in (("--project", args.project), ("--memory", args.memory)):
+        for spec in specs:
+            series, _, points = spec.partition(":")
+            if series not in [p[0] for p in PROJECTED] or not points:
+                parser.error(f"{flag} {spec}: expected dense:N=VALUE or lighthouse-1m:N=VALUE[,N=VALUE...]")
+            for point in points.split(","):
+                n, _, value = point.partition("=")
+                if flag == "--project":
+                    args.steps_given[series, int(n)] = (float(value), "given")
+                else:
+                    args.memory_given.append({"series": series, "n": int(n), "status": "ok",
+                                              "peak_mem_gib": float(value)})
     needs_gpu = not (args.cell or args.project or args.report_only)
     if needs_gpu and args.device == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --device cpu)")
@@ -677,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cell:
         return child_main(args)
     if args.steps_given:
-        print("\n".join(projection_table(cp_projection(args, args.steps_given))))
+        print("\n".join(projection_table(cp_projection(args, args.steps_given, args.memory_given))))
         return 0
     device = torch.device(args.device)
     path = Path(args.out) / f"{args.name}.json"

@@ -184,10 +184,14 @@ def test_the_budget_stops_starting_cells_and_a_rerun_continues(tmp_path, monkeyp
 
 
 def test_project_prints_the_projection_of_given_steps(capsys):
-    assert scaling.main(["--device", "cpu", "--project", "lighthouse-1m:1048576=6.6,4194304=24"]) == 0
+    assert scaling.main(["--device", "cpu", "--project", "lighthouse-1m:1048576=6.6,4194304=24",
+                         "--memory", "lighthouse-1m:262144=27,1048576=94"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| lighthouse-1m")]
     assert len(rows) == 2 * 2 * 4  # lengths x exchanges x CP degrees
     assert rows[0].startswith("| lighthouse-1m | allgather | 1,048,576 | 1 | 6.60 (given) | 6.60 | 0.000 | 0.00 | "
-                              "158,875 |")
+                              "158,875 | 94 |")
+    # Memory per GPU: the one-GPU peak at N / CP on the line through the two given peaks.
+    assert rows[1].endswith(f"| {27 + 67 * (524288 - 262144) / (1048576 - 262144):.0f} |")
+    assert rows[8].endswith("| 362 (over an H200) |")  # 4M on one GPU
     with pytest.raises(SystemExit):
         scaling.main(["--device", "cpu", "--project", "lighthouse-paper:1048576=6.6"])
