@@ -9,9 +9,10 @@ compiled runs alike, while everything inside the block stays under the checkpoin
 The pack hook offloads only that tensor: the RoPE tables (shared by every block), the weights
 and, for `selective`, the attention outputs the checkpoint keeps stay where they are.
 
-Why not `torch.autograd.graph.save_on_cpu(pin_memory=True)`: it copies on the compute stream, so
-the forward waits for every copy; it brings a tensor back only when backward asks for it, so
-backward waits too; and it moves every saved tensor, weights included. Here, on a GPU:
+Why not `torch.autograd.graph.save_on_cpu(pin_memory=True)`: its copies run on the compute stream,
+in line with the kernels, so the GPU computes nothing while a block's input crosses PCIe; it brings
+a tensor back only when backward asks for it, so backward waits again; and it moves every saved
+tensor, the weights included. Here, on a GPU:
   - the device->host copy runs on a side stream, started as soon as the input is saved, once
     the compute stream has produced it (an event recorded when the block was entered);
   - the device tensor stays referenced until the compute stream has waited for the copy's
@@ -21,7 +22,8 @@ backward waits too; and it moves every saved tensor, weights included. Here, on 
   - when backward unpacks a block's input, the side stream already starts bringing back the
     input of the block whose backward comes next (the previous block), into memory allocated on
     the compute stream, and the compute stream waits for that copy's event only when it needs it.
-The input of the last block never leaves the device: its backward comes first.
+The last block's input is kept on the device as well (its host copy goes unread): its backward
+comes first.
 On the CPU the pack hook makes a plain copy (nothing to gain, but the path is the same).
 """
 
@@ -108,7 +110,8 @@ class ActivationOffload:
         if self._saved and all(ref() is None for ref in self._saved):
             self._saved = []  # every earlier input was released: a new forward
         with torch.no_grad():
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+            # The same strides: a compiled block's backward expects its saved input laid out as traced.
+            host = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, pin_memory=t.is_cuda)
             record = _Offloaded(len(self._saved), t.device, host)
             if t.is_cuda:
                 stream = self._side_stream(t.device)
@@ -145,12 +148,15 @@ class ActivationOffload:
         compute = torch.cuda.current_stream(record.device)
         # Allocated on the compute stream, which frees it after use: the side stream must not
         # write into it before the compute stream is done with the memory's previous tenant.
-        fetched = torch.empty(record.host.shape, dtype=record.host.dtype, device=record.device)
+        host = record.host
+        fetched = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=record.device)
         stream = self._side_stream(record.device)
         stream.wait_stream(compute)
         with torch.cuda.stream(stream):
-            fetched.copy_(record.host, non_blocking=True)
+            fetched.copy_(host, non_blocking=True)
             record.loaded = stream.record_event()
+        # Should backward never ask for it, its memory is not reused before the copy ends.
+        fetched.record_stream(stream)
         record.fetched = fetched
 
     def _unpack(self, packed):

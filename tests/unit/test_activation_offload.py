@@ -16,8 +16,9 @@ from lh_dist.config import ConfigError, load_config
 from lh_dist.runtime.build import build_model, set_phase
 from lh_dist.runtime.offload import ActivationOffload, _Offloaded
 
+# In the Lighthouse phase layer 0 stays dense: both kinds of attention run.
 SMALL = ["model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
-         "model.vocab_size=64", "data.seq_len=1024", "lighthouse.levels=2", "lighthouse.pooling=2",
+         "model.vocab_size=64", "data.seq_len=512", "lighthouse.levels=2", "lighthouse.pooling=2",
          "lighthouse.topk=256", "lighthouse.dense_layers=[0]", "parallel.cp_degree=1", "model.attention_backend=math"]
 LAYERS = 3
 
@@ -48,9 +49,8 @@ def _loss_and_grads(model, cfg, device="cpu"):
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("phase", ["dense", "lighthouse"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
-def test_offloading_gives_exactly_the_same_loss_and_gradients(mode, phase, compiled, request):
+def test_offloading_gives_exactly_the_same_loss_and_gradients(mode, compiled, request, phase="lighthouse"):
     # The host copy is exact and backward gets it back unchanged, so nothing may differ by a bit.
     if compiled:
         request.getfixturevalue("compile_without_codegen")
