@@ -2,8 +2,8 @@
 parallelism would make of it on paper.
 
     python benchmarks/scaling.py                        # every cell of the grid, each in a fresh process
-    python benchmarks/scaling.py --budget-s 540         # stops starting cells before 9 minutes; run it again
-                                                        # to continue: measured cells are kept and skipped
+    python benchmarks/scaling.py --budget-s 540         # starts no cell that would end after 9 minutes; run
+                                                        # it again to continue (measured cells are kept)
     python benchmarks/scaling.py --report-only          # tables, fits and plot again from the JSON
     python benchmarks/scaling.py --project lighthouse-1m:1048576=6.64   # CP projection of a one-GPU step
                                                         # (docs/scaling.md has the full command)
@@ -96,21 +96,28 @@ def _available_host_bytes() -> int:
     return 0
 
 
-def measure_cell(args, series: str, n: int) -> dict:
-    """Time one cell in this process; a row (status ok, oom, host-oom or invalid)."""
+def precheck(args, series: str, n: int) -> dict | None:
+    """The row of a cell that cannot run (status invalid or host-oom), found without running it."""
     row = {"series": series, "n": n}
     try:
         cfg = cell_config(args, series, n)
     except ConfigError as e:
         return row | {"status": "invalid", "error": str(e)}
-    if cfg.schedule.lighthouse_steps:
-        row["gathered_length"] = lighthouse_length(cfg)
-    device = torch.device(args.device)
-    if cfg.parallel.activation_offload != "none" and device.type == "cuda":
+    if cfg.parallel.activation_offload != "none" and args.device == "cuda":
         need, available = offload_host_bytes(cfg), _available_host_bytes()
         if need > 0.9 * available:
             return row | {"status": "host-oom", "error": f"offloading needs {need / GiB:.0f} GiB of pinned host "
                                                          f"memory, {available / GiB:.0f} GiB available"}
+    return None
+
+
+def measure_cell(args, series: str, n: int) -> dict:
+    """Time one cell in this process; a row (status ok or oom)."""
+    cfg = cell_config(args, series, n)
+    row = {"series": series, "n": n}
+    if cfg.schedule.lighthouse_steps:
+        row["gathered_length"] = lighthouse_length(cfg)
+    device = torch.device(args.device)
     phase = "lighthouse" if cfg.schedule.lighthouse_steps else "dense"
     torch._dynamo.reset()  # each cell compiles from scratch, so its first step shows the cost
     gc.collect()
@@ -190,6 +197,7 @@ def child_main(args) -> int:
     row = measure_cell(args, series, int(n))
     row["host_rss_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
     print(json.dumps(row), flush=True)
+    torch.distributed.destroy_process_group()
     return 0
 
 
@@ -467,8 +475,9 @@ def predicted_cell_s(args, rows: list[dict], series: str, n: int) -> float:
     return max(setups, default=args.setup_s) + (1 + args.warmup + args.steps) * step
 
 
-def measure_grid(args, data: dict, write) -> None:
-    """Measure every cell of the grid not in data["rows"] yet, writing after each one."""
+def measure_grid(args, data: dict, write) -> bool:
+    """Measure every cell of the grid not in data["rows"] yet, writing after each one; False if
+    the wall-clock budget stopped it first."""
     start, rows = time.monotonic(), data["rows"]
     for series in args.series:
         for n in args.seq_lens:
@@ -479,22 +488,23 @@ def measure_grid(args, data: dict, write) -> None:
             if reason is not None:
                 print(f"scaling: {series} stops before N={n:,}: {reason}", flush=True)
                 break
-            elapsed = time.monotonic() - start
-            timeout = args.cell_timeout_s
-            if args.budget_s:
-                if elapsed + predicted_cell_s(args, rows, series, n) > args.budget_s:
-                    print(f"scaling: --budget-s {args.budget_s:g} reached before {series} at N={n:,}; run again "
-                          f"to continue", flush=True)
-                    return
-                timeout = min(timeout, args.budget_s - elapsed)
-            row = run_cell(args, series, n, timeout)
+            row = precheck(args, series, n)
             if row is None:
-                print(f"scaling: --budget-s {args.budget_s:g} ran out during {series} at N={n:,}; run again to "
-                      f"continue", flush=True)
-                return
+                elapsed, timeout = time.monotonic() - start, args.cell_timeout_s
+                if args.budget_s:
+                    if elapsed + predicted_cell_s(args, rows, series, n) > args.budget_s:
+                        print(f"scaling: --budget-s {args.budget_s:g} reached before {series} at N={n:,}",
+                              flush=True)
+                        return False
+                    timeout = min(timeout, args.budget_s - elapsed)
+                row = run_cell(args, series, n, timeout)
+                if row is None:
+                    print(f"scaling: --budget-s {args.budget_s:g} ran out during {series} at N={n:,}", flush=True)
+                    return False
             rows.append(row | {"run": len(data["runs"]) - 1})
             print(json.dumps(rows[-1]), flush=True)
             write()
+    return True
 
 
 # ------------------------------------------------------------------ the report
@@ -706,9 +716,12 @@ def main(argv: list[str] | None = None) -> int:
 
             init_distributed(device)
         # After each cell the JSON and the tables (a killed run keeps them); the plot at the end.
-        measure_grid(args, data, lambda: write_results(args, data, with_plot=False))
+        complete = measure_grid(args, data, lambda: write_results(args, data, with_plot=False))
     write_results(args, data)
     print(report(args, data))
+    if not args.report_only:
+        print("scaling: the grid is complete" if complete else
+              "scaling: the grid is not complete; run the same command again to continue", flush=True)
     return 0
 
 

@@ -157,9 +157,11 @@ def test_the_grid_stops_each_series_at_max_step_s_and_at_oom(tmp_path, monkeypat
     data = _run(tmp_path, monkeypatch, fake, "--max-step-s", "60")
     # Dense: 1e-10 N^2 s is 27.5 s at 524,288; 1,048,576 would take 110 s, so it is not started.
     assert [n for s, n in fake.calls if s == "dense"] == GRID[:5]
-    # Lighthouse: an OOM at 1M stops the series.
-    assert [n for s, n in fake.calls if s == "lighthouse-1m"] == GRID[:6]
-    assert {r["status"] for r in data["rows"]} == {"ok", "oom"}
+    # Lighthouse: the 1M flavor cannot tile N < 262,144 (recorded as invalid without running), and
+    # an OOM at 1M stops the series.
+    assert [n for s, n in fake.calls if s == "lighthouse-1m"] == GRID[3:6]
+    assert [r["n"] for r in data["rows"] if r["status"] == "invalid"] == GRID[:3]
+    assert {r["status"] for r in data["rows"]} == {"ok", "oom", "invalid"}
     # The dense steps beyond are extrapolated, and the report says so.
     assert [r["n"] for r in data["analysis"]["extrapolated"]] == GRID[5:]
     md = (tmp_path / "scaling.md").read_text()
@@ -195,3 +197,15 @@ def test_project_prints_the_projection_of_given_steps(capsys):
     assert rows[8].endswith("| 362 (over an H200) |")  # 4M on one GPU
     with pytest.raises(SystemExit):
         scaling.main(["--device", "cpu", "--project", "lighthouse-paper:1048576=6.6"])
+
+
+def test_cells_that_cannot_run_are_recorded_without_running(monkeypatch):
+    args = scaling.parse_args(["--device", "cuda", "--report-only"])  # no GPU needed to plan
+    assert scaling.precheck(args, "lighthouse-1m", 131072)["status"] == "invalid"
+    assert scaling.precheck(args, "lighthouse-1m", 262144) is None
+    # Offloading 30 layers of 2,097,152 x 1024 bf16 values needs 120 GiB of pinned host memory.
+    monkeypatch.setattr(scaling, "_available_host_bytes", lambda: 100 * 2**30)
+    row = scaling.precheck(args, "lighthouse-1m+offload", 2 * MILLION)
+    assert row == {"series": "lighthouse-1m+offload", "n": 2 * MILLION, "status": "host-oom",
+                   "error": "offloading needs 120 GiB of pinned host memory, 100 GiB available"}
+    assert scaling.precheck(args, "lighthouse-1m+offload", MILLION) is None  # 60 GiB
