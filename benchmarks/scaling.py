@@ -554,14 +554,14 @@ def report(args, data: dict) -> str:
         lines.append(f"| {r['n']:,} | {r['series']} | {r['status']} | {_fmt(r.get('step_s'), '.3f')} | "
                      f"{_fmt(r.get('tokens_per_s'))} | {_fmt(r.get('peak_mem_gib'), '.1f')} | {host} | "
                      f"{_fmt(r.get('first_step_s'), '.1f')} | {note} |")
-    lines += ["", "## Fits and the crossover", ""]
+    lines += ["", "## Fits and the crossover", "",
+              "Step time t(N) = a N + b P(N), P the mean over layers of the squared length each attends over "
+              "(N^2 for dense, so a N + b N^2; S^2 for Lighthouse layers); least squares in relative error.", ""]
     for series, fit in sorted(analysis["fits"].items()):
-        form = "a N + b N^2" if series == "dense" else "a N + b P(N), P the mean over layers of S^2 (N^2 if dense)"
-        lines.append(f"- {series}: step time t(N) = {form}; a = {fit['a']:.4g} s/token, b = {fit['b']:.4g} s/pair "
-                     f"(least squares in relative error)")
+        lines.append(f"- {series}: a = {fit['a']:.4g} s/token, b = {fit['b']:.4g} s/pair")
     for series, cross in sorted(analysis["crossover"].items()):
         if cross["n"] is None:
-            lines.append(f"- {series}: not faster than dense at any N measured for both")
+            lines.append(f"- {series}: not faster than dense at any N of the grid")
         elif cross["bound"] == "at or below":
             lines.append(f"- {series}: faster than dense already at N = {cross['n']:,.0f}, the smallest N of both")
         else:
