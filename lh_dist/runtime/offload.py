@@ -165,7 +165,7 @@ class ActivationOffload:
         record = packed
         if record.device.type != "cuda":
             return record.host
-        if record.on_device is not None:  # still held: the last blocks' inputs
+        if record.on_device is not None:  # still held: the last block's input
             x = record.on_device
             torch.cuda.current_stream(record.device).wait_event(record.copied)
             record.on_device = None
