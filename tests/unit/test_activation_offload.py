@@ -64,12 +64,18 @@ def test_offloading_gives_exactly_the_same_loss_and_gradients(mode, compiled, re
         assert torch.equal(g1, g0)
 
 
+ON_GPU = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs a CUDA GPU")])
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_GPU])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_each_block_input_and_nothing_else_goes_to_host_memory(compiled, request, monkeypatch):
-    if compiled:
+def test_each_block_input_and_nothing_else_goes_to_host_memory(compiled, device, request, monkeypatch):
+    if compiled and device == "cpu":
         request.getfixturevalue("compile_without_codegen")
     model, cfg = _model("lighthouse", "parallel.activation_checkpointing=full",
-                        f"parallel.compile={str(compiled).lower()}", "parallel.activation_offload=cpu")
+                        f"parallel.compile={str(compiled).lower()}", "parallel.activation_offload=cpu",
+                        device=device)
     offload = model.activation_offload
     inputs, packed, unpacked = [], [], []
     for layer in model.layers:  # the block inputs, as the model passes them
@@ -90,19 +96,19 @@ def test_each_block_input_and_nothing_else_goes_to_host_memory(compiled, request
 
     monkeypatch.setattr(offload, "_offload", spy_offload)
     monkeypatch.setattr(offload, "_unpack", spy_unpack)
-    _loss_and_grads(model, cfg)
+    _loss_and_grads(model, cfg, device)
 
     # One offload per block: its input, not the RoPE tables or the weights that are saved beside it.
     assert len(packed) == len(inputs) == LAYERS
     assert all(pair[0] is x for pair, x in zip(packed, inputs))
     for t, record in packed:
         host = record.wait_copied()
-        assert host.device.type == "cpu" and host.is_pinned() == t.is_cuda
+        assert host.device.type == "cpu" and host.is_pinned() == (device == "cuda")  # pinned for a GPU
         assert host.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()  # a copy, not the tensor
-        assert torch.equal(host, t)
+        assert torch.equal(host, t.cpu())
     # Backward asks for every block's input once, last block first, and gets the host copy's values.
     assert [pair[0] for pair in unpacked] == [pair[1] for pair in reversed(packed)]
-    assert all(torch.equal(x, r.host) for r, x in unpacked)
+    assert all(torch.equal(x.cpu(), r.host) for r, x in unpacked)
     block_bytes = cfg.data.seq_len * cfg.model.dim * 8  # [1, N, E] float64
     assert offload.peak_host_bytes == LAYERS * block_bytes
     del inputs, packed, unpacked, t, record, host  # what holds the graph, which holds the host copies
