@@ -10,7 +10,6 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lh_dist.config import ConfigError, load_config
 from lh_dist.runtime.build import build_model, set_phase
