@@ -1,9 +1,10 @@
 """parallel.activation_offload: each checkpointed block's input waits in host memory between its
 forward and its backward, and training computes exactly what it computes without offloading.
 
-CPU tests build the model as `build_model` builds it (both phases, Lighthouse on its reference path)
-in float64; with compile, torch.compile runs through AOT autograd without code generation
-(backend aot_eager, as tests/test_fast_step.py does). The `gpu` test runs the side-stream path.
+CPU tests build the model as `build_model` builds it, in the Lighthouse phase (layer 0 dense, so both
+attentions run; Lighthouse on its reference path), in float64; with compile, torch.compile runs through
+AOT autograd without code generation (backend aot_eager, as tests/test_fast_step.py does). The `gpu`
+tests run the side-stream path: pinned copies, events, prefetch, and the memory it frees.
 """
 
 from functools import partial
