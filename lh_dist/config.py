@@ -172,6 +172,9 @@ class ParallelConfig:
     # Recompute in backward: "full" every block's forward, "selective" all of it but attention
     # (whose outputs are kept), "none" nothing (fastest, most memory).
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # "cpu": what checkpointing keeps of each block, its input, waits in pinned host memory
+    # between the block's forward and its backward (copies overlapped with compute).
+    activation_offload: Literal["none", "cpu"] = "none"
     # torch.compile each block (fuses the elementwise work around the attention kernels).
     compile: bool = False
 
@@ -180,6 +183,8 @@ class ParallelConfig:
         _check(self.dp_degree >= 0, f"{p}.dp_degree", "0 (auto) or a positive integer", self.dp_degree)
         _check(self.cp_degree >= 1, f"{p}.cp_degree", "a positive integer", self.cp_degree)
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "one of 0, 1, 2, 3", self.zero_stage)
+        if self.activation_offload != "none" and self.activation_checkpointing == "none":
+            raise ConfigError(f"{p}.activation_offload needs {p}.activation_checkpointing full or selective")
 
 
 @dataclass(kw_only=True)

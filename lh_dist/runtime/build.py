@@ -1,5 +1,5 @@
-"""Build the model for a run: choose each layer's attention, then apply activation checkpointing
-and compile. This is the one place where the model meets parallelism."""
+"""Build the model for a run: choose each layer's attention, then apply activation checkpointing,
+activation offloading and compile. This is the one place where the model meets parallelism."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from lh_dist.config import TrainConfig
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import attention
+from lh_dist.runtime.offload import ActivationOffload
 
 PHASES = ("lighthouse", "dense")
 
@@ -69,7 +70,10 @@ def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 def _checkpointed(forward, mode: str):
     """`forward` recomputed in backward: every op ("full"), or all but attention ("selective")."""
-    options = {} if mode == "full" else {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention)}
+    # What "selective" keeps stays on the device, also under activation offloading's hooks
+    # (respect_saved_tensors_hooks=False: torch's legacy behaviour, said explicitly).
+    options = {} if mode == "full" else {"context_fn": partial(create_selective_checkpoint_contexts, _keep_attention),
+                                         "respect_saved_tensors_hooks": False}
 
     # A function of this module, not a partial of `checkpoint`: torch.compile starts tracing at
     # this frame and turns the checkpoint into one region of its graph (it does not trace a
@@ -82,23 +86,33 @@ def _checkpointed(forward, mode: str):
 
 def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
     """The run's Transformer: each layer's attention chosen (Lighthouse or dense, local or over
-    `cp_group`), blocks checkpointed as `parallel.activation_checkpointing` says, then compiled
-    block by block if `parallel.compile`. Weights are fp32 on the CPU; the caller moves them."""
+    `cp_group`), blocks checkpointed as `parallel.activation_checkpointing` says, their inputs
+    offloaded to host memory if `parallel.activation_offload` is "cpu", then compiled block by
+    block if `parallel.compile`. Weights are fp32 on the CPU; the caller moves them.
+    `model.activation_offload` is the `ActivationOffload` in use, or None."""
     dense_fn, lighthouse_fn = _attention_fns(cfg, cp_group)
     always_dense = dense_layer_ids(cfg)
     attention_fns = [PhasedAttention(dense_fn, None if i in always_dense else lighthouse_fn)
                      for i in range(cfg.model.n_layers)]
     model = Transformer(cfg.model, attention_fns)
     mode = cfg.parallel.activation_checkpointing
+    offload = ActivationOffload() if cfg.parallel.activation_offload == "cpu" else None
     for layer in model.layers:
         if mode != "none":
             # Activation memory falls from every block's intermediates to each block's input
             # (plus, for "selective", its attention outputs).
             layer.forward = _checkpointed(layer.forward, mode)
-        if cfg.parallel.compile:
+        if offload is not None:
+            # The block's input goes to host memory. The hooks that move it must stay outside the
+            # compiled region, so the block's forward is compiled, not the module's call around it.
+            forward = torch.compile(layer.forward) if cfg.parallel.compile else layer.forward
+            layer.forward = offload.wrap(forward)
+        elif cfg.parallel.compile:
             # The attention kernels are custom ops, so each block, checkpoint included, traces as
             # one graph and its norms, RoPE, SwiGLU and casts fuse around them.
             layer.compile()
+    # Read by benchmarks (host memory held); not a module, so not part of the state dict.
+    model.activation_offload = offload
     return model
 
 
