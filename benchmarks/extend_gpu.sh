@@ -6,13 +6,17 @@
 #
 #   bash benchmarks/extend_gpu.sh setup     # carry .whl/ and .extdata/: installs, keeps the corpus, loss benchmark
 #   bash benchmarks/extend_gpu.sh smola     # carry .smola/: keeps the first half
-#   bash benchmarks/extend_gpu.sh prepare   # carry .smolb/: rejoins, converts, lh-import, evaluates the original
+#   bash benchmarks/extend_gpu.sh prepare   # carry .smolb/ and .smolcfg/: rejoins, converts, lh-import, evaluates
 #   bash benchmarks/extend_gpu.sh train NAME FRACTION [extend.py train options and overrides...]
 #
 # .extdata/ is the corpus as `extend.py prepare` builds it, made on a CPU machine beforehand (tokenizing
 # takes minutes): `python benchmarks/extend.py prepare --hf DIR --work /tmp/extend/work --data
 # /tmp/extend/data` there, then copy /tmp/extend/data to .extdata/. The lh-import folder sits at the same
-# path on both machines, so the tokenizer the corpus records is found on either. Each part writes its
+# path on both machines, so the tokenizer the corpus records is found on either. .smolcfg/ holds the
+# folder's config.json, generation_config.json and tokenizer files as transformers 4.x writes them on
+# the CPU machine (the smollm2-parts.sh header's command): transformers 5 writes a config.json that
+# lh-import does not read (rope_parameters) and refuses save_pretrained for a GGUF-loaded model, so
+# on the GPU machine only the de-quantized weights are written, with safetensors. Each part writes its
 # results as .tar.gz files under $OUT (the device tool returns files at most two folders down).
 set -uo pipefail
 OUT=${OUT:-/tmp/extend_out}
@@ -48,11 +52,16 @@ prepare)
     need "$DATA/lh_data.json" "run the setup part first, on the same warm machine"
     cat /tmp/smol/gguf.part.aa .smolb/gguf.part.ab > "/tmp/smol/$GGUF" || exit 1
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .smolb/*.whl || exit 1
+    need .smolcfg/config.json "carry .smolcfg/"
+    rm -rf /tmp/smolhf && mkdir -p /tmp/smolhf && cp .smolcfg/* /tmp/smolhf/ || exit 1
     (cd /tmp/smol && python3 -c "
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-AutoTokenizer.from_pretrained('.', gguf_file='$GGUF').save_pretrained('/tmp/smolhf')
-AutoModelForCausalLM.from_pretrained('.', gguf_file='$GGUF', dtype=torch.bfloat16).save_pretrained('/tmp/smolhf')
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained('.', gguf_file='$GGUF', dtype=torch.bfloat16)
+# Tied embeddings: lm_head.weight is embed_tokens.weight, which the folder holds once.
+state = {k: v.contiguous() for k, v in model.state_dict().items() if k != 'lm_head.weight'}
+save_file(state, '/tmp/smolhf/model.safetensors', metadata={'format': 'pt'})
 ") 2>&1 | grep -v "de-quantizing" || exit 1
     python3 benchmarks/extend.py prepare --hf /tmp/smolhf --work "$WORK" --data "$DATA" --results "$RESULTS" || exit 1
     tar czf "$OUT/original.tar.gz" -C "$RESULTS" original

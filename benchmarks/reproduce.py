@@ -155,7 +155,8 @@ def train(args) -> Path:
         "name": args.name, "steps": steps, "lighthouse_steps": lighthouse_steps,
         "commit": _commit(), "hardware": _hardware(), "config": os.path.relpath(Path(args.config).resolve(), ROOT),
         "data": {k: data_info.get(k) for k in ("source", "splits", "content_sha256", "min_doc_tokens", "validation")},
-        "invocation": ["python", os.path.relpath(__file__, ROOT), *sys.argv[1:]],
+        # The script the user ran (extend.py runs this function too).
+        "invocation": ["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]],
         "commands": {"train": train_cmd, "eval_loss": loss_cmd, "eval_passkey": passkey_cmd},
         "train_started": started, "wall_s": {"train": train_s, "eval_loss": loss_s, "eval_passkey": passkey_s,
                                              "total": time.time() - started},
@@ -195,12 +196,12 @@ def _series(run: dict, tag: str) -> list[list[float]]:
     return run["scalars"][tag]
 
 
-def summarize(run: dict, baseline: dict | None = None, base: dict | None = None) -> dict:
+def summarize(run: dict, baseline: dict | None = None, base: dict | None = None, last: int = 3) -> dict:
     """The numbers the report states for one run; with the baseline run and its own summary `base`,
-    also the comparison with it."""
+    also the comparison with it. The final validation loss is the mean of the `last` evaluations."""
     val = _series(run, "val/loss")  # [[step, wall, value]]
     k, t0 = run["lighthouse_steps"], run["train_started"]
-    final = sum(v for _, _, v in val[-3:]) / len(val[-3:])
+    final = sum(v for _, _, v in val[-last:]) / len(val[-last:])
     s = {"name": run["name"], "lighthouse_steps": k, "steps": run["steps"], "final_val": final,
          "train_wall_s": run["wall_s"]["train"], "eval_loss": run["loss_eval"]["loss"],
          "passkey_mean": run["passkey_eval"]["mean"]}

@@ -142,16 +142,18 @@ def test_offload_config_errors_are_one_line(capsys):
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_offloading_on_a_gpu_is_exact_and_frees_the_block_inputs(mode, compiled):
-    # Copies on the side stream, events, prefetch: a missing wait would show as wrong gradients.
+    # Copies on the side stream, events, prefetch: a missing wait would show as wrong gradients. CUDA's
+    # backward kernels are not bitwise reproducible (atomic sums), so offloading must change the
+    # gradients by no more than a second run without it does.
     n, dim, layers = 8192, 256, 6
     over = [f"model.dim={dim}", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_hidden=512",
             f"model.n_layers={layers}", f"data.seq_len={n}", f"parallel.activation_checkpointing={mode}",
             f"parallel.compile={str(compiled).lower()}"]
     peaks, results = {}, {}
-    for offload in ("none", "cpu"):
+    for offload in ("none", "cpu", "none again"):
         torch._dynamo.reset()
-        model, cfg = _model("dense", *over, f"parallel.activation_offload={offload}", dtype=torch.float32,
-                            device="cuda")
+        model, cfg = _model("dense", *over, f"parallel.activation_offload={offload.split()[0]}",
+                            dtype=torch.float32, device="cuda")
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -159,9 +161,10 @@ def test_offloading_on_a_gpu_is_exact_and_frees_the_block_inputs(mode, compiled)
         torch.cuda.synchronize()
         peaks[offload] = torch.cuda.max_memory_allocated() - base
         del model
-    assert torch.equal(results["cpu"][0], results["none"][0])
-    for g1, g0 in zip(results["cpu"][1], results["none"][1], strict=True):
-        assert torch.equal(g1, g0)
+    assert torch.equal(results["cpu"][0], results["none"][0])  # the forward is reproducible
+    for g1, g0, g2 in zip(results["cpu"][1], results["none"][1], results["none again"][1], strict=True):
+        # Twice the run-to-run spread: exact where the kernels happen to be (g2 == g0).
+        assert (g1 - g0).abs().max() <= 2 * (g2 - g0).abs().max()
     # Without offloading, backward of the last block starts with all 6 block inputs held; with it,
     # with the last block's input and the prefetched one: at least 3 fewer.
     block_bytes = n * dim * 4
