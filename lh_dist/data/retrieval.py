@@ -40,8 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from lh_dist.data.loader import PackedLoader, read_dataset_info
-from lh_dist.data.shards import (DATASET_INFO, FORMAT_VERSION, SPLITS, _prepare_output, _remove_dataset,
-                                 _SplitWriter)
+from lh_dist.data.shards import DATASET_INFO, FORMAT_VERSION, SPLITS, _SplitWriter, new_dataset
 from lh_dist.data.tokenizer import load_tokenizer
 
 STATEMENT = ('\nkeys["', "{key}", '"] = "', "{value}", '"\n')
@@ -346,16 +345,9 @@ def write_retrieval_dataset(
         if not template_is_canonical(tokenizer):
             log(f"lh-data: warning: tokenizer {tokenizer.spec!r} merges across the template's pieces; the "
                 "documents hold the piecewise ids, which differ from the ids of their text")
-        out = Path(out)
-        created = _prepare_output(out, overwrite)
-        try:
+        with new_dataset(Path(out), overwrite) as out:
             return _write(out, filler, filler_info, settings, generators, {"train": train_docs, "val": val_docs},
                           shard_size, log)
-        except BaseException:
-            _remove_dataset(out)
-            if created and not any(out.iterdir()):
-                out.rmdir()
-            raise
     finally:
         for generator in generators.values():
             generator.close()
@@ -381,6 +373,8 @@ def _write(out, filler, filler_info, settings, generators, counts, shard_size, l
         "vocab_size": filler_info["vocab_size"],
         "eod_id": filler_info["eod_id"],
         "dtype": dtype,
+        # The filler's tokenizer is this dataset's: lh-train compares it with an imported model's.
+        **({"tokenizer_identity": filler_info["tokenizer_identity"]} if "tokenizer_identity" in filler_info else {}),
         "source": f"retrieval:{filler}",
         "validation": {"documents": counts["val"]},
         "min_doc_tokens": settings.doc_tokens,

@@ -13,6 +13,7 @@ Layout of a dataset directory `OUT`:
 any shard. `lh_data.json` is written last: a directory without it is incomplete.
 """
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -107,11 +108,18 @@ def write_dataset(
         raise ValueError(f"max_docs must be >= 2 (one train and one val document), got {max_docs}")
     if min_doc_tokens < 1:
         raise ValueError(f"min_doc_tokens must be >= 1, got {min_doc_tokens}")
-    out = Path(out)
-    created = _prepare_output(out, overwrite)
-    try:
+    with new_dataset(Path(out), overwrite) as out:
         return _write(documents, out, tokenizer, source, val_tokens, val_fraction, min_doc_tokens, max_docs,
                       shard_size, log)
+
+
+@contextlib.contextmanager
+def new_dataset(out: Path, overwrite: bool):
+    """The folder of a dataset about to be written (checked, emptied with overwrite); if writing
+    fails, what was written is removed again, and the folder too if this call created it."""
+    created = _prepare_output(out, overwrite)
+    try:
+        yield out
     except BaseException:
         _remove_dataset(out)
         if created and not any(out.iterdir()):

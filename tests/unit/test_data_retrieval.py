@@ -153,6 +153,7 @@ def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
     assert info["splits"] == {"train": {"documents": 5, "tokens": 5 * 1024},
                               "val": {"documents": 3, "tokens": 3 * 1024}}
     assert (info["tokenizer"], info["eod_id"], info["vocab_size"], info["min_doc_tokens"]) == ("byte", 256, 257, 1024)
+    assert info["tokenizer_identity"] == json.loads((filler / "lh_data.json").read_text())["tokenizer_identity"]
     recorded = info["retrieval"]
     assert RetrievalSettings.from_info(info) == SETTINGS and recorded["filler"] == str(filler.resolve())
     assert recorded["statement"] == _item_text(STATEMENT, "{key}", "{value}")
