@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("cp_train_check", REPO / "benchmarks" / "cp_train_check.py")
 check = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = check  # its dataclasses look their module up there

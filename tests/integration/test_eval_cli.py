@@ -17,7 +17,7 @@ from lh_dist.eval.runner import ModelRunner
 from conftest import TINY_MODEL
 from spawn import spawn_ranks
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["parallel.cp_degree=1", *TINY_MODEL, "data.seq_len=256", "data.micro_batch=1", "schedule.steps=2",
         "schedule.warmup_steps=1", "schedule.decay=constant", "schedule.lighthouse_steps=2",
         "lighthouse.levels=2", "lighthouse.pooling=2", "lighthouse.topk=128", "lighthouse.dense_layers=[0]",

@@ -23,7 +23,7 @@ from lh_dist.runtime.build import build_model
 
 from conftest import SMALL_RUN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [*SMALL_RUN, "optim.grad_clip=0.5"]  # far below the first step's norm (about 2), so clipping acts
 STAGES = [0, 1, 2, 3]
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import SMALL_RUN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [*SMALL_RUN, "logging.eval_interval=100", "parallel.cp_degree=1"]
 
 

@@ -24,7 +24,7 @@ from lh_dist.train import run_dir as run_dir_module
 from lh_dist.train.checkpoint import Checkpointer, check_resume, check_resume_arg
 from lh_dist.train.run_dir import LOCK_NAME, RunDirError, RunLock, archive_previous_run, check_run_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = "mp_rank_00_model_states.pt"
 
 

@@ -15,7 +15,7 @@ from lh_dist.runtime.device import CPU_RANKS, choose_device, default_ranks_per_n
 
 from conftest import SMALL_RUN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [*SMALL_RUN, "logging.eval_interval=4", "checkpoint.interval=4"]
 
 
