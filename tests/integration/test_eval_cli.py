@@ -185,9 +185,3 @@ def test_bad_arguments_exit_with_a_clear_message(tiny_run, tmp_path, capsys, arg
     args = [str(tiny_run) if a == "RUN" else str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]
     assert main(args + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
-
-
-def test_malformed_lists_are_usage_errors(capsys):
-    with pytest.raises(SystemExit):
-        main(["passkey", "RUN", "--lengths", "4k"])
-    assert "--lengths must be comma-separated integers" in capsys.readouterr().err
