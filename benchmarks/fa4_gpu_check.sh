@@ -80,7 +80,7 @@ for dtype in (torch.bfloat16, torch.float16):
 print("versions:", a._flash_attn_version())
 print(f"self-check (import, compile, both dtypes) {time.perf_counter() - t:.1f} s; verdicts:", a._self_checks)'
     phase tests_flash_attn 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_flash_attn_gpu.py tests/test_flash_attn_selfcheck.py
+        tests/unit/test_flash_attn_gpu.py tests/unit/test_flash_attn_selfcheck.py
     phase bench_attention 150 python3 benchmarks/attention.py --backends cudnn flash_attn \
         --lengths 32768 131072 524288 --max-dense-length 131072 --iters 5 --suffix _fa4 \
         --commit "$commit" --out-dir "$OUT"
@@ -89,7 +89,7 @@ print(f"self-check (import, compile, both dtypes) {time.perf_counter() - t:.1f} 
         --name train_throughput_fa4 --commit "$commit" --out "$OUT"
     [ -n "${EXTRA:-}" ] && phase extra 150 bash -c "$EXTRA"
     phase tests_other 150 python3 -m pytest -q -p no:cacheprovider -m gpu \
-        tests/test_attention_ops.py tests/test_ring_attention.py
+        tests/unit/test_attention_ops.py tests/unit/test_ring_attention.py
     echo "== summary ($((SECONDS - T0))s)"
     cat "$OUT/summary.txt"
 }

@@ -1,7 +1,9 @@
-"""Test harness: run a function on several local processes joined by torch.distributed."""
+"""Test harness: run a function on several ranks joined by torch.distributed, as local processes
+(`spawn_ranks`) or as threads of the test process (`thread_ranks`)."""
 
 import datetime
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -37,3 +39,48 @@ def spawn_ranks(fn, world_size: int, *args, backend: str = "gloo", timeout_s: fl
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     mp.spawn(_worker, args=(world_size, free_port(), backend, timeout_s, fn, args), nprocs=world_size, join=True)
+
+
+def thread_ranks(fn, world_size: int, *args, timeout_s: float = 60.0) -> None:
+    """Call fn(rank, world_size, *args) on world_size threads of this process, joined by torch's
+    threaded process group (torch.testing's, as PyTorch's own tests use it).
+
+    It has the collectives (all_reduce, all_gather, reduce_scatter, new_group, ...) but no
+    point-to-point transfers: code that sends or receives needs `spawn_ranks`. An exception on
+    any rank is re-raised here.
+    """
+    from torch.testing._internal.distributed.multi_threaded_pg import (
+        ProcessLocalGroup,
+        _install_threaded_pg,
+        _uninstall_threaded_pg,
+    )
+
+    store = dist.HashStore()
+    errors = []
+
+    def run(rank):
+        dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
+        try:
+            fn(rank, world_size, *args)
+        except BaseException as error:  # noqa: BLE001  (re-raised in the caller's thread)
+            errors.append(error)
+            ProcessLocalGroup.exception_handle(error)  # wakes the ranks waiting in a collective
+        finally:
+            dist.destroy_process_group()
+
+    _install_threaded_pg()
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)  # each thread its own default group
+    try:
+        threads = [threading.Thread(target=run, args=(rank,), daemon=True) for rank in range(world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout_s)
+        if any(thread.is_alive() for thread in threads):
+            raise TimeoutError(f"a rank was still running after {timeout_s} s")
+    finally:
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+        _uninstall_threaded_pg()
+        ProcessLocalGroup.reset()
+    if errors:
+        raise errors[0]

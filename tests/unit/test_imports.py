@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Lowest first; a module belongs to its longest prefix here. A module may import modules of its own
 # package or of a lower layer. The kernels' argument rules (and what they name: the attention

@@ -1,4 +1,4 @@
-"""DP x CP layout: the pure plan, and the process groups on 4 gloo ranks."""
+"""DP x CP layout: the pure plan, and the process groups on 4 ranks (threads of this process)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.distributed as dist
 from lh_dist.config import ConfigError, load_config
 from lh_dist.parallel.mesh import init_parallel_layout, plan_layout, resolve_degrees
 
-from spawn import spawn_ranks
+from spawn import thread_ranks
 
 
 def test_plan_puts_cp_innermost():
@@ -43,7 +43,7 @@ def _check_groups(rank, world_size):
 
 
 def test_groups_on_four_ranks():
-    spawn_ranks(_check_groups, 4)
+    thread_ranks(_check_groups, 4)
 
 
 def _cfg(dp: int, cp: int):

@@ -28,36 +28,6 @@ def error_line(cmd: list[str]) -> str:
     return r.stderr.strip().splitlines()[-1]
 
 
-def test_bad_invocations_fail_before_any_work(tmp_path, stdlib_dataset, capsys):
-    """Errors found before training starts; `lh-train`'s main runs in this process (nothing is imported
-    from DeepSpeed or started before them)."""
-    from lh_dist.train.cli import main
-
-    def error(*args: str) -> str:
-        assert main(lh_train_cmd(run_dir, stdlib_dataset, *args)[3:]) == 2
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1, lines
-        return lines[0]
-
-    run_dir = tmp_path / "run"
-    binary = tmp_path / "config.bin"
-    binary.write_bytes(bytes(range(256)))
-    assert error("--config", str(binary)) == \
-        f"lh-train: config error: config file {binary} is not a text file (not UTF-8)"
-    (tmp_path / "file").write_text("x")
-    assert error(f"logging.run_dir={tmp_path / 'file'}") == \
-        f"lh-train: config error: logging.run_dir must be a directory, but itself is a file: {tmp_path / 'file'}"
-    other = tmp_path / "other"
-    (other / "checkpoints/.partial-step_00000004").mkdir(parents=True)
-    assert error("--resume", str(other)).endswith(
-        f"got '{other}' (a run directory: resume it with --resume auto and logging.run_dir set to it)")
-    partial = other / "checkpoints/.partial-step_00000004"
-    assert error("--resume", str(partial)).endswith(f"got '{partial}' (an incomplete save)")
-    assert error("--rewind") == "lh-train: config error: --rewind goes with --resume <checkpoint folder>"
-    assert error("--resume", "auto", "--overwrite").startswith("lh-train: config error: --overwrite goes with")
-    assert not run_dir.exists()
-
-
 def test_bad_data_is_named_in_one_line(tmp_path, stdlib_dataset):
     run_dir = tmp_path / "run"
     line = error_line(lh_train_cmd(run_dir, stdlib_dataset, "data.seq_len=8388608"))

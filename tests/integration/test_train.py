@@ -16,7 +16,7 @@ from lh_dist.train.loop import PREEMPTED_EXIT_CODE
 
 from conftest import SMALL_RUN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [*SMALL_RUN, "logging.eval_interval=5", "logging.eval_batches=2", "checkpoint.interval=5"]
 
 

@@ -1,16 +1,14 @@
 """Checkpoint manifests, walking back past torn checkpoints, rotation, rewinds, resume checks, the run-dir lock.
 
 These run in the test process with one rank. The engine is a stand-in with the two methods the
-checkpointer calls (it writes and reads one real file); tests/test_checkpoint_kills.py runs the
-same code under torchrun with DeepSpeed and kills it at every point of a save.
+checkpointer calls (it writes and reads one real file); tests/integration/test_checkpoint_kills.py runs
+the same code under torchrun with DeepSpeed and kills it at every point of a save, and
+tests/integration/test_run_lock.py holds the lock from another process.
 """
 
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ from lh_dist.train import run_dir as run_dir_module
 from lh_dist.train.checkpoint import Checkpointer, check_resume, check_resume_arg
 from lh_dist.train.run_dir import LOCK_NAME, RunDirError, RunLock, archive_previous_run, check_run_dir
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = "mp_rank_00_model_states.pt"
 
 
@@ -314,34 +312,6 @@ def test_run_dir_must_be_a_writable_directory(tmp_path):
         check_run_dir(tmp_path / "file" / "run")
     check_run_dir(tmp_path / "new" / "run")
     assert not (tmp_path / "new").exists()  # checking writes nothing
-
-
-def _hold_lock(run_dir: Path) -> subprocess.Popen:
-    script = ("import sys, time; from lh_dist.train.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
-              "print('locked', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "locked\n"
-    return proc
-
-
-def test_lock_refuses_a_second_training_and_takes_over_when_its_holder_is_gone(tmp_path):
-    run = tmp_path / "run"
-    proc = _hold_lock(run)
-    try:
-        holder = json.loads((run / LOCK_NAME).read_text())
-        assert holder["host"] == socket.gethostname() and holder["pid"] == proc.pid
-        with pytest.raises(RunDirError, match=f"run dir {run} is in use by another training \\(pid {proc.pid} on "
-                                              f"{socket.gethostname()}, since "):
-            RunLock(run).acquire()
-    finally:
-        proc.kill()
-        proc.wait()
-    lock = RunLock(run)
-    assert lock.acquire() == [f"removed the stale lock of pid {proc.pid} on {socket.gethostname()}, since "
-                              f"{holder['since']}: process {proc.pid} has ended"]
-    assert json.loads((run / LOCK_NAME).read_text())["id"] == lock.identity["id"]
-    lock.release()
-    assert not (run / LOCK_NAME).exists()
 
 
 def test_lock_of_another_host_is_stale_only_without_heartbeat_or_from_an_earlier_slurm_attempt(tmp_path,

@@ -1,8 +1,10 @@
-"""PackedLoader: packing, determinism, exact resume, DP/CP sharding on real ranks, errors."""
+"""PackedLoader: packing, determinism, exact resume, errors.
+
+tests/integration/test_data_loader_ranks.py reads it on two real ranks (DP and CP).
+"""
 
 import itertools
 import json
-import os
 import shutil
 
 import numpy as np
@@ -12,8 +14,6 @@ import torch
 from lh_dist.data.loader import CorruptDataError, PackedLoader, read_dataset_info
 from lh_dist.data.shards import FORMAT_VERSION, write_dataset
 from lh_dist.data.tokenizer import ByteTokenizer
-
-from spawn import spawn_ranks
 
 EOD = 256
 SEQ_LEN = 63
@@ -182,25 +182,3 @@ def test_rejects_bad_arguments(dataset, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE"):
         _loader(dataset)
-
-
-def _batches_on_rank(rank, world_size, path, out):
-    os.environ.update(LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
-    result = {}
-    for dp, cp in ((2, 1), (1, 2)):
-        loader = _loader(path, dp_rank=rank // cp, dp_degree=dp)  # CP innermost: a CP group shares its dp_rank
-        result[f"dp{dp}_cp{cp}"] = torch.stack([next(loader) for _ in range(4)])
-    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-
-
-def test_two_ranks_dp_get_different_cp_get_identical_samples(dataset, tmp_path):
-    spawn_ranks(_batches_on_rank, 2, str(dataset), str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    dp0, dp1 = ranks[0]["dp2_cp1"], ranks[1]["dp2_cp1"]
-    assert not any(torch.equal(a, b) for a, b in zip(dp0.flatten(0, 1), dp1.flatten(0, 1)))
-    # Interleaved, the two DP ranks' batches are the single-process global batches.
-    single = _loader(dataset, micro_batch=4)
-    assert all(torch.equal(torch.cat([a, b]), next(single)) for a, b in zip(dp0, dp1))
-    cp0, cp1 = ranks[0]["dp1_cp2"], ranks[1]["dp1_cp2"]
-    assert torch.equal(cp0, cp1)
-    assert torch.equal(cp0, torch.stack(list(itertools.islice(_loader(dataset), 4))))

@@ -20,7 +20,7 @@ from lh_dist.runtime.distributed import free_port
 
 from conftest import SMALL_RUN
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = [*SMALL_RUN, "logging.eval_interval=5", "logging.eval_batches=2", "checkpoint.interval=5"]
 
 pytestmark = [

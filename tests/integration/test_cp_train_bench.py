@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import TINY_MODEL
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_cp_train_benchmark_on_cpu_ranks(tmp_path):

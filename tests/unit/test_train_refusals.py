@@ -1,0 +1,61 @@
+"""What `lh-train` refuses before any work, checked in this process: bad invocations (one line, exit
+status 2, nothing written) and a validation split too short for the evaluations.
+tests/integration/test_train_errors.py meets the errors that need a real `lh-train` process."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import SMALL_RUN
+
+REPO = Path(__file__).resolve().parents[2]
+RUN = [*SMALL_RUN, "parallel.cp_degree=1", "logging.eval_interval=100", "checkpoint.interval=2", "schedule.steps=6"]
+
+
+def lh_train_args(run_dir: Path, data: Path, *args: str) -> list[str]:
+    return ["--config", str(REPO / "configs/tiny-cpu.yaml"), f"data.path={data}", f"logging.run_dir={run_dir}",
+            *RUN, *args]
+
+
+def test_bad_invocations_fail_before_any_work(tmp_path, stdlib_dataset, capsys):
+    """Errors found before training starts; `lh-train`'s main runs in this process (nothing is imported
+    from DeepSpeed or started before them)."""
+    from lh_dist.train.cli import main
+
+    def error(*args: str) -> str:
+        assert main(lh_train_args(run_dir, stdlib_dataset, *args)) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    run_dir = tmp_path / "run"
+    binary = tmp_path / "config.bin"
+    binary.write_bytes(bytes(range(256)))
+    assert error("--config", str(binary)) == \
+        f"lh-train: config error: config file {binary} is not a text file (not UTF-8)"
+    (tmp_path / "file").write_text("x")
+    assert error(f"logging.run_dir={tmp_path / 'file'}") == \
+        f"lh-train: config error: logging.run_dir must be a directory, but itself is a file: {tmp_path / 'file'}"
+    other = tmp_path / "other"
+    (other / "checkpoints/.partial-step_00000004").mkdir(parents=True)
+    assert error("--resume", str(other)).endswith(
+        f"got '{other}' (a run directory: resume it with --resume auto and logging.run_dir set to it)")
+    partial = other / "checkpoints/.partial-step_00000004"
+    assert error("--resume", str(partial)).endswith(f"got '{partial}' (an incomplete save)")
+    assert error("--rewind") == "lh-train: config error: --rewind goes with --resume <checkpoint folder>"
+    assert error("--resume", "auto", "--overwrite").startswith("lh-train: config error: --overwrite goes with")
+    assert not run_dir.exists()
+
+
+def test_split_too_short_for_the_evaluations_is_refused_before_any_work():
+    from lh_dist.config import ConfigError, load_config
+    from lh_dist.train.loop import check_split_sizes
+
+    cfg = load_config(REPO / "configs/paper-530m-98k.yaml")
+    info = {"splits": {"train": {"tokens": 10_000_000, "documents": 100}, "val": {"tokens": 41_851, "documents": 2}}}
+    with pytest.raises(ConfigError, match="split 'val' .* holds 41,851 tokens, 0 samples .* needs 8 .*--val-tokens"):
+        check_split_sizes(cfg, info, dp=1)
+    info["splits"]["val"] = {"tokens": 8 * 98_305 - 5, "documents": 5}  # exactly 8 samples with the EOD tokens
+    check_split_sizes(cfg, info, dp=1)
+    with pytest.raises(ConfigError, match="needs 16"):
+        check_split_sizes(cfg, info, dp=2)
