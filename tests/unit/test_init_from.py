@@ -1,7 +1,7 @@
 """What lh-train checks before a run starts from an imported model's weights (`--init-from`), in one process:
 the model fields that must match, the data's tokenizer, the flags that do not go together. Every refusal
 is one line, before any process group, engine or data loader exists. The runs themselves are in
-tests/integration/test_init_from.py."""
+tests/integration/test_init_from_run.py."""
 
 import json
 import shutil
