@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--data-roots", nargs="+", help="source trees of the corpus (default: this Python's "
                                                         "site-packages)")
     common.add_argument("--min-doc-tokens", type=int, default=65536, help="shortest document kept (default: 65536)")
-    common.add_argument("--val-tokens", type=int, default=1_000_000, help="validation tokens (default: 1,000,000)")
+    # 16 validation samples of 65,537 tokens (configs/extend-smollm2-64k.yaml's logging.eval_batches) and a margin.
+    common.add_argument("--val-tokens", type=int, default=1_200_000, help="validation tokens (default: 1,200,000)")
     common.add_argument("--max-docs", type=int, default=600, help="documents in the corpus (default: 600)")
     common.add_argument("--eod-token", default="<|endoftext|>",
                         help="end-of-document token (default: <|endoftext|>, the pre-training separator of SmolLM2)")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import yaml
@@ -187,20 +188,59 @@ class ParallelConfig:
             raise ConfigError(f"{p}.activation_offload needs {p}.activation_checkpointing full or selective")
 
 
+DEFAULT_DATA_PATH = "runs/data/stdlib"
+_SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(kw_only=True)
+class SourceConfig:
+    """One dataset of a mixture (an entry of `data.sources`)."""
+
+    # Folder or URL, as data.path.
+    path: str = ""
+    # Relative share of the packed samples: this source's are weight / (sum of the weights).
+    weight: float = 1.0
+    # Names the source in metrics (val/<name>/loss) and checkpoints; empty means the path's last part.
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = PurePosixPath(self.path.rstrip("/")).name
+
+
 @dataclass(kw_only=True)
 class DataConfig:
     """Token shards written by `lh-data` and how samples are cut from them."""
 
     # Folder (or remote URL that mosaicml-streaming supports) holding train/, val/ and lh_data.json.
-    path: str = "runs/data/stdlib"
+    # Empty when `sources` is set; with neither set it is DEFAULT_DATA_PATH.
+    path: str = ""
+    # Instead of path: a weighted mixture of datasets (lh_dist.data.mixture), e.g.
+    # [{path: runs/data/code, weight: 3}, {path: runs/data/web, weight: 1, name: web}].
+    sources: list[SourceConfig] = field(default_factory=list)
     # Local cache for remote data; empty means <run_dir>/data_cache.
     cache_dir: str = ""
     seq_len: int = 512
     micro_batch: int = 1
 
+    def __post_init__(self) -> None:
+        if not self.path and not self.sources:
+            self.path = DEFAULT_DATA_PATH
+
     def validate(self, p: str = "data") -> None:
         """ConfigError naming the first field (as `p`.field) that is out of range."""
-        _check(bool(self.path), f"{p}.path", "a non-empty folder or URL", self.path)
+        if self.path and self.sources:
+            raise ConfigError(f"{p}.path and {p}.sources: set exactly one ({p}.path names one dataset, {p}.sources "
+                              f"a mixture; the override {p}.path= clears the path)")
+        names = set()
+        for i, source in enumerate(self.sources):
+            q = f"{p}.sources[{i}]"
+            _check(bool(source.path), f"{q}.path", "a non-empty folder or URL", source.path)
+            _check(source.weight > 0, f"{q}.weight", "a positive number", source.weight)
+            _check(bool(_SOURCE_NAME.match(source.name)), f"{q}.name",
+                   "letters, digits, '_', '.' or '-' (set it when the path's last part is not)", source.name)
+            _check(source.name not in names, f"{q}.name", "unique among the sources", source.name)
+            names.add(source.name)
         _check(self.seq_len >= 2, f"{p}.seq_len", "an integer >= 2", self.seq_len)
         _check(self.micro_batch >= 1, f"{p}.micro_batch", "a positive integer", self.micro_batch)
 
@@ -272,7 +312,8 @@ class LoggingConfig:
     run_dir: str = "runs/tiny-cpu"
     log_interval: int = 10
     eval_interval: int = 100
-    eval_batches: int = 4
+    # Validation batches per DP rank (per source of a mixture); 16 samples or more give a usable standard error.
+    eval_batches: int = 16
     # Steps between images of one layer's Lighthouse selection map (0: never).
     selection_map_interval: int = 0
 
@@ -345,7 +386,8 @@ def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
-        return f"a list of {typing.get_args(tp)[0].__name__}"
+        item = typing.get_args(tp)[0]
+        return "a list of mappings" if dataclasses.is_dataclass(item) else f"a list of {item.__name__}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
@@ -357,6 +399,8 @@ def _coerce(value, tp, name: str):
     if origin is list:
         _check(isinstance(value, (list, tuple)), name, _type_name(tp), value)
         return [_coerce(v, typing.get_args(tp)[0], f"{name}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, f"{name}.")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:

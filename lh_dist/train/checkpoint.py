@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError, TrainConfig, save_config
+from lh_dist.data.sources import DataSource, compare_data, configured_sources, data_identity
 from lh_dist.runtime.checkpoint import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
                                         InvalidCheckpoint, file_crc32, fingerprint, flat_config, newest_valid,
                                         read_manifest, saved_settings, step_name, survey)
@@ -80,11 +81,6 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def data_location(path: str) -> str:
-    """A dataset's identity for resume checks: the URL, or the resolved local path."""
-    return path if "://" in path else os.path.realpath(path)
-
-
 # ---- resume checks ---------------------------------------------------------------------------
 
 def check_resume_arg(resume: str, overwrite: bool, rewind: bool, run_dir: str | Path) -> bool:
@@ -110,15 +106,24 @@ def check_resume_arg(resume: str, overwrite: bool, rewind: bool, run_dir: str | 
     return foreign
 
 
-def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int, dp_degree: int) -> list[str]:
-    """ConfigError naming each setting that must not change; returns notes on those that did."""
+def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int, dp_degree: int,
+                 sources: list[DataSource] | None = None, accept_changed_data: bool = False) -> list[str]:
+    """ConfigError naming each setting that must not change; returns notes on those that did.
+
+    sources: the run's datasets as read now (`data_sources`); their content is compared with the
+    checkpoint's record (a dataset rebuilt in place is refused unless accept_changed_data). None
+    compares their locations only."""
     old, new = saved_settings(manifest), flat_config(cfg.to_dict())
     refused = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in FIXED_FIELDS if old.get(k) != new[k]]
-    if manifest["data"]["path"] != data_location(cfg.data.path):
-        refused.append(f"data.path {manifest['data']['path']!r} -> {data_location(cfg.data.path)!r}")
+    data = compare_data(manifest["data"], cfg.data, sources if sources is not None else configured_sources(cfg.data))
+    refused += data.moved
     if refused:
         raise ConfigError(f"cannot resume from {folder}: {'; '.join(refused)} (these must match the "
                           f"checkpoint; use another logging.run_dir for a new run)")
+    if data.changed and not accept_changed_data:
+        raise ConfigError(f"cannot resume from {folder}: {'; '.join(data.changed)} differs from the data it was "
+                          f"written with (rebuilt in place?), so its data position would count other documents; "
+                          f"resume with the same data, use another logging.run_dir, or pass --accept-changed-data")
     was = manifest["world"]
     if cfg.parallel.zero_stage > 0 and was["world_size"] != world_size:
         raise ConfigError(f"cannot resume from {folder} on {world_size} ranks: ZeRO stage {cfg.parallel.zero_stage} "
@@ -133,7 +138,15 @@ def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int
     if (was["world_size"], was["dp_degree"]) != (world_size, dp_degree):
         notes.append(f"world {was['world_size']} (dp {was['dp_degree']} x cp {was['cp_degree']}) -> {world_size} "
                      f"(dp {dp_degree} x cp {cfg.parallel.cp_degree})")
-    return [f"resuming with changed settings: {', '.join(notes)}"] if notes else []
+    messages = [f"resuming with changed settings: {', '.join(notes)}"] if notes else []
+    if data.changed:
+        messages.append(f"--accept-changed-data: {'; '.join(data.changed)} changed; the data order restarts from "
+                        f"the recorded sample counter ({samples} samples) over different documents, so this is "
+                        f"not an exact resume")
+    if data.unrecorded:
+        messages.append(f"{folder.name} records no content hash of {', '.join(data.unrecorded)} (written by an "
+                        f"older lh_dist): resuming as if the data were unchanged")
+    return messages
 
 
 @dataclasses.dataclass
@@ -161,6 +174,9 @@ class Checkpointer:
         self.n_params = 0
         self.last_bytes: int | None = None  # size of the newest checkpoint, for the free-space check
         self.lock: RunLock | None = None
+        # The run's datasets (read by the trainer) and whether a changed one may be resumed over.
+        self.data_sources: list[DataSource] | None = None
+        self.accept_changed_data = False
         kill = os.environ.get(KILL_ENV, "").split(":")
         self._kill = (kill[0], int(kill[1]), int(kill[2]) if len(kill) > 2 else 0) if len(kill) > 1 else None
 
@@ -228,7 +244,8 @@ class Checkpointer:
             plan.manifest = chosen.manifest
             if chosen.path.name.startswith(PARTIAL):
                 plan.messages.append(f"completing the interrupted save of {step_name(chosen.step)}")
-            plan.messages += check_resume(chosen.manifest, chosen.path, self.cfg, self.world_size, self.dp_degree)
+            plan.messages += check_resume(chosen.manifest, chosen.path, self.cfg, self.world_size, self.dp_degree,
+                                          self.data_sources, self.accept_changed_data)
         return plan
 
     def _explicit(self, folder: Path, found: list[Found], foreign: bool, rewind: bool, messages: list[str]) -> Found:
@@ -350,7 +367,7 @@ class Checkpointer:
             "phase": trainer_state["phase"], "files": files, "config": config, "fingerprint": fingerprint(config),
             "world": {"world_size": self.world_size, "dp_degree": self.dp_degree,
                       "cp_degree": self.cfg.parallel.cp_degree, "zero_stage": self.cfg.parallel.zero_stage},
-            "data": dict(trainer_state["data"], path=data_location(self.cfg.data.path)),
+            "data": dict(trainer_state["data"], **data_identity(self.cfg.data, self.data_sources)),
             "abandons": [{"name": f.path.name, "id": f.manifest["id"]} for f in later],
             "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -107,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                              "order; the model must match but for model.rope_theta, model.rope_scaling, "
                              "model.attention_backend and model.init_std. A run dir that holds checkpoints "
                              "resumes instead")
+    parser.add_argument("--accept-changed-data", action="store_true",
+                        help="resume although a dataset's content differs from what the checkpoint recorded (it was "
+                             "rebuilt in place): the data order restarts from the recorded sample counter over "
+                             "different documents, so the resume is not exact")
     parser.add_argument("--dry-run", action="store_true",
                         help="validate the config, print the DP x CP layout and batch math, and exit")
     parser.add_argument("--world-size", type=_positive_int, default=None,
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, rewind=args.rewind,
-                          init_from=args.init_from)
+                          init_from=args.init_from, accept_changed_data=args.accept_changed_data)
         return trainer.run()
     except ConfigError as e:
         return _fail("config error", e)

@@ -60,12 +60,14 @@ def open_init_source(arg: str, cfg: TrainConfig) -> InitSource:
     return InitSource(arg, folder, origin)
 
 
-def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_dir: Path) -> None:
-    """ConfigError if the data (its lh_data.json `info`) was tokenized with another tokenizer than the model's
-    (`origin`, the origin.json of `run_dir`): the tokenizer.json's hash and the vocabulary size must match;
-    data written before lh-data recorded the hash is compared by vocabulary size. Which token separates
-    documents is the data's choice (lh-data --eod-token: continued pre-training often takes the
-    pre-training separator rather than a chat model's eos), so it is not compared."""
+def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_dir: Path,
+                         label: str | None = None) -> None:
+    """ConfigError if the data (its lh_data.json `info`; `label` names it, default "data.path: <path>") was
+    tokenized with another tokenizer than the model's (`origin`, the origin.json of `run_dir`): the
+    tokenizer.json's hash and the vocabulary size must match; data written before lh-data recorded the
+    hash is compared by vocabulary size. Which token separates documents is the data's choice (lh-data
+    --eod-token: continued pre-training often takes the pre-training separator rather than a chat
+    model's eos), so it is not compared."""
     if origin is None:
         return
     model = origin["tokenizer"]
@@ -73,8 +75,8 @@ def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_
     differ = [f"{k} {str(data[k])[:12]} vs {str(model[k])[:12]}" for k in ("sha256", "vocab_size")
               if k in data and data[k] != model.get(k)]
     if differ:
-        raise ConfigError(f"data.path: {cfg.data.path} was tokenized with another tokenizer than the model's "
-                          f"({', '.join(differ)}; the model's is in {run_dir / HF_DIR}): tokenize it with "
+        raise ConfigError(f"{label or f'data.path: {cfg.data.path}'} was tokenized with another tokenizer than the "
+                          f"model's ({', '.join(differ)}; the model's is in {run_dir / HF_DIR}): tokenize it with "
                           f"lh-data --tokenizer {run_dir / HF_DIR}")
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError, TrainConfig
-from lh_dist.data.loader import PackedLoader, read_dataset_info
+from lh_dist.data.sources import data_sources, open_loaders, with_current_documents
 from lh_dist.hf.mapping import HF_DIR, read_origin
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.runtime.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token,
@@ -24,7 +24,7 @@ from lh_dist.runtime.distributed import init_distributed
 from lh_dist.train.checkpoint import Checkpointer
 from lh_dist.train.engine import Engine
 from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
-from lh_dist.train.metrics import Metrics, peak_flops
+from lh_dist.train.metrics import Metrics, ValidationLoss, peak_flops
 from lh_dist.train.step import StepResult, TrainStep
 
 # Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
@@ -70,9 +70,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def check_split_sizes(cfg: TrainConfig, info: dict, dp: int) -> None:
-    """ConfigError, before any work, when a split cannot fill what the run reads from it:
-    one batch of training, and logging.eval_batches batches of validation, on every DP rank."""
+def check_split_sizes(cfg: TrainConfig, info: dict, dp: int, key: str = "data.path", path: str | None = None) -> None:
+    """ConfigError, before any work, when a split of a dataset (`info`, its lh_data.json; `key` and `path`
+    name it) cannot fill what the run reads from it: one batch of training, and logging.eval_batches
+    batches of validation, on every DP rank."""
     sample = cfg.data.seq_len + 1
     per_batch = cfg.data.micro_batch * dp
     for split, batches in (("train", 1), ("val", cfg.logging.eval_batches)):
@@ -80,7 +81,7 @@ def check_split_sizes(cfg: TrainConfig, info: dict, dp: int) -> None:
         samples = (counts["tokens"] + counts["documents"]) // sample  # each document ends with one EOD token
         if samples < batches * per_batch:
             raise ConfigError(
-                f"data.path: split {split!r} of {cfg.data.path} holds {counts['tokens']:,} tokens, "
+                f"{key}: split {split!r} of {path or cfg.data.path} holds {counts['tokens']:,} tokens, "
                 f"{samples} samples of data.seq_len + 1 = {sample:,}; the run needs {batches * per_batch} "
                 f"({batches} batch(es) x micro_batch {cfg.data.micro_batch} x dp {dp})"
                 + ("; rebuild it with a larger lh-data --val-tokens or lower logging.eval_batches"
@@ -110,22 +111,21 @@ class Trainer:
     and stopping cleanly on SIGTERM / SIGUSR1."""
 
     def __init__(self, cfg: TrainConfig, resume: str = "auto", overwrite: bool = False, rewind: bool = False,
-                 init_from: str | None = None):
+                 init_from: str | None = None, accept_changed_data: bool = False):
         """resume: 'auto', 'none' or a checkpoint folder; overwrite: archive a previous run's outputs first
         (with 'none' or another run's checkpoint); rewind: allow resuming from an older checkpoint of this run;
         init_from: a run directory or checkpoint whose weights a new run starts from (a run dir that holds
-        checkpoints resumes instead)."""
+        checkpoints resumes instead); accept_changed_data: resume although a dataset's content differs from
+        the checkpoint's record (its sample counters then index other documents)."""
         self.cfg = cfg
         self.run_dir = Path(cfg.logging.run_dir)
         if init_from is not None and resume not in ("auto", "none"):
             raise ConfigError(f"--init-from starts a new run from weights; it does not go with --resume {resume}")
-        try:
-            info = read_dataset_info(cfg.data.path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.path: {e}") from None
-        if info["vocab_size"] > cfg.model.vocab_size:
-            raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({info['vocab_size']} in "
-                              f"{cfg.data.path}), got {cfg.model.vocab_size}")
+        self.sources = data_sources(cfg.data)
+        for source in self.sources:
+            if source.info["vocab_size"] > cfg.model.vocab_size:
+                raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({source.info['vocab_size']} in "
+                                  f"{source.path}), got {cfg.model.vocab_size}")
         init = open_init_source(init_from, cfg) if init_from is not None else None
         # The model's tokenizer: this run's own origin (a resumed run started from an import), the source's.
         try:
@@ -133,10 +133,12 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         for where, origin in origins:
-            check_data_tokenizer(cfg, info, origin, where)
+            for source in self.sources:
+                check_data_tokenizer(cfg, source.info, origin, where, f"{source.key}: {source.path}")
         self.device = local_device(cfg.device)  # too few GPUs stop every rank here, before NCCL starts
         dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-        check_split_sizes(cfg, info, dp)
+        for source in self.sources:
+            check_split_sizes(cfg, source.info, dp, source.key, source.path)
         init_distributed(self.device)
         world = dist.get_world_size()
         self.layout = init_parallel_layout(dp, cp)
@@ -145,16 +147,13 @@ class Trainer:
         # Rank 0 locks the run dir and checks what to resume against this config before anything is
         # written (config.yaml included); every rank gets its decision, or its error.
         self.checkpointer = Checkpointer(cfg, self.rank, world, dp)
+        self.checkpointer.data_sources, self.checkpointer.accept_changed_data = self.sources, accept_changed_data
         plan = self.checkpointer.open(resume, overwrite=overwrite, rewind=rewind)
         self.tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * cfg.optim.grad_accum * dp
         cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
-        loader_args = dict(seq_len=cfg.data.seq_len, micro_batch=cfg.data.micro_batch, dp_rank=self.layout.dp_rank,
-                           dp_degree=dp, seed=cfg.seed, cache_dir=cache)
-        try:
-            self.loader = PackedLoader(cfg.data.path, "train", **loader_args)
-            self.val_loader = PackedLoader(cfg.data.path, "val", max_batches=cfg.logging.eval_batches, **loader_args)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"data.path: {e}") from None
+        self.loader, self.val_loaders = open_loaders(cfg.data, self.sources, eval_batches=cfg.logging.eval_batches,
+                                                     dp_rank=self.layout.dp_rank, dp_degree=dp, seed=cfg.seed,
+                                                     cache_dir=cache)
         if init is not None and plan.folder is not None:
             plan.messages.append(f"--init-from {init_from}: the run dir already holds {Path(plan.folder).name}; "
                                  f"resuming that run instead of starting over")
@@ -186,7 +185,10 @@ class Trainer:
             state = self.checkpointer.load(self.engine, plan)
             self.step = state["step"]
             self.nonfinite_total = state["nonfinite_total"]
-            self.loader.load_state_dict(state["data"])
+            data_state = state["data"]
+            if accept_changed_data:  # the sample counters stay; the document counts are the rebuilt data's
+                data_state = with_current_documents(data_state, self.loader.state_dict())
+            self.loader.load_state_dict(data_state)
             self.metrics.log(f"resumed from {plan.folder} at step {self.step} ({phase_at(cfg, self.step)} phase)")
         self.stop = StopRequest()
         self.metrics.log(
@@ -199,9 +201,20 @@ class Trainer:
         """One optimizer step on the next grad_accum micro-batches of the training data."""
         return self.step_fn([next(self.loader) for _ in range(self.cfg.optim.grad_accum)], lr)
 
-    def validate(self) -> float:
-        """Mean validation loss over the same first eval_batches batches every time, all ranks."""
-        return float(_all_mean(self.step_fn.validation_loss(self.val_loader)))
+    def validate(self) -> tuple[ValidationLoss, dict[str, ValidationLoss]]:
+        """Validation loss over the same first eval_batches batches of each source every time, all ranks:
+        (overall, {source name: its loss}).
+
+        Each source's loss is the mean over its samples of their mean token loss, with the standard
+        error of that mean; the overall loss is the mean of the sources' losses weighted by the mixture
+        weights (the single dataset's loss without a mixture)."""
+        names = list(self.val_loaders)
+        sums = torch.stack([self.step_fn.validation_sums(self.val_loaders[n]) for n in names])  # [sources, 3]
+        if dist.is_initialized():
+            dist.all_reduce(sums)  # every DP replica's samples
+        per_source = {name: ValidationLoss.from_sums(*row) for name, row in zip(names, sums.cpu().tolist())}
+        weights = {s.name: s.weight for s in self.sources}
+        return ValidationLoss.weighted(per_source, weights), per_source
 
     def trainer_state(self) -> dict:
         """What a checkpoint keeps besides the engine's state: step, data position, counters."""
@@ -283,7 +296,8 @@ class Trainer:
             if log_now:
                 self._log_step(phase, peak)
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
-                self.metrics.validation(self.step, self.validate())
+                overall, per_source = self.validate()
+                self.metrics.validation(self.step, overall, per_source if self.cfg.data.sources else None)
 
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.schedule.steps:
                 self.save()

@@ -6,14 +6,20 @@ last log (loss, grad norm, throughput), as TensorBoard scalars and as one consol
     step     20/60  loss 4.1234  grad 0.842  lr 3.00e-03  3,612 tok/s  mem 1.2 GiB  lighthouse  elapsed 0:00:41  eta 0:01:22
 
 `mem` (peak GPU memory of the interval) appears on GPUs only. The time left assumes the
-pace since this process started, checkpoints and validation included. A run ends with
-a one-paragraph summary, also when it is stopped or fails.
+pace since this process started, checkpoints and validation included. Every
+`logging.eval_interval` steps a validation line gives the loss with its standard error:
+
+    step 30: val 2.4561 ± 0.0213 over 16 samples
+
+(with a mixture, the weighted loss, then each source's). A run ends with a one-paragraph
+summary, also when it is stopped or fails.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +35,48 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+@dataclass(frozen=True)
+class ValidationLoss:
+    """A validation loss: the mean over samples of each sample's mean token loss, and the standard
+    error of that mean (NaN with fewer than two samples)."""
+
+    loss: float
+    stderr: float
+    samples: int
+
+    @classmethod
+    def from_sums(cls, total: float, total_sq: float, count: float) -> ValidationLoss:
+        """From the sum of the samples' losses, the sum of their squares and their number."""
+        n = int(round(count))
+        if n == 0:
+            return cls(math.nan, math.nan, 0)
+        mean = total / n
+        if n == 1:
+            return cls(mean, math.nan, 1)
+        variance = max(total_sq - total * mean, 0.0) / (n - 1)  # unbiased sample variance (Bessel)
+        return cls(mean, math.sqrt(variance / n), n)
+
+    @classmethod
+    def weighted(cls, parts: dict[str, ValidationLoss], weights: dict[str, float]) -> ValidationLoss:
+        """The mixture's loss: the sources' losses weighted by their mixture weights (normalized),
+        so that it estimates the loss on the training distribution, whatever each source's sample
+        count. The sources' samples are independent, so the standard errors add in quadrature:
+        se = sqrt(sum_s (w_s / W)^2 se_s^2)."""
+        total = sum(weights[name] for name in parts)
+        loss = sum(weights[name] / total * part.loss for name, part in parts.items())
+        stderr = math.sqrt(sum((weights[name] / total * part.stderr) ** 2 for name, part in parts.items()))
+        return cls(loss, stderr, sum(part.samples for part in parts.values()))
+
+    def text(self) -> str:
+        """'2.4561 ± 0.0213 over 16 samples' (no ± with one sample)."""
+        spread = "" if math.isnan(self.stderr) else f" ± {self.stderr:.4f}"
+        return f"{self.loss:.4f}{spread} over {self.samples} sample{'s' if self.samples != 1 else ''}"
+
+    def scalars(self, prefix: str) -> dict[str, float]:
+        """TensorBoard scalars: `prefix`/loss and, with two samples or more, `prefix`/loss_stderr."""
+        return {f"{prefix}/loss": self.loss} | ({} if math.isnan(self.stderr) else {f"{prefix}/loss_stderr": self.stderr})
 
 
 class StepMeans:
@@ -162,11 +210,19 @@ class Metrics:
             self._interval_start = step + 1
         return means
 
-    def validation(self, step: int, loss: float) -> None:
-        """Record the validation loss of `step`: TensorBoard `val/loss` and a console line."""
-        self.last_val = (step, loss)
-        self.scalars(step, {"val/loss": loss})
-        self.log(f"step {step}: validation loss {loss:.4f}")
+    def validation(self, step: int, overall: ValidationLoss, sources: dict[str, ValidationLoss] | None = None) -> None:
+        """Record the validation loss of `step`: TensorBoard `val/loss` and `val/loss_stderr`, with a
+        mixture also `val/<source>/loss` and `val/<source>/loss_stderr`, and a console line."""
+        self.last_val = (step, overall.loss)
+        values = overall.scalars("val")
+        line = f"step {step}: val {overall.text()}"
+        if sources:
+            line = f"step {step}: val {overall.text()} (the sources' losses weighted by the mixture)"
+            for name, part in sources.items():
+                values |= part.scalars(f"val/{name}")
+                line += f"; {name} {part.text()}"
+        self.scalars(step, values)
+        self.log(line)
 
     def progress(self, step: int, values: dict[str, float], phase: str) -> None:
         """Print the console line of a logged step (`progress_line`)."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lh_dist.config import TrainConfig
@@ -35,6 +36,7 @@ class TrainStep:
     def __init__(self, cfg: TrainConfig, engine: Engine, layout: ParallelLayout, device: torch.device):
         self.engine, self.layout, self.device = engine, layout, device
         self.grad_accum = cfg.optim.grad_accum
+        self.seq_len = cfg.data.seq_len
         # This rank's global token positions (its two zigzag chunks under CP) [N_local].
         self.positions = zigzag_positions(cfg.data.seq_len, layout.cp_degree, layout.cp_rank, device)
 
@@ -67,12 +69,22 @@ class TrainStep:
         return StepResult(loss=total / self.grad_accum, grad_norm=grad_norm, applied=applied)
 
     @torch.no_grad()
-    def validation_loss(self, batches) -> Tensor:
-        """Mean loss [] over `batches` (this rank's, on the device), in eval mode."""
+    def validation_sums(self, batches) -> Tensor:
+        """[3] float64 on the device, in eval mode: the sum over `batches`' samples of each sample's
+        mean token loss, the sum of its squares, and the number of samples.
+
+        Under CP a sample's tokens are spread over its CP group: their losses are summed across the
+        group first, and only the group's first rank counts the sample, so that adding these sums
+        over all ranks counts every sample of every DP replica once."""
         self.engine.eval()
-        total, count = torch.zeros((), device=self.device), 0
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for batch in batches:
-            total += self.loss(*self.split(batch))
-            count += 1
+            inputs, targets = self.split(batch)
+            token_sums = self.engine(inputs, self.positions, targets).double().sum(dim=1)  # [B, N_local] -> [B]
+            if self.layout.cp_degree > 1:
+                dist.all_reduce(token_sums, group=self.layout.cp_group)
+            if self.layout.cp_rank == 0:
+                means = token_sums / self.seq_len  # [B]
+                sums += torch.stack([means.sum(), means.square().sum(), means.new_tensor(float(len(means)))])
         self.engine.train()
-        return total / max(count, 1)
+        return sums
