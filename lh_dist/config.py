@@ -227,6 +227,12 @@ class DataConfig:
         if not self.path and not self.sources:
             self.path = DEFAULT_DATA_PATH
 
+    @property
+    def primary_path(self) -> str:
+        """data.path, or the first source's path of a mixture (every source has the same tokenizer):
+        what evaluation reads when told no dataset."""
+        return self.path or self.sources[0].path
+
     def validate(self, p: str = "data") -> None:
         """ConfigError naming the first field (as `p`.field) that is out of range."""
         if self.path and self.sources:

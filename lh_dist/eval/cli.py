@@ -113,7 +113,8 @@ def _parser() -> argparse.ArgumentParser:
                       help="bucket widths: equal, or octaves ending at the sequence length (log: each twice the one before)")
     loss.add_argument("--phase", default="dense", metavar="{dense,lighthouse}",
                       help="attention of the layers not listed in lighthouse.dense_layers")
-    loss.add_argument("--data", default=None, help="dataset folder or URL (default: the config's data.path)")
+    loss.add_argument("--data", default=None, help="dataset folder or URL (default: the config's data.path, or its "
+                                                   "first data.sources entry)")
     loss.add_argument("--bits-per-byte", action="store_true",
                       help="plot bits per byte instead of nats per token (byte-level tokenizer; the JSON holds both)")
     _add_retrieval_parser(commands, common)
@@ -130,7 +131,8 @@ def _add_retrieval_parser(commands, common) -> None:
         epilog="example:\n  lh-eval retrieval runs/ret --lengths 4096,8192   -> runs/ret/eval/step_XXXXXXXX/"
                "retrieval-4096_8192.json (+ .png)")
     retrieval.add_argument("--data", default=None,
-                           help="lh-data retrieval dataset folder (default: the config's data.path)")
+                           help="lh-data retrieval dataset folder (default: the config's data.path, or its first "
+                                "data.sources entry)")
     retrieval.add_argument("--filler", default=None,
                            help="the filler dataset, if moved since the retrieval dataset was written "
                                 "(default: the path its lh_data.json records)")
@@ -147,7 +149,7 @@ def _tokenizer_spec(args, cfg) -> tuple[str, bool]:
     """(tokenizer spec, whether it differs from the one the training data recorded)."""
     from lh_dist.data.loader import read_dataset_info
 
-    recorded = read_dataset_info(cfg.data.path).get("tokenizer", "byte")
+    recorded = read_dataset_info(cfg.data.primary_path).get("tokenizer", "byte")
     return args.tokenizer or recorded, bool(args.tokenizer) and args.tokenizer != recorded
 
 
@@ -175,7 +177,7 @@ def _retrieval_lengths(args, cfg) -> list[int]:
 
     if args.lengths:
         return args.lengths
-    data = args.data or cfg.data.path
+    data = args.data or cfg.data.primary_path
     info = read_dataset_info(data)
     try:
         settings = RetrievalSettings.from_info(info)
@@ -191,7 +193,7 @@ def _retrieval_lengths(args, cfg) -> list[int]:
 
 def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Path:
     if args.command == "retrieval":
-        data = args.data if args.data and args.data != cfg.data.path else None
+        data = args.data if args.data and args.data != cfg.data.primary_path else None
         name = retrieval_name(lengths or _retrieval_lengths(args, cfg), args.docs, args.depth_bins, args.overrides,
                               data, args.filler)
     elif args.command == "passkey":
@@ -200,7 +202,7 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
         name = passkey_name(lengths, args.depths, args.seed, args.overrides, spec if differs else None)
     else:
         seq_len = args.seq_len if args.seq_len != cfg.data.seq_len else None
-        data = args.data if args.data != cfg.data.path else None
+        data = args.data if args.data != cfg.data.primary_path else None
         name = loss_name(args.phase, seq_len, args.buckets, args.spacing, args.batches, args.micro_batch,
                          args.overrides, data)
     root = args.out or folder.parent.parent / "eval"
@@ -299,7 +301,7 @@ def run_loss(args) -> Path | None:
     runner.check_length(seq_len, "--seq-len")
     _warn_untrained_lengths(runner, [seq_len], "--seq-len")
     edges = bucket_edges(seq_len, args.buckets, args.spacing)
-    data = args.data or runner.cfg.data.path
+    data = args.data or runner.cfg.data.primary_path
     info = read_dataset_info(data)
     if args.bits_per_byte and info.get("tokenizer", "byte") != "byte":
         raise ValueError(f"--bits-per-byte needs the byte-level tokenizer; {data} uses {info['tokenizer']}")
@@ -340,7 +342,7 @@ def run_retrieval(args) -> Path | None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase="dense",
                          overrides=args.overrides)
-    data = args.data or runner.cfg.data.path
+    data = args.data or runner.cfg.data.primary_path
     lengths = _retrieval_lengths(args, runner.cfg)
     generator = dataset_generator(data, "val", args.filler)
     for n in lengths:

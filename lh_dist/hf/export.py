@@ -210,7 +210,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
         tokenizer = str(hf / "tokenizer.json")
     elif tokenizer is None:
         try:
-            tokenizer = read_dataset_info(cfg.data.path).get("tokenizer", "byte")
+            tokenizer = read_dataset_info(cfg.data.primary_path).get("tokenizer", "byte")
         except (FileNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"cannot tell the training tokenizer ({e}); pass --tokenizer") from None
     eod_id = load_tokenizer(tokenizer).eod_id

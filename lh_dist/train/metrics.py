@@ -76,7 +76,10 @@ class ValidationLoss:
 
     def scalars(self, prefix: str) -> dict[str, float]:
         """TensorBoard scalars: `prefix`/loss and, with two samples or more, `prefix`/loss_stderr."""
-        return {f"{prefix}/loss": self.loss} | ({} if math.isnan(self.stderr) else {f"{prefix}/loss_stderr": self.stderr})
+        values = {f"{prefix}/loss": self.loss}
+        if not math.isnan(self.stderr):
+            values[f"{prefix}/loss_stderr"] = self.stderr
+        return values
 
 
 class StepMeans:

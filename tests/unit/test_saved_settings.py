@@ -34,3 +34,27 @@ def test_a_changed_setting_is_still_refused():
     with pytest.raises(ConfigError, match="model.qk_norm False -> True"):
         check_resume(old, Path("step_00000002"), load_config(None, ["model.dim=64", "model.n_heads=4",
                                                                      "model.qk_norm=true"]), 1, 1)
+
+
+def test_a_checkpoint_without_the_datas_content_hash_resumes_saying_so(tmp_path):
+    from lh_dist.data.shards import write_dataset
+    from lh_dist.data.sources import data_sources
+    from lh_dist.data.tokenizer import ByteTokenizer
+
+    docs = [(f"d{i}", "text " * (i + 20)) for i in range(12)]
+    write_dataset(docs, tmp_path / "data", ByteTokenizer(), source="test", val_fraction=0.25, log=lambda _: None)
+    cfg = load_config(None, ["model.dim=64", "model.n_heads=4", f"data.path={tmp_path / 'data'}"])
+    sources = data_sources(cfg.data)
+    old = _manifest(cfg)  # an older lh_dist recorded the path and the loader's position only
+    old["data"]["num_documents"] = sources[0].info["splits"]["train"]["documents"]
+    notes = check_resume(old, Path("step_00000002"), cfg, 1, 1, sources)
+    assert notes == [f"step_00000002 records no content hash of data.path {tmp_path / 'data'} (written by an older "
+                     f"lh_dist): resuming as if the data were unchanged"]
+    # Its document count still tells a dataset rebuilt with another number of documents.
+    documents = old["data"]["num_documents"]
+    old["data"]["num_documents"] += 1
+    with pytest.raises(ConfigError, match=rf"data.path .* \(train documents {documents + 1} -> {documents}\) differs"):
+        check_resume(old, Path("step_00000002"), cfg, 1, 1, sources)
+    notes = check_resume(old, Path("step_00000002"), cfg, 1, 1, sources, accept_changed_data=True)
+    assert len(notes) == 1 and notes[0].startswith("--accept-changed-data: data.path ")
+    assert "the data order restarts from the recorded sample counter (4 samples) over different documents" in notes[0]

@@ -53,9 +53,12 @@ def test_split_too_short_for_the_evaluations_is_refused_before_any_work():
 
     cfg = load_config(REPO / "configs/paper-530m-98k.yaml")
     info = {"splits": {"train": {"tokens": 10_000_000, "documents": 100}, "val": {"tokens": 41_851, "documents": 2}}}
-    with pytest.raises(ConfigError, match="split 'val' .* holds 41,851 tokens, 0 samples .* needs 8 .*--val-tokens"):
+    with pytest.raises(ConfigError, match="split 'val' .* holds 41,851 tokens, 0 samples .* needs 16 .*--val-tokens"):
         check_split_sizes(cfg, info, dp=1)
-    info["splits"]["val"] = {"tokens": 8 * 98_305 - 5, "documents": 5}  # exactly 8 samples with the EOD tokens
+    info["splits"]["val"] = {"tokens": 16 * 98_305 - 5, "documents": 5}  # exactly 16 samples with the EOD tokens
     check_split_sizes(cfg, info, dp=1)
-    with pytest.raises(ConfigError, match="needs 16"):
+    with pytest.raises(ConfigError, match="needs 32"):
         check_split_sizes(cfg, info, dp=2)
+    # A source of a mixture is named by its entry.
+    with pytest.raises(ConfigError, match=r"^data.sources\[1\] \(web\): split 'val' of runs/data/web holds"):
+        check_split_sizes(cfg, info, 2, "data.sources[1] (web)", "runs/data/web")
