@@ -27,9 +27,11 @@ def _env():
 
 
 def _train(nproc: int, run_dir: Path, *overrides: str, flags=()) -> subprocess.CompletedProcess:
+    """lh-train under torchrun with nproc ranks, or as one plain process (nproc 1)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    cmd = launcher + ["-m", "lh_dist.train.cli", *flags, "--config", str(REPO / "configs/tiny-cpu.yaml"),
-                      f"logging.run_dir={run_dir}", *RUN, *overrides]
+    cmd = (launcher if nproc > 1 else [sys.executable]) + [
+        "-m", "lh_dist.train.cli", *flags, "--config", str(REPO / "configs/tiny-cpu.yaml"),
+        f"logging.run_dir={run_dir}", *RUN, *overrides]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -58,24 +60,23 @@ def test_mixture_under_cp2_resumes_exactly_and_validates_each_source(tmp_path):
     a, b = _write(tmp_path / "code", "c"), _write(tmp_path / "prose", "p")
     mixture = ["data.path=", f"data.sources=[{{path: {a}, weight: 3}}, {{path: {b}, weight: 1, name: web}}]",
                "parallel.cp_degree=2", "schedule.decay=constant"]
-    full, split = tmp_path / "full", tmp_path / "split"
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
     r = _train(2, full, *mixture, "schedule.steps=6")
     assert r.returncode == 0, r.stdout + r.stderr
-    r1 = _train(2, split, *mixture, "schedule.steps=3")
-    assert r1.returncode == 0, r1.stdout + r1.stderr
-    r2 = _train(2, split, *mixture, "schedule.steps=6")
+    # A second run resumes from the first one's step-3 checkpoint (as if that run had stopped there).
+    r2 = _train(2, resumed, *mixture, "schedule.steps=6", flags=["--resume", str(full / "checkpoints/step_00000003")])
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "resumed from" in r2.stdout and " at step 3 " in r2.stdout
 
     # The resumed steps read the same batches (and so compute the same losses) as the uninterrupted run.
     # Both runs do the same arithmetic on the same ranks, so the losses agree to the last bit; the
     # tolerance only absorbs the float32 -> TensorBoard round trip.
-    ours, theirs = _scalars(full), _scalars(split)
+    ours, theirs = _scalars(full), _scalars(resumed)
     for step in (4, 5, 6):
         assert theirs["train/loss"][step] == pytest.approx(ours["train/loss"][step], rel=1e-6), step
     # The data position of both runs' final checkpoints: the global counter and each source's.
     positions = [json.loads((run / "checkpoints/step_00000006/manifest.json").read_text())["data"]
-                 for run in (full, split)]
+                 for run in (full, resumed)]
     assert positions[0] == positions[1] and positions[0]["samples_seen"] == 6 * 2
     assert sum(s["samples_seen"] for s in positions[0]["sources"].values()) == 12
     assert set(positions[0]["datasets"]) == {"code", "web"}

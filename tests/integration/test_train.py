@@ -83,7 +83,7 @@ def test_two_rank_cp_lighthouse_then_dense_resumes_exactly(tmp_path, stdlib_data
     assert images[0].width >= 1000 and images[0].height >= 200
 
     tags = set(acc.Tags()["scalars"])
-    assert tags == {"train/loss", "val/loss", "train/lr", "train/grad_norm", "train/tokens_seen",
+    assert tags == {"train/loss", "val/loss", "val/loss_stderr", "train/lr", "train/grad_norm", "train/tokens_seen",
                     "train/nonfinite_steps", "perf/tokens_per_s", "perf/tokens_per_s_per_device", "perf/step_time_s",
                     "lighthouse/active", "lighthouse/S", "lighthouse/S_over_N"}  # perf/mfu, memory: GPUs only
     assert scalars(full, "lighthouse/S")[1] == 1024 // 2 + 2 * 512  # N/p^(L-1) + (L-1) p k
