@@ -175,6 +175,9 @@ class ParallelConfig:
     # "cpu": what checkpointing keeps of each block, its input, waits in pinned host memory
     # between the block's forward and its backward (copies overlapped with compute).
     activation_offload: Literal["none", "cpu"] = "none"
+    # How many blocks, the first ones, offload their input (0: all). Fewer blocks hold less host
+    # memory: at 2M tokens the paper model's 30 inputs are 120 GiB, more than most hosts can pin.
+    activation_offload_layers: int = 0
     # torch.compile each block (fuses the elementwise work around the attention kernels).
     compile: bool = False
 
@@ -185,6 +188,8 @@ class ParallelConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "one of 0, 1, 2, 3", self.zero_stage)
         if self.activation_offload != "none" and self.activation_checkpointing == "none":
             raise ConfigError(f"{p}.activation_offload needs {p}.activation_checkpointing full or selective")
+        _check(self.activation_offload_layers >= 0, f"{p}.activation_offload_layers", "0 (all) or a positive integer",
+               self.activation_offload_layers)
 
 
 @dataclass(kw_only=True)
@@ -312,6 +317,8 @@ class TrainConfig:
                 _check(-n <= i < n, "lighthouse.dense_layers", f"layer indices in [-{n}, {n})",
                        self.lighthouse.dense_layers)
             validate_lighthouse_shape(self)
+        _check(self.parallel.activation_offload_layers <= n, "parallel.activation_offload_layers",
+               f"at most model.n_layers = {n}", self.parallel.activation_offload_layers)
         chunks = 2 * self.parallel.cp_degree
         _check(self.data.seq_len % chunks == 0, "data.seq_len",
                f"divisible by 2 * parallel.cp_degree = {chunks} (zigzag sharding)", self.data.seq_len)

@@ -87,7 +87,8 @@ def _checkpointed(forward, mode: str):
 def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
     """The run's Transformer: each layer's attention chosen (Lighthouse or dense, local or over
     `cp_group`), blocks checkpointed as `parallel.activation_checkpointing` says, their inputs
-    offloaded to host memory if `parallel.activation_offload` is "cpu", then compiled block by
+    offloaded to host memory if `parallel.activation_offload` is "cpu" (the first
+    `parallel.activation_offload_layers` blocks, 0: all), then compiled block by
     block if `parallel.compile`. Weights are fp32 on the CPU; the caller moves them.
     `model.activation_offload` is the `ActivationOffload` in use, or None."""
     dense_fn, lighthouse_fn = _attention_fns(cfg, cp_group)
@@ -97,12 +98,14 @@ def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
     model = Transformer(cfg.model, attention_fns)
     mode = cfg.parallel.activation_checkpointing
     offload = ActivationOffload() if cfg.parallel.activation_offload == "cpu" else None
-    for layer in model.layers:
+    # The first blocks' inputs wait longest for their backward: they are the ones offloaded.
+    offloaded = (cfg.parallel.activation_offload_layers or cfg.model.n_layers) if offload is not None else 0
+    for i, layer in enumerate(model.layers):
         if mode != "none":
             # Activation memory falls from every block's intermediates to each block's input
             # (plus, for "selective", its attention outputs).
             layer.forward = _checkpointed(layer.forward, mode)
-        if offload is not None:
+        if i < offloaded:
             # The block's input goes to host memory. The hooks that move it must stay outside the
             # compiled region, so the block's forward is compiled, not the module's call around it.
             forward = torch.compile(layer.forward) if cfg.parallel.compile else layer.forward
