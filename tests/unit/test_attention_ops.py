@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import lh_dist.ops.attention as attention_module
+from lh_dist.ops.attention import flash_attn4, ops
 from lh_dist.ops.attention import (
     BACKENDS,
     attention,
@@ -158,7 +158,7 @@ def test_backend_matches_reference_cpu(case, shape, causal):
 @pytest.mark.parametrize("shape, causal", SHAPE_CASES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_backend_matches_reference_gpu(case, shape, causal):
-    if case[0] == "flash_attn" and attention_module._flash_attn() == attention_module._FA_NOT_INSTALLED:
+    if case[0] == "flash_attn" and flash_attn4._flash_attn() == flash_attn4._FA_NOT_INSTALLED:
         pytest.skip("FlashAttention-4 is not installed")
     check_against_reference(*case, "cuda", shape, causal)
 
@@ -311,9 +311,9 @@ def test_attention_ops_pass_opcheck(backend, shape):
     q, k, v, dout = make_inputs(shape, torch.float32, "cpu")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     scale = q.shape[-1] ** -0.5
-    torch.library.opcheck(attention_module._forward_op, (q, k, v, True, scale, backend))
+    torch.library.opcheck(ops._forward_op, (q, k, v, True, scale, backend))
     out, lse = attention_forward(q.detach(), k.detach(), v.detach(), causal=True, backend=backend)
-    torch.library.opcheck(attention_module._backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, True,
+    torch.library.opcheck(ops._backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, True,
                                                           scale, backend))
 
 

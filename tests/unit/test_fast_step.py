@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lh_dist.ops.attention as attention_module
+from lh_dist.ops.attention import dispatch
 from lh_dist.config import load_config
 from lh_dist.runtime.build import build_model, set_phase
 
@@ -50,13 +50,13 @@ def test_checkpointing_gives_the_same_loss_and_gradients(phase, mode):
 @pytest.mark.parametrize("phase", PHASES)
 def test_selective_checkpointing_keeps_attention_and_full_recomputes_it(phase, monkeypatch):
     calls = {"forward": 0}
-    real = attention_module._KERNELS["math"]
+    real = dispatch.KERNELS["math"]
 
     def counting_forward(*args):
         calls["forward"] += 1
         return real[0](*args)
 
-    monkeypatch.setitem(attention_module._KERNELS, "math", (counting_forward, real[1]))
+    monkeypatch.setitem(dispatch.KERNELS, "math", (counting_forward, real[1]))
     counts = {}
     for mode in ("none", "full", "selective"):
         calls["forward"] = 0
