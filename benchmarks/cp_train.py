@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from lh_dist.config import load_config
 from lh_dist.ops.attention import BACKENDS
-from lh_dist.parallel.lighthouse_cp import EXCHANGES
+from lh_dist.parallel.comm import EXCHANGES
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.runtime.build import set_phase
 from lh_dist.runtime.device import local_device

@@ -36,7 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from lh_dist.config import load_config
 from lh_dist.model import Transformer
-from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
+from lh_dist.ops.attention import BACKENDS, resolve_backend
+from lh_dist.ops.attention.flash_attn4 import flash_attn_version
 from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.runtime.build import flops_per_step_token, set_phase
 from lh_dist.runtime.distributed import init_distributed
@@ -222,7 +223,7 @@ def main() -> int:
         f"and {args.warmup} more",
         f"- attention: lh_dist backends {', '.join(backends)} (resolved: "
         f"{', '.join(resolve_backend(b, torch.device('cuda'), torch.bfloat16, head_dim) for b in backends)}"
-        f"{'; ' + _flash_attn_version() if 'flash_attn' in backends else ''})",
+        f"{'; ' + flash_attn_version() if 'flash_attn' in backends else ''})",
         "",
         f"| context | variant | attention | checkpointing | first step (s) | step (s) | tokens/s "
         f"| vs dense, same mode | vs {base_m} {base_b} | MFU | peak memory (GiB) | graph breaks |",

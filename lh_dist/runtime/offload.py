@@ -45,12 +45,6 @@ class _Offloaded:
         self.fetched: Tensor | None = None  # a prefetched device copy, not yet handed to backward
         self.loaded: torch.cuda.Event | None = None  # host->device copy of `fetched` done
 
-    def wait_copied(self) -> Tensor:
-        """The host copy, once its device->host copy has ended (for inspection)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.host
-
 
 def _key(t: Tensor) -> tuple:
     # Identifies the block's input among the saved tensors of its call without holding it.

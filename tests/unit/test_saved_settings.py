@@ -33,3 +33,14 @@ def test_a_changed_setting_is_still_refused():
     with pytest.raises(ConfigError, match="model.qk_norm False -> True"):
         check_resume(old, Path("step_00000002"), load_config(None, ["model.dim=64", "model.n_heads=4",
                                                                      "model.qk_norm=true"]), 1, 1)
+
+
+def test_a_checkpoint_from_before_the_checkpointing_modes_resumes():
+    # Manifests (format_version 1) and run config.yaml files written when activation_checkpointing was a
+    # bool hold true/false; config_from_dict reads them as "full"/"none", so those runs resume.
+    cfg = load_config(None, ["model.dim=64", "model.n_heads=4"])
+    for saved, meant in ((True, "full"), (False, "none")):
+        old = _manifest(cfg)
+        old["config"]["parallel"]["activation_checkpointing"] = saved
+        assert saved_settings(old)["parallel.activation_checkpointing"] == meant
+        check_resume(old, Path("step_00000002"), cfg, world_size=1, dp_degree=1)  # no refusal
