@@ -104,19 +104,19 @@ def test_offloading_the_first_blocks_only(monkeypatch):
     # activation_offload_layers=2 of 3: the first two blocks' inputs go to host memory, the last
     # block runs as without offloading, and the loss and gradients are still exactly the same.
     over = ["parallel.activation_checkpointing=full"]
-    loss0, grads0 = _loss_and_grads(*_model("lighthouse", *over))
+    loss0, grads0 = loss_and_grads(*_model("lighthouse", *over))
     model, cfg = _model("lighthouse", *over, "parallel.activation_offload=cpu", "parallel.activation_offload_layers=2")
     offload, packed = model.activation_offload, []
     real_offload = offload._offload
     monkeypatch.setattr(offload, "_offload", lambda t, ready: packed.append(t) or real_offload(t, ready))
-    loss1, grads1 = _loss_and_grads(model, cfg)
+    loss1, grads1 = loss_and_grads(model, cfg)
     assert len(packed) == 2
     assert offload.peak_host_bytes == 2 * cfg.data.seq_len * cfg.model.dim * 8  # [1, N, E] float64 each
     assert torch.equal(loss1, loss0)
     for g1, g0 in zip(grads1, grads0, strict=True):
         assert torch.equal(g1, g0)
     with pytest.raises(ConfigError, match=r"^parallel.activation_offload_layers must be at most model.n_layers = 3"):
-        load_config(None, [*SMALL, "parallel.activation_offload_layers=4"])
+        _model("dense", "parallel.activation_offload_layers=4")
 
 
 def test_no_offload_without_gradients():
