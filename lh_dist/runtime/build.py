@@ -139,16 +139,3 @@ def lighthouse_length(cfg: TrainConfig) -> int:
 
     return LighthouseParams.from_config(cfg.lighthouse).gathered_length(cfg.data.seq_len)
 
-
-def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward) counting the attention actually run."""
-    m, n = cfg.model, cfg.data.seq_len
-    # Causal attention forward: QK^T and PV over all query heads, 2 FLOPs per MAC, half the pairs.
-    width = m.n_heads * m.head_dim
-    dense_attn = 2 * 2 * n * n / 2 * width
-    n_lh_layers = m.n_layers - len(dense_layer_ids(cfg)) if phase == "lighthouse" else 0
-    s = lighthouse_length(cfg)
-    lh_attn = 2 * 2 * s * s / 2 * width
-    attn_per_seq = (m.n_layers - n_lh_layers) * dense_attn + n_lh_layers * lh_attn
-    return 6 * n_params_matmul + 3 * attn_per_seq / n
-
