@@ -88,8 +88,13 @@ def open_streaming_dataset(**kwargs):
     from streaming import StreamingDataset  # importing streaming takes seconds
     from streaming.base.world import World
 
+    joined = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if joined:
+        # No rank of the job is still freeing a dataset: it would wait for the lock that its leader
+        # holds while the leader waits for it in a barrier.
+        torch.distributed.barrier()
     with _machine_lock() if World.detect().is_local_leader else contextlib.nullcontext():
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if joined:
             torch.distributed.barrier()  # the other ranks of the node look for the prefix under the lock too
         dataset = StreamingDataset(**kwargs)
     release = functools.partial(_release, dataset)

@@ -1,7 +1,8 @@
 """Separate jobs on one machine open their datasets at the same moment: mosaicml-streaming registers
 each dataset under the first free shared-memory prefix of the machine, and no two jobs may get the same
-one. Real processes, released together by a barrier, round after round: jobs of one rank, and jobs of
-two ranks joined by gloo (a node's two ranks must agree on their job's prefix).
+one. Real processes, released together by a barrier, round after round, each round opening a loader and
+closing it again (which frees a prefix while slower jobs may still look for one): jobs of one rank, and
+jobs of two ranks joined by gloo (a node's two ranks must agree on their job's prefix).
 
 Without a guard, about half of the openings of one-rank jobs fail (FileExistsError: '/0000NN_locals').
 """
