@@ -39,7 +39,9 @@ def _machine_lock():
     global _held
     fd = None
     if not _held:
-        fd = os.open(LOCK_PATH, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only: any user may lock it
+        fd = os.open(LOCK_PATH, os.O_RDONLY | os.O_CREAT, 0o666)  # read-only suffices to lock it
+        with contextlib.suppress(PermissionError):  # only its owner may: then any user can open it, whatever the umask
+            os.fchmod(fd, 0o666)
         deadline = time.monotonic() + LOCK_WAIT_S
         while True:
             try:
@@ -59,7 +61,7 @@ def _machine_lock():
             os.close(fd)  # releases the lock
 
 
-def shared_memories(obj, depth: int = 3) -> set:
+def _shared_memories(obj, depth: int = 3) -> set:
     """The streaming SharedMemory objects held by `obj` and its attributes, `depth` levels down."""
     from streaming.base.shared.memory import SharedMemory
 
@@ -67,11 +69,11 @@ def shared_memories(obj, depth: int = 3) -> set:
         return {obj}
     if not depth or not hasattr(obj, "__dict__"):
         return set()
-    return set().union(*(shared_memories(v, depth - 1) for v in vars(obj).values()))
+    return set().union(*(_shared_memories(v, depth - 1) for v in vars(obj).values()))
 
 
 def _release(dataset) -> None:
-    shms = shared_memories(dataset)
+    shms = _shared_memories(dataset)
     for shm in shms:
         # Once the prefix is free another job may take it: streaming's own exit handler must not
         # unlink it a second time then.
@@ -98,7 +100,7 @@ def open_streaming_dataset(**kwargs):
             torch.distributed.barrier()  # the other ranks of the node look for the prefix under the lock too
         dataset = StreamingDataset(**kwargs)
     release = functools.partial(_release, dataset)
-    for shm in shared_memories(dataset):
+    for shm in _shared_memories(dataset):
         atexit.unregister(shm.cleanup)
     atexit.register(release)
     return dataset, release

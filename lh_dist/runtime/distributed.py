@@ -33,9 +33,10 @@ def init_distributed(device: torch.device) -> None:
     import deepspeed
 
     if device.type == "cpu":
-        # On CPU, DeepSpeed's communication backend JIT-builds its shared-memory all-reduce op
-        # (`deepspeed_shm_comm`) at every start, into ~/.cache/torch_extensions: that needs a C++
-        # compiler, and each virtual environment rebuilds it over the others' copy. Training never
+        # On CPU, DeepSpeed's communication backend builds its shared-memory all-reduce op
+        # (`deepspeed_shm_comm`) with the C++ compiler when it starts, into ~/.cache/torch_extensions,
+        # which all virtual environments of the user share: without a compiler the start fails, and
+        # environments rebuild it over each other's copy (over a minute each time). Training never
         # uses the op (DeepSpeed calls it only from `inference_all_reduce`; gradients go through
         # gloo), and initializing torch.distributed first would not help (DeepSpeed still builds
         # it then). DeepSpeed's own switch is its table of ops it may build: one marked not
