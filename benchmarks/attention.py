@@ -184,9 +184,9 @@ def versions(backends) -> str:
     line = (f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
             f"triton {__import__('triton').__version__}")
     if "flash_attn" in backends:
-        from lh_dist.ops.attention import _flash_attn_version
+        from lh_dist.ops.attention.flash_attn4 import flash_attn_version
 
-        line += f", {_flash_attn_version()}"
+        line += f", {flash_attn_version()}"
     return line
 
 

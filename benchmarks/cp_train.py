@@ -1,5 +1,5 @@
 """Training throughput per GPU under context parallelism against one GPU: lh-train's own step
-(`TrainStep` over `Engine` over `build_model` with the CP group, built as the Trainer builds it), per
+(`TrainStep` over `Engine` over `build_model` with the CP group, from `build_train_step` as in the Trainer), per
 sequence length, phase (Lighthouse, dense) and Lighthouse exchange (allgather, ring). Random tokens.
 
     torchrun --standalone --nproc-per-node 2 benchmarks/cp_train.py --baseline benchmarks/results/cp_train_1gpu.json
@@ -42,13 +42,12 @@ import torch.distributed as dist
 
 from lh_dist.config import load_config
 from lh_dist.ops.attention import BACKENDS
-from lh_dist.parallel.lighthouse_cp import EXCHANGES
+from lh_dist.parallel.comm import EXCHANGES
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
-from lh_dist.runtime.build import build_model, set_phase
+from lh_dist.runtime.build import set_phase
 from lh_dist.runtime.device import local_device
 from lh_dist.runtime.distributed import init_distributed
-from lh_dist.train.engine import Engine
-from lh_dist.train.step import TrainStep
+from lh_dist.train.step import build_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = ("lighthouse", "dense")
@@ -90,11 +89,8 @@ def measure(args, layout, device, seq_len: int, phase: str, exchange: str, mode:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     left_over = torch.cuda.memory_allocated(device) if cuda else 0  # earlier rows' engines are not this row's
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank, as in the Trainer
-    model = build_model(cfg, layout.cp_group if cp > 1 else None).to(device)
-    set_phase(model, phase)
-    engine = Engine(cfg, model, world, device)
-    step = TrainStep(cfg, engine, layout, device)
+    step = build_train_step(cfg, layout, device)  # lh-train's step, as its Trainer builds it
+    set_phase(step.engine.module, phase)
     # The ranks of a CP group share their samples (same dp_rank), as the loader hands them out.
     gen = torch.Generator().manual_seed(1000 + layout.dp_rank)
     batch = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, seq_len + 1), generator=gen)
@@ -118,7 +114,7 @@ def measure(args, layout, device, seq_len: int, phase: str, exchange: str, mode:
            "gpus": world, "dp": layout.dp_degree, "cp": cp, "first_step_s": first, "step_s": median,
            "tokens_per_s_per_gpu": tokens / median / world, "peak_mem_gib": None if peak != peak else peak,
            "times": times}
-    del step, engine, model
+    del step
     return row
 
 

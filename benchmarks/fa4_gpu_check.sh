@@ -74,11 +74,12 @@ part2() {
     phase selfcheck 120 python3 -c '
 import time, torch
 import lh_dist.ops.attention as a
+from lh_dist.ops.attention import flash_attn4
 t = time.perf_counter()
 for dtype in (torch.bfloat16, torch.float16):
     print(dtype, "->", a.resolve_backend("auto", torch.device("cuda"), dtype, 128))
-print("versions:", a._flash_attn_version())
-print(f"self-check (import, compile, both dtypes) {time.perf_counter() - t:.1f} s; verdicts:", a._self_checks)'
+print("versions:", flash_attn4.flash_attn_version())
+print(f"self-check (import, compile, both dtypes) {time.perf_counter() - t:.1f} s; verdicts:", flash_attn4._self_checks)'
     phase tests_flash_attn 180 python3 -m pytest -q -p no:cacheprovider -m gpu \
         tests/unit/test_flash_attn_gpu.py tests/unit/test_flash_attn_selfcheck.py
     phase bench_attention 150 python3 benchmarks/attention.py --backends cudnn flash_attn \

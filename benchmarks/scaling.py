@@ -73,8 +73,15 @@ def series_overrides(series: str, tiny: bool) -> list[str]:
 
 
 def cell_config(args, series: str, n: int) -> TrainConfig:
+    """The config of a cell. On a GPU, an offloading cell offloads as many blocks as 90% of the
+    host's available memory can pin (`parallel.activation_offload_layers`), all of them if it can."""
     over = [*(TINY_MODEL if args.tiny else []), *args.set, f"data.seq_len={n}", *series_overrides(series, args.tiny)]
-    return load_config(args.config, over)
+    cfg = load_config(args.config, over)
+    if cfg.parallel.activation_offload != "none" and args.device == "cuda":
+        fit = min(cfg.model.n_layers, int(0.9 * _available_host_bytes() // block_input_bytes(cfg)))
+        if fit < cfg.model.n_layers:
+            cfg = load_config(args.config, [*over, f"parallel.activation_offload_layers={max(fit, 1)}"])
+    return cfg
 
 
 # ------------------------------------------------------------------ one cell
@@ -84,9 +91,10 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def offload_host_bytes(cfg: TrainConfig) -> int:
-    """Host memory that activation offloading holds at the end of forward: every block's input (bf16 on GPUs)."""
-    return cfg.model.n_layers * cfg.data.micro_batch * cfg.data.seq_len * cfg.model.dim * 2
+def block_input_bytes(cfg: TrainConfig) -> int:
+    """One block's input [B, N, E] in bf16 (on GPUs): what offloading moves per block."""
+    return cfg.data.micro_batch * cfg.data.seq_len * cfg.model.dim * 2
+
 
 
 def _available_host_bytes() -> int:
@@ -104,10 +112,10 @@ def precheck(args, series: str, n: int) -> dict | None:
     except ConfigError as e:
         return row | {"status": "invalid", "error": str(e)}
     if cfg.parallel.activation_offload != "none" and args.device == "cuda":
-        need, available = offload_host_bytes(cfg), _available_host_bytes()
+        need, available = block_input_bytes(cfg), _available_host_bytes()
         if need > 0.9 * available:
-            return row | {"status": "host-oom", "error": f"offloading needs {need / GiB:.0f} GiB of pinned host "
-                                                         f"memory, {available / GiB:.0f} GiB available"}
+            return row | {"status": "host-oom", "error": f"offloading one block needs {need / GiB:.0f} GiB of "
+                                                         f"pinned host memory, {available / GiB:.0f} GiB available"}
     return None
 
 
@@ -154,6 +162,7 @@ def measure_cell(args, series: str, n: int) -> dict:
     offload = getattr(module, "activation_offload", None)
     if offload is not None:
         row["host_offload_peak_gib"] = offload.peak_host_bytes / GiB
+        row["offloaded_blocks"] = cfg.parallel.activation_offload_layers or cfg.model.n_layers
     del step, module
     gc.collect()
     return row
@@ -549,6 +558,8 @@ def report(args, data: dict) -> str:
         host = (f"{_fmt(r.get('host_offload_peak_gib'), '.1f')} / {_fmt(r.get('host_rss_peak_gib'), '.1f')}"
                 if "host_offload_peak_gib" in r else "")
         note = r.get("error", "")
+        if r.get("offloaded_blocks"):
+            note = f"{r['offloaded_blocks']} blocks offloaded" + (f"; {note}" if note else "")
         if r["status"] == "extrapolated":
             note = "a N + b N^2 fit of the measured dense steps"
         lines.append(f"| {r['n']:,} | {r['series']} | {r['status']} | {_fmt(r.get('step_s'), '.3f')} | "

@@ -36,13 +36,13 @@ from torch.utils.checkpoint import checkpoint
 
 from lh_dist.config import load_config
 from lh_dist.model import Transformer
-from lh_dist.ops.attention import BACKENDS, _flash_attn_version, resolve_backend
+from lh_dist.ops.attention import BACKENDS, resolve_backend
+from lh_dist.ops.attention.flash_attn4 import flash_attn_version
 from lh_dist.parallel.mesh import init_parallel_layout
-from lh_dist.runtime.build import build_model, flops_per_step_token, set_phase
+from lh_dist.runtime.build import set_phase
 from lh_dist.runtime.distributed import init_distributed
-from lh_dist.train.engine import Engine
-from lh_dist.train.metrics import peak_flops
-from lh_dist.train.step import TrainStep
+from lh_dist.train.metrics import flops_per_step_token, peak_flops
+from lh_dist.train.step import build_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("plain", "dense", "lighthouse-1536", "lighthouse-2048")
@@ -76,12 +76,10 @@ def plain_step_fn(cfg, device):
 
 
 def lh_dist_step_fn(cfg, device, phase):
-    """lh-train's step, built as the Trainer builds it (one rank)."""
-    model = build_model(cfg).to(device)
-    set_phase(model, phase)
-    engine = Engine(cfg, model, 1, device)
-    train_step = TrainStep(cfg, engine, init_parallel_layout(1, 1), device)
-    return (lambda tokens: train_step([tokens], cfg.optim.lr)), engine.module
+    """lh-train's step, built by the Trainer's own `build_train_step` (one rank)."""
+    train_step = build_train_step(cfg, init_parallel_layout(1, 1), device)
+    set_phase(train_step.engine.module, phase)
+    return (lambda tokens: train_step([tokens], cfg.optim.lr)), train_step.engine.module
 
 
 def _mode(mode: str) -> tuple[str, bool]:
@@ -225,7 +223,7 @@ def main() -> int:
         f"and {args.warmup} more",
         f"- attention: lh_dist backends {', '.join(backends)} (resolved: "
         f"{', '.join(resolve_backend(b, torch.device('cuda'), torch.bfloat16, head_dim) for b in backends)}"
-        f"{'; ' + _flash_attn_version() if 'flash_attn' in backends else ''})",
+        f"{'; ' + flash_attn_version() if 'flash_attn' in backends else ''})",
         "",
         f"| context | variant | attention | checkpointing | first step (s) | step (s) | tokens/s "
         f"| vs dense, same mode | vs {base_m} {base_b} | MFU | peak memory (GiB) | graph breaks |",

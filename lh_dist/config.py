@@ -4,6 +4,11 @@ Runs are YAML files (see `configs/`) plus `section.field=value` overrides from
 the command line. Everything is checked here, before any process group, GPU or
 data file is touched: unknown keys, wrong types and out-of-range values raise
 `ConfigError` naming the field and what it accepts.
+
+The values a field allows and the rules it must keep belong to the module that acts on them
+(attention backends, Lighthouse backends, scorers and parameter rules, CP exchanges, devices):
+the Literal types and checks below take them from there. Those modules register no custom op, so
+validating a config loads no kernel.
 """
 
 from __future__ import annotations
@@ -19,9 +24,13 @@ from typing import Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
+from lh_dist.errors import ConfigError
+from lh_dist.ops.attention.dispatch import BACKENDS as ATTENTION_BACKENDS
+from lh_dist.ops.lighthouse.params import BACKENDS as LIGHTHOUSE_BACKENDS
+from lh_dist.ops.lighthouse.params import LighthouseArgError, LighthouseParams
+from lh_dist.ops.lighthouse.scorers import SCORERS
+from lh_dist.parallel.comm import EXCHANGES
+from lh_dist.runtime.device import DEVICES
 
 
 def _check(ok: bool, name: str, allowed: str, value) -> None:
@@ -117,7 +126,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     # Kernel behind every dense attention call (see lh_dist.ops.attention).
-    attention_backend: Literal["auto", "flash_attn", "cudnn", "flash", "cpu_flash", "math"] = "auto"
+    attention_backend: Literal[ATTENTION_BACKENDS] = "auto"
 
     def __post_init__(self) -> None:
         # Left at 0 when dim does not split into n_heads, for validate to say so.
@@ -149,15 +158,15 @@ class LighthouseConfig:
     topk: int = 2048
     # Layers that always run dense; negative indices count from the end.
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
-    scorer: Literal["norm"] = "norm"
-    backend: Literal["auto", "reference", "triton"] = "auto"
+    scorer: Literal[tuple(SCORERS)] = "norm"
+    backend: Literal[LIGHTHOUSE_BACKENDS] = "auto"
 
     def validate(self, p: str = "lighthouse") -> None:
-        """ConfigError naming the first field (as `p`.field) that is out of range."""
-        _check(self.levels >= 2, f"{p}.levels", "an integer >= 2", self.levels)
-        _check(self.pooling >= 2 and self.pooling & (self.pooling - 1) == 0, f"{p}.pooling",
-               "a power of two >= 2", self.pooling)
-        _check(self.topk > 0 and self.topk % 128 == 0, f"{p}.topk", "a positive multiple of 128", self.topk)
+        """ConfigError naming the first field (as `p`.field) that breaks LighthouseParams' rules."""
+        try:
+            LighthouseParams.from_config(self)
+        except LighthouseArgError as e:
+            raise ConfigError(f"{p}.{e.arg}: {e}") from None
 
 
 @dataclass(kw_only=True)
@@ -168,7 +177,7 @@ class ParallelConfig:
     dp_degree: int = 0
     cp_degree: int = 1
     # How Lighthouse under CP shares the selected summaries between ranks.
-    lighthouse_exchange: Literal["allgather", "ring"] = "allgather"
+    lighthouse_exchange: Literal[EXCHANGES] = "allgather"
     zero_stage: int = 0
     # Recompute in backward: "full" every block's forward, "selective" all of it but attention
     # (whose outputs are kept), "none" nothing (fastest, most memory).
@@ -176,6 +185,9 @@ class ParallelConfig:
     # "cpu": what checkpointing keeps of each block, its input, waits in pinned host memory
     # between the block's forward and its backward (copies overlapped with compute).
     activation_offload: Literal["none", "cpu"] = "none"
+    # How many blocks, the first ones, offload their input (0: all). Fewer blocks hold less host
+    # memory: at 2M tokens the paper model's 30 inputs are 120 GiB, more than most hosts can pin.
+    activation_offload_layers: int = 0
     # torch.compile each block (fuses the elementwise work around the attention kernels).
     compile: bool = False
 
@@ -186,6 +198,8 @@ class ParallelConfig:
         _check(self.zero_stage in (0, 1, 2, 3), f"{p}.zero_stage", "one of 0, 1, 2, 3", self.zero_stage)
         if self.activation_offload != "none" and self.activation_checkpointing == "none":
             raise ConfigError(f"{p}.activation_offload needs {p}.activation_checkpointing full or selective")
+        _check(self.activation_offload_layers >= 0, f"{p}.activation_offload_layers", "0 (all) or a positive integer",
+               self.activation_offload_layers)
 
 
 DEFAULT_DATA_PATH = "runs/data/stdlib"
@@ -345,7 +359,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"
 
     def validate(self) -> None:
         """Validate every section, then what spans sections (Lighthouse's tiling, zigzag sharding)."""
@@ -359,6 +373,8 @@ class TrainConfig:
                 _check(-n <= i < n, "lighthouse.dense_layers", f"layer indices in [-{n}, {n})",
                        self.lighthouse.dense_layers)
             validate_lighthouse_shape(self)
+        _check(self.parallel.activation_offload_layers <= n, "parallel.activation_offload_layers",
+               f"at most model.n_layers = {n}", self.parallel.activation_offload_layers)
         chunks = 2 * self.parallel.cp_degree
         _check(self.data.seq_len % chunks == 0, "data.seq_len",
                f"divisible by 2 * parallel.cp_degree = {chunks} (zigzag sharding)", self.data.seq_len)
@@ -375,8 +391,6 @@ _LIGHTHOUSE_ARG_FIELDS = {"n": "data.seq_len", "levels": "lighthouse.levels", "p
 
 def validate_lighthouse_shape(cfg: TrainConfig) -> None:
     """Check that Lighthouse can tile the training sequence on every CP rank (the kernels' own rules)."""
-    from lh_dist.ops.lighthouse.params import LighthouseArgError, LighthouseParams
-
     lh, cp = cfg.lighthouse, cfg.parallel.cp_degree
     try:
         # CP cuts the sequence into 2 * cp zigzag chunks that select independently.

@@ -3,6 +3,7 @@ import importlib
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,36 @@ def stdlib_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "stdlib"
     assert lh_data(["stdlib", "--out", str(out), "--max-docs", "120", "--val-fraction", "0.05"]) == 0
     return out
+
+
+def _synthetic_documents():
+    # Lengths from 1 to a few hundred bytes: some documents span several samples.
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        yield f"doc{i:03}", "".join(chr(97 + (i + j) % 26) for j in range(int(rng.integers(1, 300))))
+
+
+@pytest.fixture(scope="module")
+def packed_dataset(tmp_path_factory):
+    """120 made-up documents of 1 to 300 bytes, byte-tokenized into MDS shards of 4 KiB (a fifth in val)."""
+    from lh_dist.data.shards import write_dataset
+    from lh_dist.data.tokenizer import ByteTokenizer
+
+    path = tmp_path_factory.mktemp("packed") / "data"
+    write_dataset(_synthetic_documents(), path, ByteTokenizer(), source="test", val_fraction=0.2, shard_size=4096,
+                  log=lambda _: None)
+    return path
+
+
+PACKED_SEQ_LEN = 63
+
+
+def packed_loader(path, split="train", **overrides):
+    """A PackedLoader over `path` as the data-loader tests read it (PACKED_SEQ_LEN, 2 samples a batch, seed 7)."""
+    from lh_dist.data.loader import PackedLoader
+
+    kwargs = dict(seq_len=PACKED_SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, seed=7) | overrides
+    return PackedLoader(str(path), split, **kwargs)
 
 
 @contextlib.contextmanager

@@ -30,17 +30,7 @@ import numpy as np
 import torch
 
 from lh_dist.data.shards import DATASET_INFO, DOC_LENGTHS, FORMAT_VERSION, SPLITS
-
-
-def _shared_memories(obj, depth: int = 3) -> set:
-    """The streaming SharedMemory objects held by `obj` and its attributes, `depth` levels down."""
-    from streaming.base.shared.memory import SharedMemory
-
-    if isinstance(obj, SharedMemory):
-        return {obj}
-    if not depth or not hasattr(obj, "__dict__"):
-        return set()
-    return set().union(*(_shared_memories(v, depth - 1) for v in vars(obj).values()))
+from lh_dist.data.streaming_shm import open_streaming_dataset
 
 
 class CorruptDataError(ValueError):
@@ -170,13 +160,14 @@ class PackedLoader:
     # ----- opening the split
 
     def close(self) -> None:
-        """Release the dataset's shared memory now. mosaicml-streaming keeps it open until the
-        process exits (an exit handler holds it), so a process that opens many loaders would run
-        out of file descriptors."""
-        dataset = self.__dict__.pop("_dataset", None)
-        for shm in _shared_memories(dataset):
-            atexit.unregister(shm.cleanup)
-            shm.cleanup()
+        """Release the dataset's shared memory now. Otherwise it stays open until the process
+        exits (an exit handler holds it), so a process that opens many loaders would run out of
+        file descriptors."""
+        self.__dict__.pop("_dataset", None)
+        release = self.__dict__.pop("_release", None)
+        if release is not None:
+            atexit.unregister(release)
+            release()
 
     def __del__(self):
         try:
@@ -185,8 +176,6 @@ class PackedLoader:
             pass
 
     def _open_dataset(self, cache_dir: str | None):
-        from streaming import StreamingDataset  # importing streaming takes seconds
-
         # streaming picks one process per node to set up shared memory from these
         # variables; without LOCAL_WORLD_SIZE every rank would think it is that process.
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_WORLD_SIZE" not in os.environ:
@@ -196,10 +185,12 @@ class PackedLoader:
             )
         if cache_dir is None:
             self._check_local_shards()
-            return StreamingDataset(local=self.path, split=self.split)
-        return StreamingDataset(
-            remote=_streaming_remote(self.path), local=cache_dir, split=self.split, validate_hash="sha1"
-        )
+            dataset, self._release = open_streaming_dataset(local=self.path, split=self.split)
+        else:
+            dataset, self._release = open_streaming_dataset(
+                remote=_streaming_remote(self.path), local=cache_dir, split=self.split, validate_hash="sha1"
+            )
+        return dataset
 
     def _check_local_shards(self) -> None:
         """Fail early, naming the file, when a shard of a local dataset is missing or truncated;

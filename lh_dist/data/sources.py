@@ -15,9 +15,10 @@ import dataclasses
 import os
 from pathlib import Path, PurePosixPath
 
-from lh_dist.config import ConfigError, DataConfig
+from lh_dist.config import DataConfig
 from lh_dist.data.loader import PackedLoader, read_dataset_info
 from lh_dist.data.mixture import MixtureLoader
+from lh_dist.errors import ConfigError
 
 
 def data_location(path: str) -> str:

@@ -39,6 +39,7 @@ from pathlib import Path
 from lh_dist.config import ConfigError
 from lh_dist.eval.outputs import (DEFAULT_DEPTHS, DEFAULT_LOSS, DEFAULT_RETRIEVAL, loss_name, passkey_name,
                                   retrieval_name, update_index, write_json)
+from lh_dist.runtime.device import DEVICES
 
 SPACINGS = ("linear", "log")
 
@@ -76,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--out", type=Path, default=None,
                         help="output root: results go to <out>/step_XXXXXXXX/, the index to <out>/index.json "
                              "(default: <run_dir>/eval)")
-    common.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}", help="device to run on")
+    common.add_argument("--device", default="auto", metavar="{" + ",".join(DEVICES) + "}", help="device to run on")
     common.add_argument("--cp", type=int, default=1,
                         help="context-parallel degree; run under torchrun with this many ranks")
     common.add_argument("overrides", nargs="*", help="config overrides section.field=value")
@@ -249,18 +250,28 @@ def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
               file=sys.stderr)
 
 
+def _check_positive(args, *names: str) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+
+
+def _runner(args, phase: str):
+    """The checkpoint's model on this rank, in `phase` attention."""
+    from lh_dist.eval.runner import ModelRunner
+
+    return ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase=phase, overrides=args.overrides)
+
+
 def run_passkey(args) -> Path | None:
     """`lh-eval passkey`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.eval.passkey import passkey_grid
     from lh_dist.eval.plotting import passkey_heatmap
-    from lh_dist.eval.runner import ModelRunner
 
     if any(not 0 <= d <= 100 for d in args.depths):
         raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be a positive integer, got {args.batch_size}")
-    runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase="dense",
-                         overrides=args.overrides)
+    _check_positive(args, "batch_size")
+    runner = _runner(args, "dense")
     tokenizer = _tokenizer(args, runner.cfg)
     lengths = _passkey_lengths(args, runner.cfg, tokenizer)
     for n in lengths:
@@ -286,15 +297,11 @@ def run_loss(args) -> Path | None:
     from lh_dist.data.loader import PackedLoader, read_dataset_info
     from lh_dist.eval.plotting import position_loss_plot
     from lh_dist.eval.position_loss import bucket_edges, evaluate_position_loss
-    from lh_dist.eval.runner import ModelRunner
 
-    for name in ("batches", "micro_batch", "buckets"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    _check_positive(args, "batches", "micro_batch", "buckets")
     if args.spacing not in SPACINGS:
         raise ValueError(f"--spacing must be one of {SPACINGS}, got {args.spacing!r}")
-    runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase=args.phase,
-                         overrides=args.overrides)
+    runner = _runner(args, args.phase)
     seq_len = args.seq_len or runner.cfg.data.seq_len
     if seq_len < 2:
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len}")
@@ -335,13 +342,9 @@ def run_retrieval(args) -> Path | None:
     from lh_dist.data.retrieval import dataset_generator
     from lh_dist.eval.plotting import retrieval_heatmap
     from lh_dist.eval.retrieval import retrieval_grid
-    from lh_dist.eval.runner import ModelRunner
 
-    for name in ("docs", "depth_bins", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase="dense",
-                         overrides=args.overrides)
+    _check_positive(args, "docs", "depth_bins", "batch_size")
+    runner = _runner(args, "dense")
     data = args.data or runner.cfg.data.primary_path
     lengths = _retrieval_lengths(args, runner.cfg)
     generator = dataset_generator(data, "val", args.filler)

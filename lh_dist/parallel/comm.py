@@ -1,7 +1,11 @@
-"""Point-to-point ring transfers within a process group."""
+"""Point-to-point ring transfers within a process group, and the ways Lighthouse under CP exchanges
+the gathered K/V between ranks (`EXCHANGES`, which lighthouse_cp implements)."""
 
 import torch
 import torch.distributed as dist
+
+# "allgather": all-gather them once; "ring": ring attention over them.
+EXCHANGES = ("allgather", "ring")
 
 
 def group_coords(group) -> tuple[int, int]:

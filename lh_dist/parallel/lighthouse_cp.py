@@ -25,11 +25,15 @@ from lh_dist.ops.lighthouse import (
     lighthouse_select,
     validate_lighthouse_inputs,
 )
-from lh_dist.parallel.comm import all_gather_stacked, exchange_with_neighbors, group_coords, reduce_scatter_stacked
+from lh_dist.parallel.comm import (
+    EXCHANGES,
+    all_gather_stacked,
+    exchange_with_neighbors,
+    group_coords,
+    reduce_scatter_stacked,
+)
 from lh_dist.parallel.ring_attention import ring_attention
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_chunk_ids, zigzag_shard, zigzag_unshard
-
-EXCHANGES = ("allgather", "ring")
 
 
 class _AllGatherCausalAttention(torch.autograd.Function):

@@ -87,7 +87,8 @@ def _checkpointed(forward, mode: str):
 def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
     """The run's Transformer: each layer's attention chosen (Lighthouse or dense, local or over
     `cp_group`), blocks checkpointed as `parallel.activation_checkpointing` says, their inputs
-    offloaded to host memory if `parallel.activation_offload` is "cpu", then compiled block by
+    offloaded to host memory if `parallel.activation_offload` is "cpu" (the first
+    `parallel.activation_offload_layers` blocks, 0: all), then compiled block by
     block if `parallel.compile`. Weights are fp32 on the CPU; the caller moves them.
     `model.activation_offload` is the `ActivationOffload` in use, or None."""
     dense_fn, lighthouse_fn = _attention_fns(cfg, cp_group)
@@ -97,12 +98,14 @@ def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
     model = Transformer(cfg.model, attention_fns)
     mode = cfg.parallel.activation_checkpointing
     offload = ActivationOffload() if cfg.parallel.activation_offload == "cpu" else None
-    for layer in model.layers:
+    # The first blocks' inputs wait longest for their backward: they are the ones offloaded.
+    offloaded = (cfg.parallel.activation_offload_layers or cfg.model.n_layers) if offload is not None else 0
+    for i, layer in enumerate(model.layers):
         if mode != "none":
             # Activation memory falls from every block's intermediates to each block's input
             # (plus, for "selective", its attention outputs).
             layer.forward = _checkpointed(layer.forward, mode)
-        if offload is not None:
+        if i < offloaded:
             # The block's input goes to host memory. The hooks that move it must stay outside the
             # compiled region, so the block's forward is compiled, not the module's call around it.
             forward = torch.compile(layer.forward) if cfg.parallel.compile else layer.forward
@@ -135,17 +138,4 @@ def lighthouse_length(cfg: TrainConfig) -> int:
     from lh_dist.ops.lighthouse import LighthouseParams
 
     return LighthouseParams.from_config(cfg.lighthouse).gathered_length(cfg.data.seq_len)
-
-
-def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> float:
-    """Training FLOPs per token (forward + backward = 3 x forward) counting the attention actually run."""
-    m, n = cfg.model, cfg.data.seq_len
-    # Causal attention forward: QK^T and PV over all query heads, 2 FLOPs per MAC, half the pairs.
-    width = m.n_heads * m.head_dim
-    dense_attn = 2 * 2 * n * n / 2 * width
-    n_lh_layers = m.n_layers - len(dense_layer_ids(cfg)) if phase == "lighthouse" else 0
-    s = lighthouse_length(cfg)
-    lh_attn = 2 * 2 * s * s / 2 * width
-    attn_per_seq = (m.n_layers - n_lh_layers) * dense_attn + n_lh_layers * lh_attn
-    return 6 * n_params_matmul + 3 * attn_per_seq / n
 

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from lh_dist.config import ConfigError
+from lh_dist.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 # Ranks per node without GPUs: enough for context parallelism (CP 2) on CPU.

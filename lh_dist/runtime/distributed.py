@@ -32,6 +32,21 @@ def init_distributed(device: torch.device) -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
 
+    if device.type == "cpu":
+        # On CPU, DeepSpeed's communication backend builds its shared-memory all-reduce op
+        # (`deepspeed_shm_comm`) with the C++ compiler when it starts, into ~/.cache/torch_extensions,
+        # which all virtual environments of the user share: without a compiler the start fails, and
+        # environments rebuild it over each other's copy (over a minute each time). Training never
+        # uses the op (DeepSpeed calls it only from `inference_all_reduce`; gradients go through
+        # gloo), and initializing torch.distributed first would not help (DeepSpeed still builds
+        # it then). DeepSpeed's own switch is its table of ops it may build: one marked not
+        # compatible there is skipped, exactly as on a machine that cannot build it.
+        from deepspeed.accelerator import get_accelerator
+
+        shm_comm = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if shm_comm is not None:
+            deepspeed.ops.__compatible_ops__[shm_comm.NAME] = False
+
     if "WORLD_SIZE" not in os.environ:
         # A plain `lh-train` without torchrun: a world of one on a free local port.
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",

@@ -22,7 +22,7 @@ tensor, the weights included. Here, on a GPU:
   - when backward unpacks a block's input, the side stream already starts bringing back the
     input of the block whose backward comes next (the previous block), into memory allocated on
     the compute stream, and the compute stream waits for that copy's event only when it needs it.
-The last block's input is kept on the device as well (its host copy goes unread): its backward
+The last offloaded block's input is kept on the device as well (its host copy goes unread): its backward
 comes first.
 On the CPU the pack hook makes a plain copy (nothing to gain, but the path is the same).
 """
@@ -44,12 +44,6 @@ class _Offloaded:
         self.copied: torch.cuda.Event | None = None  # device->host copy done (side stream)
         self.fetched: Tensor | None = None  # a prefetched device copy, not yet handed to backward
         self.loaded: torch.cuda.Event | None = None  # host->device copy of `fetched` done
-
-    def wait_copied(self) -> Tensor:
-        """The host copy, once its device->host copy has ended (for inspection)."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.host
 
 
 def _key(t: Tensor) -> tuple:

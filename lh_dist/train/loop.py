@@ -16,16 +16,15 @@ from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.data.sources import data_sources, open_loaders, with_current_documents
 from lh_dist.hf.mapping import HF_DIR, read_origin
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
-from lh_dist.runtime.build import (PhasedAttention, build_model, dense_layer_ids, flops_per_step_token,
+from lh_dist.runtime.build import (PhasedAttention, dense_layer_ids,
                                    lighthouse_length, phase_at, set_phase)
 from lh_dist.runtime.checkpoint import load_model_state
 from lh_dist.runtime.device import local_device
 from lh_dist.runtime.distributed import init_distributed
 from lh_dist.train.checkpoint import Checkpointer
-from lh_dist.train.engine import Engine
 from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
-from lh_dist.train.metrics import Metrics, ValidationLoss, peak_flops
-from lh_dist.train.step import StepResult, TrainStep
+from lh_dist.train.metrics import Metrics, ValidationLoss, flops_per_step_token, peak_flops
+from lh_dist.train.step import StepResult, build_train_step
 
 # Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
 # EX_TEMPFAIL from sysexits.h, "try again later". SLURM scripts requeue on it.
@@ -163,18 +162,13 @@ class Trainer:
             messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) into the "
                             f"run dir")
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = build_model(cfg, self.layout.cp_group if cp > 1 else None)
+        self.step_fn = build_train_step(cfg, self.layout, self.device,
+                                        load_model_state(init.folder) if init is not None else None)
         if init is not None:
-            # Into the module before the engine wraps it: every ZeRO stage partitions these values.
-            model.load_state_dict(load_model_state(init.folder))
             messages.append(f"starting at step 0 from the weights of {init.folder}")
-        model = model.to(self.device)
-        self.n_params = model.num_params()
-        self.n_matmul_params = model.num_params() - model.embed.weight.numel()
+        self.engine = self.step_fn.engine
+        self.n_params, self.n_matmul_params = self.step_fn.n_params, self.step_fn.n_matmul_params
         self.checkpointer.n_params = self.n_params
-        self.engine = Engine(cfg, model, world, self.device)
-        self.step_fn = TrainStep(cfg, self.engine, self.layout, self.device)
         self.pending: list[_PendingStep] = []
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0

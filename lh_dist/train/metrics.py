@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from lh_dist.config import TrainConfig
+from lh_dist.runtime.build import dense_layer_ids, lighthouse_length
+
 # Dense bf16 tensor-core peak, for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}
 
@@ -35,6 +38,19 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_step_token(cfg: TrainConfig, n_params_matmul: int, phase: str) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward) counting the attention actually run."""
+    m, n = cfg.model, cfg.data.seq_len
+    # Causal attention forward: QK^T and PV over all query heads, 2 FLOPs per MAC, half the pairs.
+    width = m.n_heads * m.head_dim
+    dense_attn = 2 * 2 * n * n / 2 * width
+    n_lh_layers = m.n_layers - len(dense_layer_ids(cfg)) if phase == "lighthouse" else 0
+    s = lighthouse_length(cfg)
+    lh_attn = 2 * 2 * s * s / 2 * width
+    attn_per_seq = (m.n_layers - n_lh_layers) * dense_attn + n_lh_layers * lh_attn
+    return 6 * n_params_matmul + 3 * attn_per_seq / n
 
 
 @dataclass(frozen=True)

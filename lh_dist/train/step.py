@@ -1,6 +1,7 @@
 """One optimizer step of lh-train: every micro-batch's forward and backward, then the update.
 
-`TrainStep` is what `lh-train` runs and what benchmarks/train_throughput.py times. It does not
+`build_train_step` builds it for lh-train's Trainer and for the benchmarks that time it
+(benchmarks/train_throughput.py, scaling.py, cp_train.py), so they time what lh-train runs. It does not
 wait for the GPU: the loss stays a device tensor, this rank's and not yet averaged over ranks,
 and the caller reads it when it logs. The one wait per step is DeepSpeed's own test of the
 gradient norm, which decides whether the update is applied (`Engine.step`).
@@ -18,6 +19,7 @@ from torch import Tensor
 from lh_dist.config import TrainConfig
 from lh_dist.parallel.mesh import ParallelLayout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
+from lh_dist.runtime.build import build_model
 from lh_dist.train.engine import Engine
 
 
@@ -32,6 +34,11 @@ class StepResult:
 
 class TrainStep:
     """Forward and backward over the micro-batches of one optimizer step, then the update."""
+
+    # The model's parameters (embedding included, tied weights once) and those of its matrix
+    # products (all but the embedding), counted by build_train_step before ZeRO partitions them.
+    n_params: int = 0
+    n_matmul_params: int = 0
 
     def __init__(self, cfg: TrainConfig, engine: Engine, layout: ParallelLayout, device: torch.device):
         self.engine, self.layout, self.device = engine, layout, device
@@ -88,3 +95,19 @@ class TrainStep:
                 sums += torch.stack([means.sum(), means.square().sum(), means.new_tensor(float(len(means)))])
         self.engine.train()
         return sums
+
+
+def build_train_step(cfg: TrainConfig, layout: ParallelLayout, device: torch.device,
+                     weights: dict[str, Tensor] | None = None) -> TrainStep:
+    """This rank's training step: the model (its attention over layout's CP group) with the weights of
+    torch.manual_seed(cfg.seed), the same on every rank, or `weights` (a state dict), on `device`,
+    under DeepSpeed (`Engine`)."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, layout.cp_group if layout.cp_degree > 1 else None)
+    if weights is not None:
+        # Into the module before the engine wraps it: every ZeRO stage partitions these values.
+        model.load_state_dict(weights)
+    n_params = model.num_params()
+    step = TrainStep(cfg, Engine(cfg, model.to(device), layout.world_size, device), layout, device)
+    step.n_params, step.n_matmul_params = n_params, n_params - model.embed.weight.numel()
+    return step

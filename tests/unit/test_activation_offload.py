@@ -13,14 +13,13 @@ import pytest
 import torch
 
 from lh_dist.config import ConfigError, load_config
-from lh_dist.runtime.build import build_model, set_phase
 from lh_dist.runtime.offload import ActivationOffload, _Offloaded
 
-# In the Lighthouse phase layer 0 stays dense: both kinds of attention run.
-SMALL = ["model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",
-         "model.vocab_size=64", "data.seq_len=512", "lighthouse.levels=2", "lighthouse.pooling=2",
-         "lighthouse.topk=256", "lighthouse.dense_layers=[0]", "parallel.cp_degree=1", "model.attention_backend=math"]
-LAYERS = 3
+from small_model import LAYERS, loss_and_grads, small_model
+
+
+def _model(phase: str, *overrides: str, **kwargs):
+    return small_model(phase, "data.seq_len=512", *overrides, **kwargs)
 
 
 @pytest.fixture
@@ -32,22 +31,6 @@ def compile_without_codegen(monkeypatch):
     torch._dynamo.reset()
 
 
-def _model(phase: str, *overrides: str, dtype=torch.float64, device="cpu"):
-    cfg = load_config(None, [*SMALL, *overrides])
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device=device, dtype=dtype)
-    set_phase(model, phase)
-    return model, cfg
-
-
-def _loss_and_grads(model, cfg, device="cpu"):
-    gen = torch.Generator().manual_seed(1)
-    tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), generator=gen).to(device)
-    loss = model(tokens[:, :-1], torch.arange(cfg.data.seq_len, device=device), tokens[:, 1:]).mean()
-    loss.backward()
-    return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_offloading_gives_exactly_the_same_loss_and_gradients(mode, compiled, request, phase="lighthouse"):
@@ -55,10 +38,10 @@ def test_offloading_gives_exactly_the_same_loss_and_gradients(mode, compiled, re
     if compiled:
         request.getfixturevalue("compile_without_codegen")
     over = [f"parallel.activation_checkpointing={mode}", f"parallel.compile={str(compiled).lower()}"]
-    loss0, grads0 = _loss_and_grads(*_model(phase, *over))
+    loss0, grads0 = loss_and_grads(*_model(phase, *over))
     model, cfg = _model(phase, *over, "parallel.activation_offload=cpu")
     assert isinstance(model.activation_offload, ActivationOffload)
-    loss1, grads1 = _loss_and_grads(model, cfg)
+    loss1, grads1 = loss_and_grads(model, cfg)
     assert torch.equal(loss1, loss0)
     for g1, g0 in zip(grads1, grads0, strict=True):
         assert torch.equal(g1, g0)
@@ -96,13 +79,15 @@ def test_each_block_input_and_nothing_else_goes_to_host_memory(compiled, device,
 
     monkeypatch.setattr(offload, "_offload", spy_offload)
     monkeypatch.setattr(offload, "_unpack", spy_unpack)
-    _loss_and_grads(model, cfg, device)
+    loss_and_grads(model, cfg, device)
 
     # One offload per block: its input, not the RoPE tables or the weights that are saved beside it.
     assert len(packed) == len(inputs) == LAYERS
     assert all(pair[0] is x for pair, x in zip(packed, inputs))
     for t, record in packed:
-        host = record.wait_copied()
+        if record.copied is not None:
+            record.copied.synchronize()  # the device->host copy has ended
+        host = record.host
         assert host.device.type == "cpu" and host.is_pinned() == (device == "cuda")  # pinned for a GPU
         assert host.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()  # a copy, not the tensor
         assert torch.equal(host, t.cpu())
@@ -113,6 +98,25 @@ def test_each_block_input_and_nothing_else_goes_to_host_memory(compiled, device,
     assert offload.peak_host_bytes == LAYERS * block_bytes
     del inputs, packed, unpacked, t, record, host  # what holds the graph, which holds the host copies
     assert offload.host_bytes == 0  # freed with the graph
+
+
+def test_offloading_the_first_blocks_only(monkeypatch):
+    # activation_offload_layers=2 of 3: the first two blocks' inputs go to host memory, the last
+    # block runs as without offloading, and the loss and gradients are still exactly the same.
+    over = ["parallel.activation_checkpointing=full"]
+    loss0, grads0 = loss_and_grads(*_model("lighthouse", *over))
+    model, cfg = _model("lighthouse", *over, "parallel.activation_offload=cpu", "parallel.activation_offload_layers=2")
+    offload, packed = model.activation_offload, []
+    real_offload = offload._offload
+    monkeypatch.setattr(offload, "_offload", lambda t, ready: packed.append(t) or real_offload(t, ready))
+    loss1, grads1 = loss_and_grads(model, cfg)
+    assert len(packed) == 2
+    assert offload.peak_host_bytes == 2 * cfg.data.seq_len * cfg.model.dim * 8  # [1, N, E] float64 each
+    assert torch.equal(loss1, loss0)
+    for g1, g0 in zip(grads1, grads0, strict=True):
+        assert torch.equal(g1, g0)
+    with pytest.raises(ConfigError, match=r"^parallel.activation_offload_layers must be at most model.n_layers = 3"):
+        _model("dense", "parallel.activation_offload_layers=4")
 
 
 def test_no_offload_without_gradients():
@@ -157,7 +161,7 @@ def test_offloading_on_a_gpu_is_exact_and_frees_the_block_inputs(mode, compiled)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        results[offload] = _loss_and_grads(model, cfg, device="cuda")
+        results[offload] = loss_and_grads(model, cfg, device="cuda")
         torch.cuda.synchronize()
         peaks[offload] = torch.cuda.max_memory_allocated() - base
         del model

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import lh_dist.ops.attention as attention_module
+from lh_dist.ops.attention import flash_attn4, ops
 from lh_dist.ops.attention import (
     BACKENDS,
     attention,
@@ -158,12 +158,20 @@ def test_backend_matches_reference_cpu(case, shape, causal):
 @pytest.mark.parametrize("shape, causal", SHAPE_CASES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("case", GPU_CASES, ids=_ids)
 def test_backend_matches_reference_gpu(case, shape, causal):
-    if case[0] == "flash_attn" and attention_module._flash_attn() == attention_module._FA_NOT_INSTALLED:
+    if case[0] == "flash_attn" and flash_attn4._flash_attn() == flash_attn4._FA_NOT_INSTALLED:
         pytest.skip("FlashAttention-4 is not installed")
     check_against_reference(*case, "cuda", shape, causal)
 
 
-def _autograd_matches_explicit(backend, dtype, device):
+# Each device's kernels, in the dtype a training run gives them there.
+ON_EACH_DEVICE = (
+    [pytest.param(b, torch.float32, "cpu", id=f"cpu-{b}") for b in ("cpu_flash", "math")]
+    + [pytest.param(b, torch.bfloat16, "cuda", id=f"cuda-{b}", marks=[gpu, needs_cuda]) for b in ("cudnn", "flash", "math")]
+)
+
+
+@pytest.mark.parametrize("backend, dtype, device", ON_EACH_DEVICE)
+def test_autograd_matches_explicit_backward(backend, dtype, device):
     q, k, v, dout = make_inputs((2, 48, 80, 4, 2), dtype, device)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     out = attention(q, k, v, causal=True, backend=backend)
@@ -175,18 +183,6 @@ def _autograd_matches_explicit(backend, dtype, device):
         torch.testing.assert_close(x.grad, g, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["cpu_flash", "math"])
-def test_autograd_matches_explicit_backward_cpu(backend):
-    _autograd_matches_explicit(backend, torch.float32, "cpu")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("backend", ["cudnn", "flash", "math"])
-def test_autograd_matches_explicit_backward_gpu(backend):
-    _autograd_matches_explicit(backend, torch.bfloat16, "cuda")
-
-
 def test_math_backward_gradcheck():
     # the explicit math backward against finite differences (float64)
     q, k, v, _ = make_inputs((1, 5, 9, 2, 1), torch.float64, "cpu")
@@ -194,7 +190,8 @@ def test_math_backward_gradcheck():
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, causal=True, backend="math"), (q, k, v))
 
 
-def _noncontiguous_inputs(backend, dtype, device):
+@pytest.mark.parametrize("backend, dtype, device", ON_EACH_DEVICE)
+def test_noncontiguous_inputs(backend, dtype, device):
     # q, k, v as strided views of one packed projection, as a fused QKV linear gives them
     b, n, h = 2, 40, 4
     qkv = torch.randn(b, n, 3, h, D, device=device, dtype=dtype)
@@ -207,18 +204,6 @@ def _noncontiguous_inputs(backend, dtype, device):
     grads_c = attention_backward(dout, qc, kc, vc, out_c, lse_c, causal=True, backend=backend)
     for got, want in zip((out, lse, *grads), (out_c, lse_c, *grads_c)):
         torch.testing.assert_close(got, want)
-
-
-@pytest.mark.parametrize("backend", ["cpu_flash", "math"])
-def test_noncontiguous_inputs_cpu(backend):
-    _noncontiguous_inputs(backend, torch.float32, "cpu")
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("backend", ["cudnn", "flash", "math"])
-def test_noncontiguous_inputs_gpu(backend):
-    _noncontiguous_inputs(backend, torch.bfloat16, "cuda")
 
 
 # ------------------------------------------------------------------ merge_partials
@@ -311,9 +296,9 @@ def test_attention_ops_pass_opcheck(backend, shape):
     q, k, v, dout = make_inputs(shape, torch.float32, "cpu")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     scale = q.shape[-1] ** -0.5
-    torch.library.opcheck(attention_module._forward_op, (q, k, v, True, scale, backend))
+    torch.library.opcheck(ops._forward_op, (q, k, v, True, scale, backend))
     out, lse = attention_forward(q.detach(), k.detach(), v.detach(), causal=True, backend=backend)
-    torch.library.opcheck(attention_module._backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, True,
+    torch.library.opcheck(ops._backward_op, (dout, q.detach(), k.detach(), v.detach(), out, lse, True,
                                                           scale, backend))
 
 

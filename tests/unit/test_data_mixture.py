@@ -57,6 +57,20 @@ def _loaders(data, **overrides):
     return open_loaders(data, data_sources(data), **kwargs)
 
 
+@pytest.fixture(scope="module")
+def packed(datasets):
+    """The train loaders of the two datasets, seed 5. A mixture reads them only through `packed_sample`,
+    which keeps no position, so the tests share them (each loader opened holds hundreds of file
+    descriptors of streaming's shared memory until the process exits)."""
+    return {name: PackedLoader(str(path), "train", seq_len=SEQ_LEN, micro_batch=1, dp_rank=0, dp_degree=1, seed=5)
+            for name, path in datasets.items()}
+
+
+def _mixture(packed, *, micro_batch=2, dp_rank=0, dp_degree=1, seed=5):
+    return MixtureLoader(packed, {"a": 3.0, "b": 1.0}, micro_batch=micro_batch, dp_rank=dp_rank, dp_degree=dp_degree,
+                         seed=seed)
+
+
 # ---- the draws ------------------------------------------------------------------------------------
 
 def test_draws_are_a_function_of_seed_and_sample_index():
@@ -84,66 +98,63 @@ def test_observed_proportions_stay_within_binomial_bounds(weights):
 
 # ---- MixtureLoader --------------------------------------------------------------------------------
 
-def test_one_source_mixture_gives_the_packed_loaders_batches(datasets):
+def test_one_source_mixture_gives_the_packed_loaders_batches(datasets, packed):
     for dp_rank in (0, 1):
-        args = dict(seq_len=SEQ_LEN, micro_batch=2, dp_rank=dp_rank, dp_degree=2, seed=3)
-        packed = PackedLoader(str(datasets["a"]), "train", **args)
-        mixture = MixtureLoader({"a": PackedLoader(str(datasets["a"]), "train", **args)}, {"a": 1.0},
-                                micro_batch=2, dp_rank=dp_rank, dp_degree=2, seed=3)
+        alone = PackedLoader(str(datasets["a"]), "train", seq_len=SEQ_LEN, micro_batch=2, dp_rank=dp_rank, dp_degree=2,
+                             seed=5)
+        mixture = MixtureLoader({"a": packed["a"]}, {"a": 1.0}, micro_batch=2, dp_rank=dp_rank, dp_degree=2, seed=5)
         for _ in range(6):
-            assert torch.equal(next(mixture), next(packed))
+            assert torch.equal(next(mixture), next(alone))
 
 
-def test_data_path_still_reads_one_packed_loader(datasets):
+def test_data_path_still_reads_one_packed_loader(datasets, packed):
     train, val = _loaders(_data_cfg(f"data.path={datasets['a']}"))
     assert type(train) is PackedLoader and list(val) == ["a"]
-    packed = PackedLoader(str(datasets["a"]), "train", seq_len=SEQ_LEN, micro_batch=2, dp_rank=0, dp_degree=1, seed=5)
-    for _ in range(4):
-        assert torch.equal(next(train), next(packed))
+    for b in range(4):
+        expected = np.stack([packed["a"].packed_sample(2 * b + i) for i in (0, 1)])  # [micro_batch, seq_len + 1]
+        assert torch.equal(next(train), torch.from_numpy(expected))
 
 
-def test_each_source_is_read_in_its_own_order(datasets):
-    data = _mixture_cfg(datasets)
-    train, val = _loaders(data)
-    assert isinstance(train, MixtureLoader) and list(val) == ["a", "b"]
-    own = {name: PackedLoader(str(datasets[name]), "train", seq_len=SEQ_LEN, micro_batch=1, dp_rank=0, dp_degree=1,
-                              seed=5) for name in "ab"}
+def test_each_source_is_read_in_its_own_order(datasets, packed):
+    train, val = _loaders(_mixture_cfg(datasets))
+    assert isinstance(train, MixtureLoader) and list(val) == ["a", "b"] and train.weights == [3.0, 1.0]
     drawn = {"a": 0, "b": 0}
     for _ in range(10):
         for sample in next(train).numpy():
-            name = "a" if (sample == ord("a")).any() else "b"  # every non-EOD token is the source's letter
-            assert np.array_equal(sample, own[name].packed_sample(drawn[name]))
+            name = "a" if (sample == ord("a")).any() else "b"  # a sample holds its source's letter
+            assert np.array_equal(sample, packed[name].packed_sample(drawn[name]))
             drawn[name] += 1
     assert drawn == {name: s["samples_seen"] for name, s in train.state_dict()["sources"].items()}
     assert list(drawn.values()) == np.bincount(source_draws(5, 0, 20, [3.0, 1.0])).tolist()
 
 
-def test_dp_ranks_split_one_global_sequence_and_resume_exactly(datasets):
-    data = _mixture_cfg(datasets)
-    whole, _ = _loaders(data, dp_degree=1)
-    ranks = [_loaders(_data_cfg(f"data.sources={[vars(s) for s in data.sources]}", "data.micro_batch=1"),
-                      dp_rank=r, dp_degree=2)[0] for r in (0, 1)]
+def test_dp_ranks_split_one_global_sequence_and_resume_exactly(packed):
+    whole = _mixture(packed)
+    ranks = [_mixture(packed, micro_batch=1, dp_rank=r, dp_degree=2) for r in (0, 1)]
     for _ in range(5):  # micro_batch 2 on one rank = micro_batch 1 on each of two ranks
         batch = next(whole)
         assert torch.equal(batch, torch.cat([next(r) for r in ranks]))
     state = json.loads(json.dumps(whole.state_dict()))  # as a checkpoint holds it
     assert state["samples_seen"] == 10
     expected = [next(whole) for _ in range(4)]
-    resumed, _ = _loaders(data)
+    resumed = _mixture(packed)
     resumed.load_state_dict(state)
     assert all(torch.equal(next(resumed), batch) for batch in expected)
+    # Another seed draws other sources.
+    other, same = _mixture(packed, seed=6), _mixture(packed)
+    assert any(not torch.equal(next(other), next(same)) for _ in range(5))
 
 
-def test_mixture_state_refuses_other_sources_and_rebuilt_data_unless_adopted(datasets):
-    train, _ = _loaders(_mixture_cfg(datasets))
+def test_mixture_state_refuses_other_sources_and_rebuilt_data_unless_adopted(packed):
+    train = _mixture(packed)
     next(train)
     state = train.state_dict()
     fewer = dict(state, sources={"a": state["sources"]["a"]})
     with pytest.raises(ValueError, match=r"sources \['a'\], this mixture has \['a', 'b'\]"):
-        _loaders(_mixture_cfg(datasets))[0].load_state_dict(fewer)
+        _mixture(packed).load_state_dict(fewer)
     rebuilt = json.loads(json.dumps(state))
     rebuilt["sources"]["b"]["num_documents"] += 1
-    fresh, _ = _loaders(_mixture_cfg(datasets))
+    fresh = _mixture(packed)
     with pytest.raises(ValueError, match="source b has num_documents"):
         fresh.load_state_dict(rebuilt)
     fresh.load_state_dict(with_current_documents(rebuilt, fresh.state_dict()))
@@ -190,11 +201,10 @@ def test_missing_source_and_other_tokenizer_are_refused_naming_the_source(datase
     assert "\n" not in str(e.value)
 
 
-def test_identity_records_content_and_tells_a_rebuilt_dataset(datasets, tmp_path):
+def test_identity_records_content_and_tells_a_rebuilt_dataset(datasets, packed, tmp_path):
     data = _mixture_cfg(datasets)
     sources = data_sources(data)
-    train, _ = _loaders(data)
-    record = dict(train.state_dict(), **data_identity(data, sources))
+    record = dict(_mixture(packed).state_dict(), **data_identity(data, sources))
     assert record["datasets"]["b"] == {"path": data_location(str(datasets["b"])),
                                        "content_sha256": sources[1].info["content_sha256"]}
     same = compare_data(record, data, sources)

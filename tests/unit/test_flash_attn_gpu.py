@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-import lh_dist.ops.attention as attention_module
+from lh_dist.ops.attention import flash_attn4
 from lh_dist.ops.attention import attention, attention_backward, attention_forward, resolve_backend
 from lh_dist.parallel.sharding import zigzag_shard
 
@@ -35,7 +35,7 @@ from lh_dist.parallel.sharding import zigzag_shard
 ring_module = importlib.import_module("lh_dist.parallel.ring_attention")
 
 HAS_FA4 = (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
-           and attention_module._flash_attn() != attention_module._FA_NOT_INSTALLED)
+           and flash_attn4._flash_attn() != flash_attn4._FA_NOT_INSTALLED)
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not HAS_FA4, reason="needs an sm90+ GPU and FlashAttention-4 (lh_dist[flash])")]
 
@@ -64,7 +64,7 @@ def test_auto_picks_flash_attn_after_its_self_check():
         warnings.simplefilter("error")  # no fallback warning
         for dtype in (torch.bfloat16, torch.float16):
             assert resolve_backend("auto", torch.device("cuda"), dtype, 128) == "flash_attn"
-    assert attention_module._self_checks[(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 128)] is None
+    assert flash_attn4._self_checks[(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16, 128)] is None
 
 
 # ------------------------------------------------------------------ dense layers

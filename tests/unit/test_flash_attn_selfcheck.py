@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 
-import lh_dist.ops.attention as attention_module
+from lh_dist.ops.attention import dispatch, flash_attn4
 from lh_dist.ops.attention import attention_backward, attention_forward, resolve_backend
 
 FAKE_VERSION = "4.0.0.dev0+standin"
@@ -65,9 +65,9 @@ def make_flash_attn(kind: str):
 
 
 def _forget_flash_attn():
-    attention_module._flash_attn.cache_clear()
-    attention_module._self_checks.clear()
-    attention_module._warned.clear()
+    flash_attn4._flash_attn.cache_clear()
+    flash_attn4._self_checks.clear()
+    dispatch._warned.clear()
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def install(monkeypatch):
         for name, module in modules.items():
             monkeypatch.setitem(sys.modules, name, module)
         if lift_gate:
-            monkeypatch.setattr(attention_module, "_flash_attn_hardware", lambda device, dtype, head_dim: None)
+            monkeypatch.setattr(flash_attn4, "_flash_attn_hardware", lambda device, dtype, head_dim: None)
         return calls
 
     yield _install
@@ -127,7 +127,7 @@ def test_auto_picks_flash_attn_once_the_check_passed(install):
         warnings.simplefilter("error")
         assert resolve_backend("auto", q.device, q.dtype, q.shape[-1]) == "flash_attn"
     checked = len(calls)
-    assert checked == len(attention_module._SELF_CHECK_CASES)  # forward of every case, once
+    assert checked == len(flash_attn4._SELF_CHECK_CASES)  # forward of every case, once
     out, lse = attention_forward(q, k, v, causal=True)
     assert len(calls) == checked + 1  # the stand-in computed it, with no second check
     ref_out, ref_lse = attention_forward(q, k, v, causal=True, backend="math")
@@ -146,7 +146,7 @@ def test_self_check_reports_an_interface_change(install, monkeypatch):
 def test_absent_package_is_quiet_under_auto(monkeypatch):
     _forget_flash_attn()
     monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn raises ModuleNotFoundError
-    monkeypatch.setattr(attention_module, "_flash_attn_hardware", lambda device, dtype, head_dim: None)
+    monkeypatch.setattr(flash_attn4, "_flash_attn_hardware", lambda device, dtype, head_dim: None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -26,6 +26,13 @@ pytestmark = pytest.mark.usefixtures("nan_filled_empty")
 CONFIGS = [(3, 4, 256, 4096), (2, 2, 256, 512), (4, 2, 256, 2048), (3, 4, 512, 8192)]
 
 
+def level_and_window(sel) -> tuple[torch.Tensor, torch.Tensor]:
+    """(level, window) of every gathered entry of a Selection, both [B, Hkv, S] int64."""
+    offsets = torch.tensor(sel.offsets, device=sel.index.device)
+    level = torch.bucketize(sel.index, offsets[1:-1], right=True)
+    return level, sel.index - offsets[:-1][level]
+
+
 def literal_entries(q_norm: list[float], k_norm: list[float], n: int, levels: int, p: int, topk: int):
     """docs/DESIGN.md §2 steps 2-4 for one (batch, KV head): emitted (level, window) in causal order."""
 
@@ -176,10 +183,10 @@ def test_selection_per_chunk_concatenates_to_whole():
     m = n // chunks
     parts = [select(*pyramid_scores(q[:, i * m : (i + 1) * m], k[:, i * m : (i + 1) * m], levels, pooling),
                     m, levels, pooling, topk // 128 // chunks) for i in range(chunks)]
-    level_w, window_w = whole.level_and_window()
+    level_w, window_w = level_and_window(whole)
     s = parts[0].length
     for i, part in enumerate(parts):
-        level_c, window_c = part.level_and_window()
+        level_c, window_c = level_and_window(part)
         assert torch.equal(level_c, level_w[..., i * s : (i + 1) * s])
         shift = (i * m) // pooling**level_c
         assert torch.equal(window_c + shift, window_w[..., i * s : (i + 1) * s])
@@ -254,7 +261,7 @@ def test_scatter_back_keeps_rows_past_the_chunk_end():
     extra = pooling ** (levels - 1) - 1
     longer = scatter_back(o, sel, length=n + extra)
     torch.testing.assert_close(longer[:, :n], scatter_back(o, sel), rtol=0, atol=0)
-    level, window = sel.level_and_window()
+    level, window = level_and_window(sel)
     expected = torch.zeros(extra, 2, 4)
     for s, (lvl, i) in enumerate(zip(level[0, 0].tolist(), window[0, 0].tolist())):
         c = pooling**lvl
@@ -423,7 +430,7 @@ def test_gathered_entries_sorted_by_causal_key(levels, pooling, topk, n):
     q, k, _ = random_qkv(2, n, 4, 2, 4, dtype=torch.float32, seed=26)
     n_tiles = topk // 128
     sel = select(*pyramid_scores(q, k, levels, pooling), n, levels, pooling, n_tiles)
-    level, window = sel.level_and_window()
+    level, window = level_and_window(sel)
     offsets = torch.tensor(sel.offsets)
     c = pooling**level
     first_child = offsets[(level - 1).clamp(min=0)] + window * pooling

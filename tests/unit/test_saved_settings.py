@@ -36,6 +36,17 @@ def test_a_changed_setting_is_still_refused():
                                                                      "model.qk_norm=true"]), 1, 1)
 
 
+def test_a_checkpoint_from_before_the_checkpointing_modes_resumes():
+    # Manifests (format_version 1) and run config.yaml files written when activation_checkpointing was a
+    # bool hold true/false; config_from_dict reads them as "full"/"none", so those runs resume.
+    cfg = load_config(None, ["model.dim=64", "model.n_heads=4"])
+    for saved, meant in ((True, "full"), (False, "none")):
+        old = _manifest(cfg)
+        old["config"]["parallel"]["activation_checkpointing"] = saved
+        assert saved_settings(old)["parallel.activation_checkpointing"] == meant
+        check_resume(old, Path("step_00000002"), cfg, world_size=1, dp_degree=1)  # no refusal
+
+
 def test_a_checkpoint_without_the_datas_content_hash_resumes_saying_so(tmp_path):
     from lh_dist.data.shards import write_dataset
     from lh_dist.data.sources import data_sources

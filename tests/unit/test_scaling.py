@@ -203,9 +203,14 @@ def test_cells_that_cannot_run_are_recorded_without_running(monkeypatch):
     args = scaling.parse_args(["--device", "cuda", "--report-only"])  # no GPU needed to plan
     assert scaling.precheck(args, "lighthouse-1m", 131072)["status"] == "invalid"
     assert scaling.precheck(args, "lighthouse-1m", 262144) is None
-    # Offloading 30 layers of 2,097,152 x 1024 bf16 values needs 120 GiB of pinned host memory.
+    # Offloading 30 layers of 2,097,152 x 1024 bf16 values needs 120 GiB of pinned host memory, 4 GiB a
+    # block: with 100 GiB available, the first 22 blocks (88 GiB <= 90 GiB) are offloaded.
     monkeypatch.setattr(scaling, "_available_host_bytes", lambda: 100 * 2**30)
+    assert scaling.precheck(args, "lighthouse-1m+offload", 2 * MILLION) is None
+    assert scaling.cell_config(args, "lighthouse-1m+offload", 2 * MILLION).parallel.activation_offload_layers == 22
+    assert scaling.cell_config(args, "lighthouse-1m+offload", MILLION).parallel.activation_offload_layers == 0  # all
+    # Not even one block fits in 90% of 4 GiB.
+    monkeypatch.setattr(scaling, "_available_host_bytes", lambda: 4 * 2**30)
     row = scaling.precheck(args, "lighthouse-1m+offload", 2 * MILLION)
     assert row == {"series": "lighthouse-1m+offload", "n": 2 * MILLION, "status": "host-oom",
-                   "error": "offloading needs 120 GiB of pinned host memory, 100 GiB available"}
-    assert scaling.precheck(args, "lighthouse-1m+offload", MILLION) is None  # 60 GiB
+                   "error": "offloading one block needs 4 GiB of pinned host memory, 4 GiB available"}

@@ -50,10 +50,3 @@ class Selection:
     @property
     def length(self) -> int:
         return self.index.shape[-1]
-
-    def level_and_window(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(level, window) of every gathered entry, both [B, Hkv, S] int64."""
-        offsets = torch.tensor(self.offsets[1:-1], device=self.index.device)
-        level = torch.bucketize(self.index, offsets, right=True)
-        window = self.index - torch.tensor(self.offsets[:-1], device=self.index.device)[level]
-        return level, window

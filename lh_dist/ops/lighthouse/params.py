@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lh_dist.ops.attention import BACKENDS as ATTENTION_BACKENDS
+from lh_dist.ops.attention.dispatch import BACKENDS as ATTENTION_BACKENDS
 
 from .layout import TILE_SELECT, gathered_length
 from .scorers import get_scorer
