@@ -233,6 +233,8 @@ def test_identity_records_content_and_tells_a_rebuilt_dataset(datasets, packed, 
 def test_validation_loss_is_the_sample_mean_with_its_standard_error():
     x = np.array([2.1, 2.5, 1.9, 2.2, 2.4, 2.0])
     v = ValidationLoss.from_sums(x.sum(), (x ** 2).sum(), len(x))
+    # float64 throughout: the mean is exact to ~1e-16; the variance from sums loses
+    # sum(x^2) / (n var) ~ 30 / 0.25 ~ 1e2 of that to cancellation, far inside these bounds.
     assert v.samples == 6 and v.loss == pytest.approx(x.mean(), rel=1e-12)
     assert v.stderr == pytest.approx(x.std(ddof=1) / math.sqrt(6), rel=1e-9)
     assert v.text() == f"{x.mean():.4f} ± {x.std(ddof=1) / math.sqrt(6):.4f} over 6 samples"
