@@ -224,13 +224,18 @@ class RetrievalGenerator:
     def check_length(self, length: int) -> None:
         """Raise ValueError if documents of `length` tokens cannot be built (too short for the
         statements and queries by the estimate of `min_length`, or longer than the filler)."""
-        if length < self.min_length():
-            raise ValueError(f"a document of {length:,} tokens cannot hold {self.settings.keys} statements, "
-                             f"{self.settings.queries} queries and a gap of {self.settings.min_gap} tokens "
-                             f"(at least {self.min_length():,} tokens are needed)")
-        if length > self.filler.num_tokens:
+        self._check_fits(length, needed=self.min_length(), filler=length)
+
+    def _check_fits(self, length: int, needed: int, filler: int) -> None:
+        """ValueError if a `length`-token document needs more than it has (`needed` tokens in all) or
+        more filler than this split holds (`filler` tokens)."""
+        s = self.settings
+        if length < needed:
+            raise ValueError(f"a document of {length:,} tokens cannot hold {s.keys} statements, {s.queries} "
+                             f"queries and a gap of {s.min_gap} tokens (at least {needed:,} tokens are needed)")
+        if filler > self.filler.num_tokens:
             raise ValueError(f"filler {self.filler.path} split {self.split!r} has {self.filler.num_tokens:,} "
-                             f"tokens, fewer than a {length:,}-token document needs")
+                             f"tokens, fewer than the {filler:,} that a {length:,}-token document needs")
 
     def document(self, index: int, length: int | None = None) -> RetrievalDocument:
         """Document `index` of this split, `length` tokens long (default: settings.doc_tokens)."""
@@ -242,13 +247,7 @@ class RetrievalGenerator:
         statements = [encode_item(self.tokenizer, STATEMENT, k, v) for k, v in zip(keys, values)]
         queries = [encode_item(self.tokenizer, QUERY, k, v) for k, v in zip(keys[:s.queries], values)]
         num_filler = length - sum(len(ids) for ids, _, _ in statements + queries)
-        if num_filler < s.min_gap:
-            raise ValueError(f"a document of {length:,} tokens cannot hold {s.keys} statements, "
-                             f"{s.queries} queries and a gap of {s.min_gap} tokens "
-                             f"(at least {length - num_filler + s.min_gap:,} tokens are needed)")
-        if num_filler > self.filler.num_tokens:
-            raise ValueError(f"filler {self.filler.path} split {self.split!r} has {self.filler.num_tokens:,} "
-                             f"tokens, fewer than the {num_filler:,} that a {length:,}-token document needs")
+        self._check_fits(length, needed=length - num_filler + s.min_gap, filler=num_filler)
 
         # Offsets into the filler: an item at offset a goes between filler tokens a - 1 and a.
         gaps = np.exp(rng.uniform(math.log(s.min_gap), math.log(num_filler + 1), size=s.queries))
