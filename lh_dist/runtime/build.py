@@ -24,15 +24,18 @@ class PhasedAttention(nn.Module):
         super().__init__()
         self.dense_fn, self.lighthouse_fn = dense_fn, lighthouse_fn
         self.phase = "dense"
-        # When set, the next Lighthouse call keeps its q and k (for the selection-map image).
+        # When set, the next Lighthouse call keeps the q and k it scores (for the selection-map image).
         self.capture = False
         self.captured: tuple[Tensor, Tensor] | None = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, score_q: Tensor | None = None,
+                score_k: Tensor | None = None) -> Tensor:
+        """The model's `AttentionFn`: Lighthouse scores score_q/score_k where given; dense ignores them."""
         if self.phase == "lighthouse" and self.lighthouse_fn is not None:
-            if self.capture:
-                self.captured, self.capture = (q.detach()[:1], k.detach()[:1]), False
-            return self.lighthouse_fn(q, k, v)
+            if self.capture:  # the vectors the selection is computed from
+                sq, sk = q if score_q is None else score_q, k if score_k is None else score_k
+                self.captured, self.capture = (sq.detach()[:1], sk.detach()[:1]), False
+            return self.lighthouse_fn(q, k, v, score_q=score_q, score_k=score_k)
         return self.dense_fn(q, k, v)
 
 
