@@ -149,9 +149,9 @@ class LighthouseConfig:
     # Layers that always run dense; negative indices count from the end.
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
     scorer: Literal["norm"] = "norm"
-    # With model.qk_norm, what the scorer reads: the q/k projections before the norm, or the
-    # normalized q/k the layer attends with (docs/DESIGN.md §2, benchmarks/results/qk_norm_scores.md).
-    score_from: Literal["projections", "normalized"] = "projections"
+    # With model.qk_norm, what the scorer reads: the normalized q/k the layer attends with, or the
+    # projections before the norm (docs/DESIGN.md §2, benchmarks/results/qk_norm_scores.md).
+    score_from: Literal["normalized", "projections"] = "normalized"
     backend: Literal["auto", "reference", "triton"] = "auto"
 
     def validate(self, p: str = "lighthouse") -> None:

@@ -32,8 +32,8 @@ class AttentionFn(Protocol):
 
     score_q/score_k (q's and k's shapes), where given, are the vectors that importance scorers
     read instead of q and k; dense kernels ignore them. The model passes them only with qk_norm:
-    its projections before the norm and RoPE (after the norm a vector's length is that of the
-    norm's gain, the same for every token; RoPE does not change lengths).
+    its projections before the norm and RoPE (the norm sets every vector's rms to 1 before its
+    gain, so lengths after it vary only through the gain; RoPE does not change lengths).
     """
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, score_q: Tensor | None = None,
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
         scored = {}
         if self.q_norm is not None:
-            scored = {"score_q": q, "score_k": k}  # importance is read before the norm equalizes lengths
+            scored = {"score_q": q, "score_k": k}  # for scorers that read the lengths the norm removes
             q, k = self.q_norm(q), self.k_norm(k)  # over D, per token and head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = self.attention_fn(q, k, v, **scored)  # [B, N, H, D]

@@ -1,7 +1,7 @@
 """A Qwen3-like model (head_dim apart from dim / n_heads, qk-norm, q/k/v biases) with llama3 or
 YaRN RoPE scaling, built for a CP group of 2 gloo ranks with ring attention: each rank's logits
 on its zigzag shard, at its global positions, equal the zigzag shard of the single-device logits.
-The same holds in the Lighthouse phase, whose selection reads the projections before the QK-norm.
+The same holds in the Lighthouse phase, its selection scoring the projections before the QK-norm.
 
 Tolerance: in float64 the two paths differ only by the ring's order of summation (its
 log-sum-exp merge of partial attentions) and by matmuls over a shard instead of the whole
@@ -67,7 +67,7 @@ def test_cp_logits_equal_single_device_with_rope_scaling():
 # Lighthouse in both layers: 4 tiles (one per zigzag chunk of 2 ranks) of 256 windows of 2 tokens, half of
 # them refined (with fewer, 128, every window would be and the scores would not matter).
 LIGHTHOUSE = ["data.seq_len=2048", "lighthouse.levels=2", "lighthouse.pooling=2", "lighthouse.topk=512",
-              "lighthouse.dense_layers=[]", "lighthouse.backend=reference"]
+              "lighthouse.dense_layers=[]", "lighthouse.backend=reference", "lighthouse.score_from=projections"]
 
 
 def _compare_lighthouse_shards(rank, world):
