@@ -224,6 +224,11 @@ def _pm(pair, digits=4) -> str:
     return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
+def _pm_sig(pair) -> str:
+    """mean ± se with 3 significant digits (spreads span five orders of magnitude)."""
+    return f"{pair[0]:.3g} ± {pair[1]:.2g}"
+
+
 def write_report(out: Path, result: dict, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "qk_norm_scores.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -273,7 +278,7 @@ def write_report(out: Path, result: dict, command: str) -> None:
         "|---|---|---|---|",
     ]
     for label, s in (("trained", r["score_cv"]["trained"]), ("freshly initialized", r["score_cv"]["fresh"])):
-        lines.append(f"| {label} | {_pm(s['pre'], 4)} | {_pm(s['post'], 4)} | {_pm(s['post_unit_gain'], 6)} |")
+        lines.append(f"| {label} | {_pm_sig(s['pre'])} | {_pm_sig(s['post'])} | {_pm_sig(s['post_unit_gain'])} |")
     lines += [
         "",
         "With unit gains ||x_hat|| = ||x|| / sqrt(||x||^2 / D + eps) still grows with ||x||: in float32 (here) it",
