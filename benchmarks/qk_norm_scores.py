@@ -1,6 +1,6 @@
 """Which vectors Lighthouse should score in a model with QK-norm: measured on a small trained model.
 
-    python benchmarks/qk_norm_scores.py --out benchmarks/results          # CPU, about 10 minutes
+    python benchmarks/qk_norm_scores.py --out benchmarks/results   # 2 CPU cores: 10-20 min (training 614K tokens)
     python benchmarks/qk_norm_scores.py --steps 4 --val-samples 4 --out /tmp/qk   # checks the script
 
 With QK-norm (Qwen3) every q and k is RMS-normalized before RoPE, so its L2 norm is ||w * x_hat||:
