@@ -159,6 +159,9 @@ class LighthouseConfig:
     # Layers that always run dense; negative indices count from the end.
     dense_layers: list[int] = field(default_factory=lambda: [0, 1, -2, -1])
     scorer: Literal[tuple(SCORERS)] = "norm"
+    # With model.qk_norm, what the scorer reads: the normalized q/k the layer attends with, or the
+    # projections before the norm (docs/DESIGN.md §2, benchmarks/results/qk_norm_scores.md).
+    score_from: Literal["normalized", "projections"] = "normalized"
     backend: Literal[LIGHTHOUSE_BACKENDS] = "auto"
 
     def validate(self, p: str = "lighthouse") -> None:

@@ -134,7 +134,7 @@ def lh_dist_model(run_dir: Path, overrides: list[str] = ()):
 
     folder = resolve_checkpoint(run_dir)
     cfg = checkpoint_config(folder, overrides)
-    dense = [lambda q, k, v: attention(q, k, v, causal=True, backend="math")] * cfg.model.n_layers
+    dense = [lambda q, k, v, **scored: attention(q, k, v, causal=True, backend="math")] * cfg.model.n_layers
     model = Transformer(cfg.model, dense)
     model.load_state_dict(load_model_state(folder))
     return model.double().eval()

@@ -28,9 +28,16 @@ from lh_dist.model.rope import apply_rope, rope_tables
 
 
 class AttentionFn(Protocol):
-    """Causal attention over rotated q [B, N, H, D], k/v [B, N, K, D] -> [B, N, H, D]."""
+    """Causal attention over rotated q [B, N, H, D], k/v [B, N, K, D] -> [B, N, H, D].
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+    score_q/score_k (q's and k's shapes), where given, are the vectors that importance scorers
+    read instead of q and k; dense kernels ignore them. The model passes them only with qk_norm:
+    its projections before the norm and RoPE (the norm sets every vector's rms to 1 before its
+    gain, so lengths after it vary only through the gain; RoPE does not change lengths).
+    """
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, score_q: Tensor | None = None,
+                 score_k: Tensor | None = None) -> Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -68,10 +75,12 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim)  # [B, N, H, D]
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)  # [B, N, K, D]
+        scored = {}
         if self.q_norm is not None:
+            scored = {"score_q": q, "score_k": k}  # for scorers that read the lengths the norm removes
             q, k = self.q_norm(q), self.k_norm(k)  # over D, per token and head
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.attention_fn(q, k, v)  # [B, N, H, D]
+        out = self.attention_fn(q, k, v, **scored)  # [B, N, H, D]
         return self.wo(out.reshape(b, n, -1))
 
 

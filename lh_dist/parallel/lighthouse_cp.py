@@ -103,23 +103,26 @@ class _SpillToNeighbors(torch.autograd.Function):
 
 
 @torch.compiler.disable  # selection and communication stay eager; compiled layers call it as an opaque step
-def lighthouse_cp_attention(q, k, v, group, params: LighthouseParams, *, exchange: str = "allgather") -> torch.Tensor:
+def lighthouse_cp_attention(q, k, v, group, params: LighthouseParams, *, exchange: str = "allgather",
+                            score_q=None, score_k=None) -> torch.Tensor:
     """Lighthouse attention of zigzag-sharded q [B, N/W, H, D], k/v [B, N/W, Hkv, D] over the CP group.
 
     Every rank of `group` (W ranks; None means one) passes its shards of a sequence of N
     tokens; returns this rank's output shard [B, N/W, H, D], equal to the zigzag shard of
     single-device Lighthouse with the same params. params.n_tiles must divide into 2W chunks.
-    exchange: "allgather" or "ring" (how gathered K/V travel). params.backend runs the per-chunk
+    exchange: "allgather" or "ring" (how gathered K/V travel). score_q/score_k: the shards of the
+    vectors scored instead of q/k, as in `lighthouse_attention`. params.backend runs the per-chunk
     select, gather and scatter. The output has q's dtype; partial sums stay in fp32 (fp64 for fp64).
     """
-    validate_lighthouse_inputs(q, k, v)
+    validate_lighthouse_inputs(q, k, v, score_q, score_k)
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     world, rank = group_coords(group)
     chunk = check_zigzag_length(q.shape[1] * world, world)
 
     # Select and gather each local chunk on its own.
-    selections = [lighthouse_select(q[:, j * chunk:(j + 1) * chunk], k[:, j * chunk:(j + 1) * chunk], params,
+    sq, sk = q if score_q is None else score_q, k if score_k is None else score_k
+    selections = [lighthouse_select(sq[:, j * chunk:(j + 1) * chunk], sk[:, j * chunk:(j + 1) * chunk], params,
                                     chunks=2 * world) for j in range(2)]
     qg, kg, vg = (torch.cat([lighthouse_gather(x[:, j * chunk:(j + 1) * chunk], selections[j], params)
                              for j in range(2)], dim=1) for x in (q, k, v))  # [B, 2Sc, H or Hkv, D]

@@ -20,19 +20,26 @@ PHASES = ("lighthouse", "dense")
 class PhasedAttention(nn.Module):
     """A layer's attention: Lighthouse or dense, switched by `phase` without touching weights."""
 
-    def __init__(self, dense_fn, lighthouse_fn=None):
+    def __init__(self, dense_fn, lighthouse_fn=None, score_inputs: bool = True):
         super().__init__()
         self.dense_fn, self.lighthouse_fn = dense_fn, lighthouse_fn
+        # False: Lighthouse scores the q/k it attends with, not the model's score inputs.
+        self.score_inputs = score_inputs
         self.phase = "dense"
-        # When set, the next Lighthouse call keeps its q and k (for the selection-map image).
+        # When set, the next Lighthouse call keeps the q and k it scores (for the selection-map image).
         self.capture = False
         self.captured: tuple[Tensor, Tensor] | None = None
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, score_q: Tensor | None = None,
+                score_k: Tensor | None = None) -> Tensor:
+        """The model's `AttentionFn`: Lighthouse scores score_q/score_k where given; dense ignores them."""
         if self.phase == "lighthouse" and self.lighthouse_fn is not None:
-            if self.capture:
-                self.captured, self.capture = (q.detach()[:1], k.detach()[:1]), False
-            return self.lighthouse_fn(q, k, v)
+            if not self.score_inputs:
+                score_q = score_k = None
+            if self.capture:  # the vectors the selection is computed from
+                sq, sk = q if score_q is None else score_q, k if score_k is None else score_k
+                self.captured, self.capture = (sq.detach()[:1], sk.detach()[:1]), False
+            return self.lighthouse_fn(q, k, v, score_q=score_q, score_k=score_k)
         return self.dense_fn(q, k, v)
 
 
@@ -93,7 +100,8 @@ def build_model(cfg: TrainConfig, cp_group=None) -> Transformer:
     `model.activation_offload` is the `ActivationOffload` in use, or None."""
     dense_fn, lighthouse_fn = _attention_fns(cfg, cp_group)
     always_dense = dense_layer_ids(cfg)
-    attention_fns = [PhasedAttention(dense_fn, None if i in always_dense else lighthouse_fn)
+    score_inputs = cfg.lighthouse.score_from == "projections"
+    attention_fns = [PhasedAttention(dense_fn, None if i in always_dense else lighthouse_fn, score_inputs)
                      for i in range(cfg.model.n_layers)]
     model = Transformer(cfg.model, attention_fns)
     mode = cfg.parallel.activation_checkpointing

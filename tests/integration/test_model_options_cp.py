@@ -1,6 +1,7 @@
 """A Qwen3-like model (head_dim apart from dim / n_heads, qk-norm, q/k/v biases) with llama3 or
 YaRN RoPE scaling, built for a CP group of 2 gloo ranks with ring attention: each rank's logits
 on its zigzag shard, at its global positions, equal the zigzag shard of the single-device logits.
+The same holds in the Lighthouse phase, its selection scoring the projections before the QK-norm.
 
 Tolerance: in float64 the two paths differ only by the ring's order of summation (its
 log-sum-exp merge of partial attentions) and by matmuls over a shard instead of the whole
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from lh_dist.config import load_config
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.runtime.build import build_model
+from lh_dist.runtime.build import build_model, set_phase
 
 from spawn import spawn_ranks
 
@@ -61,3 +62,35 @@ def _compare_shards(rank, world):
 
 def test_cp_logits_equal_single_device_with_rope_scaling():
     spawn_ranks(_compare_shards, 2)
+
+
+# Lighthouse in both layers: 4 tiles (one per zigzag chunk of 2 ranks) of 256 windows of 2 tokens, half of
+# them refined (with fewer, 128, every window would be and the scores would not matter).
+LIGHTHOUSE = ["data.seq_len=2048", "lighthouse.levels=2", "lighthouse.pooling=2", "lighthouse.topk=512",
+              "lighthouse.dense_layers=[]", "lighthouse.backend=reference", "lighthouse.score_from=projections"]
+
+
+def _compare_lighthouse_shards(rank, world):
+    cfg = load_config(None, QWEN3_LIKE + LIGHTHOUSE)
+    n = cfg.data.seq_len
+    single = build_model(cfg).to(torch.float64)
+    cp = build_model(cfg, dist.group.WORLD).to(torch.float64)
+    weights = _random_weights(single)
+    single.load_state_dict(weights)
+    cp.load_state_dict(weights)
+    tokens = torch.randint(0, cfg.model.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
+    local_tokens, positions = zigzag_shard(tokens, 1, world, rank), zigzag_positions(n, world, rank)
+    with torch.no_grad():
+        dense = zigzag_shard(single(tokens, torch.arange(n)), 1, world, rank)  # [B, N/W, V]
+        set_phase(single, "lighthouse")
+        set_phase(cp, "lighthouse")
+        expected = zigzag_shard(single(tokens, torch.arange(n)), 1, world, rank)
+        got = cp(local_tokens, positions)
+    # As above, plus the Lighthouse exchange's own order of float64 sums (~1e-15 relative).
+    diff = (got - expected).abs().max().item()
+    assert diff <= 1e-10, f"rank {rank}: max |logit difference| {diff:.3g}"
+    assert (expected - dense).abs().max().item() > 1e-3, f"rank {rank}: the Lighthouse phase changed nothing"
+
+
+def test_cp_lighthouse_logits_of_a_qk_norm_model_equal_single_device():
+    spawn_ranks(_compare_lighthouse_shards, 2)

@@ -38,10 +38,11 @@ def op_samples(backend: str, attention_backend="math", layout=(LEVELS, POOLING, 
     levels, pooling, topk, n = layout
     params = LighthouseParams(levels=levels, pooling=pooling, topk=topk, backend=backend)
     q, k, v, dout = _inputs(dtype, n=n)
+    sq, sk = _inputs(dtype, seed=1, n=n)[:2]  # vectors scored in place of q, k
     sel = lighthouse_select(q, k, params)
     og = torch.randn(1, sel.length, 2, 8, dtype=dtype)
     common = (levels, pooling)
-    forward = torch.ops.lh_dist.lighthouse_forward(q, k, v, *common, params.n_tiles, "norm", backend,
+    forward = torch.ops.lh_dist.lighthouse_forward(q, k, v, sq, sk, *common, params.n_tiles, "norm", backend,
                                                    attention_backend)
     grad = lambda x: x.clone().requires_grad_()  # noqa: E731
     return [
@@ -54,7 +55,7 @@ def op_samples(backend: str, attention_backend="math", layout=(LEVELS, POOLING, 
         (torch.ops.lh_dist.lighthouse_scatter.default, (grad(og), sel.index, sel.inverse, n, *common, 0, None, backend)),
         (torch.ops.lh_dist.lighthouse_scatter_backward.default, (dout, sel.index, n, *common, dtype, backend)),
         (torch.ops.lh_dist.lighthouse_forward.default,
-         (grad(q), grad(k), grad(v), *common, params.n_tiles, "norm", backend, attention_backend)),
+         (grad(q), grad(k), grad(v), sq, sk, *common, params.n_tiles, "norm", backend, attention_backend)),
         (torch.ops.lh_dist.lighthouse_backward.default, (dout, *forward[1:], *common, backend, attention_backend)),
     ]
 

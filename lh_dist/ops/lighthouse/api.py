@@ -14,22 +14,28 @@ from .layout import Selection
 from .params import LighthouseParams, validate_lighthouse_inputs
 
 
-def lighthouse_attention(q: Tensor, k: Tensor, v: Tensor, params: LighthouseParams) -> Tensor:
+def lighthouse_attention(q: Tensor, k: Tensor, v: Tensor, params: LighthouseParams, *,
+                         score_q: Tensor | None = None, score_k: Tensor | None = None) -> Tensor:
     """Lighthouse attention (docs/DESIGN.md §2): q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D].
 
-    Causal given the selection. One `lh_dist::lighthouse_forward` op (and its backward op); its
-    outputs include the inner attention's output and LSE.
+    score_q [B, N, H, D], score_k [B, N, Hkv, D]: the vectors the scorer reads instead of q, k
+    (a QK-norm model passes its projections before the norm); None scores q or k itself. They
+    carry no gradient. Causal given the selection. One `lh_dist::lighthouse_forward` op (and its
+    backward op); its outputs include the inner attention's output and LSE.
     """
-    validate_lighthouse_inputs(q, k, v)
+    validate_lighthouse_inputs(q, k, v, score_q, score_k)
     params.check(q.shape[1])
     backend = params.kernel_backend(q.device)
-    return torch.ops.lh_dist.lighthouse_forward(q, k, v, params.levels, params.pooling, params.n_tiles,
+    sq = (q if score_q is None else score_q).detach()
+    sk = (k if score_k is None else score_k).detach()
+    return torch.ops.lh_dist.lighthouse_forward(q, k, v, sq, sk, params.levels, params.pooling, params.n_tiles,
                                                 params.scorer, backend, params.attention_backend)[0]
 
 
 def lighthouse_select(q: Tensor, k: Tensor, params: LighthouseParams, *, chunks: int = 1) -> Selection:
-    """The selection of q [B, n, H, D], k [B, n, Hkv, D]: one of `chunks` equal chunks of a sequence of
-    n * chunks tokens (context parallelism), which holds params.n_tiles / chunks of its tiles."""
+    """The selection that scoring q [B, n, H, D], k [B, n, Hkv, D] gives (a layer's q/k, or its score
+    inputs): one of `chunks` equal chunks of a sequence of n * chunks tokens (context parallelism),
+    which holds params.n_tiles / chunks of its tiles."""
     params.check(q.shape[1] * chunks, chunks=chunks)
     index, inverse = torch.ops.lh_dist.lighthouse_select(q.detach(), k.detach(), params.levels, params.pooling,
                                                          params.n_tiles // chunks, params.scorer,

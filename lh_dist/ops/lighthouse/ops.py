@@ -1,10 +1,10 @@
 """The Lighthouse pieces as torch.library custom ops, each behind one backend switch (api.py calls them).
 
-    lh_dist::lighthouse_select     q, k -> (index, inverse) of the selection; no gradient
+    lh_dist::lighthouse_select     q, k -> (index, inverse) of the selection of the vectors scored; no gradient
     lh_dist::lighthouse_gather     x -> window means of the selected entries; backward: pool backward
     lh_dist::lighthouse_scatter    o -> token rows (plus `spill` rows past the end); backward: window sums
-    lh_dist::lighthouse_forward    the whole layer on one device: select, gather q/k/v, attention_forward,
-                                   scatter; returns (out, index, inverse, qg, kg, vg, og, lse)
+    lh_dist::lighthouse_forward    the whole layer on one device: select (scoring sq, sk), gather q/k/v,
+                                   attention_forward, scatter; returns (out, index, inverse, qg, kg, vg, og, lse)
     lh_dist::lighthouse_backward   its backward: scatter backward, attention_backward, pool backward
 
 backend "reference" runs reference.py, "triton" the launchers of triton_kernels.py: the same
@@ -165,12 +165,12 @@ _scatter_op.register_autograd(_scatter_backward_rule, setup_context=_scatter_set
 
 @torch.library.custom_op("lh_dist::lighthouse_forward", mutates_args=())
 def _forward_op(
-    q: Tensor, k: Tensor, v: Tensor, levels: int, pooling: int, n_tiles: int, scorer: str, backend: str,
-    attention_backend: str,
+    q: Tensor, k: Tensor, v: Tensor, sq: Tensor, sk: Tensor, levels: int, pooling: int, n_tiles: int, scorer: str,
+    backend: str, attention_backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     q, k, v = (x.contiguous() for x in (q, k, v))
     n = q.shape[1]
-    index, inverse = _select(q, k, levels, pooling, n_tiles, scorer, backend)
+    index, inverse = _select(sq.contiguous(), sk.contiguous(), levels, pooling, n_tiles, scorer, backend)
     qg, kg, vg = (_gather(x, index, levels, pooling, backend) for x in (q, k, v))  # [B, S, H | Hkv, D]
     og, lse = attention_forward(qg, kg, vg, causal=True, backend=attention_backend)
     # FlashAttention-4, cuDNN and flash return both contiguous already (no copy); math returns og as a
@@ -181,7 +181,7 @@ def _forward_op(
 
 
 @_forward_op.register_fake
-def _(q, k, v, levels, pooling, n_tiles, scorer, backend, attention_backend):
+def _(q, k, v, sq, sk, levels, pooling, n_tiles, scorer, backend, attention_backend):
     b, n, h = q.shape[:3]
     hkv = k.shape[2]
     s = gathered_length(n, levels, pooling, n_tiles)
@@ -216,7 +216,7 @@ def _(dout, index, inverse, qg, kg, vg, og, lse, levels, pooling, backend, atten
 
 
 def _forward_setup(ctx, inputs, output):
-    _, _, _, levels, pooling, _, _, backend, attention_backend = inputs
+    _, _, _, _, _, levels, pooling, _, _, backend, attention_backend = inputs
     ctx.save_for_backward(*output[1:])
     ctx.config = (levels, pooling, backend, attention_backend)
     ctx.mark_non_differentiable(*output[1:])
@@ -224,7 +224,7 @@ def _forward_setup(ctx, inputs, output):
 
 def _forward_backward_rule(ctx, dout, *_):
     dq, dk, dv = _backward_op(dout, *ctx.saved_tensors, *ctx.config)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None  # the scored sq, sk get none
 
 
 _forward_op.register_autograd(_forward_backward_rule, setup_context=_forward_setup)

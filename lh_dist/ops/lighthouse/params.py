@@ -131,8 +131,10 @@ class LighthouseParams:
         return self.backend
 
 
-def validate_lighthouse_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Check shapes [B, N, H, D] / [B, N, Hkv, D] with H % Hkv == 0, and matching dtype and device."""
+def validate_lighthouse_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               score_q: torch.Tensor | None = None, score_k: torch.Tensor | None = None) -> None:
+    """Check shapes [B, N, H, D] / [B, N, Hkv, D] with H % Hkv == 0, and matching dtype and device;
+    score inputs, where given, have q's or k's shape and device (any floating dtype)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must have shape [B, N, heads, D], got {tuple(x.shape)}")
@@ -149,3 +151,11 @@ def validate_lighthouse_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    for name, x, like in (("score_q", score_q, q), ("score_k", score_k, k)):
+        if x is None:
+            continue
+        if x.shape != like.shape or not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point of shape {tuple(like.shape)}, got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {x.device}")

@@ -200,11 +200,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     return attention(q, k, v, causal=True, backend=backend)
 
 
-def lighthouse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: LighthouseParams) -> torch.Tensor:
+def lighthouse_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: LighthouseParams, *,
+                         score_q: torch.Tensor | None = None, score_k: torch.Tensor | None = None) -> torch.Tensor:
     """Lighthouse attention, q [B, N, H, D], k/v [B, N, Hkv, D] -> [B, N, H, D], by autograd through the
-    pieces above (params.backend is not read). Arguments unchecked."""
+    pieces above (params.backend is not read); scoring score_q/score_k where given, as
+    `lighthouse_attention`. Arguments unchecked."""
     n = q.shape[1]
-    q_scores, k_scores = pyramid_scores(q, k, params.levels, params.pooling, params.scorer)
+    q_scores, k_scores = pyramid_scores(q if score_q is None else score_q, k if score_k is None else score_k,
+                                        params.levels, params.pooling, params.scorer)
     selection = select(q_scores, k_scores, n, params.levels, params.pooling, params.n_tiles)
     qg, kg, vg = (gather_pyramid(x, selection) for x in (q, k, v))
     og = causal_attention(qg, kg, vg, params.attention_backend)
