@@ -26,19 +26,25 @@ class PhasedAttention(nn.Module):
         # False: Lighthouse scores the q/k it attends with, not the model's score inputs.
         self.score_inputs = score_inputs
         self.phase = "dense"
-        # When set, the next Lighthouse call keeps the q and k it scores (for the selection-map image).
-        self.capture = False
-        self.captured: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def selects(self) -> bool:
+        """Whether this layer runs Lighthouse now (and so selects)."""
+        return self.phase == "lighthouse" and self.lighthouse_fn is not None
+
+    def scored(self, q: Tensor, k: Tensor, score_q: Tensor | None = None,
+               score_k: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The query and key vectors Lighthouse's scorer reads, given this layer's inputs."""
+        if self.score_inputs and score_q is not None:
+            return score_q, score_k
+        return q, k
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, score_q: Tensor | None = None,
                 score_k: Tensor | None = None) -> Tensor:
         """The model's `AttentionFn`: Lighthouse scores score_q/score_k where given; dense ignores them."""
-        if self.phase == "lighthouse" and self.lighthouse_fn is not None:
+        if self.selects:
             if not self.score_inputs:
                 score_q = score_k = None
-            if self.capture:  # the vectors the selection is computed from
-                sq, sk = q if score_q is None else score_q, k if score_k is None else score_k
-                self.captured, self.capture = (sq.detach()[:1], sk.detach()[:1]), False
             return self.lighthouse_fn(q, k, v, score_q=score_q, score_k=score_k)
         return self.dense_fn(q, k, v)
 

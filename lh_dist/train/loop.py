@@ -257,12 +257,12 @@ class Trainer:
                     self.metrics.log(f"step {self.step}: attention phase is now {step_phase}")
                 phase = step_phase
 
-            map_layer = self._selection_map_layer(phase)
+            capture = self._selection_capture(phase)
             t0 = time.time()
             lr = lr_at(cfg, self.step)
             # A compiled model runs eagerly for a step that captures a selection map (a side effect
             # that compiled graphs do not make).
-            stance = "force_eager" if map_layer is not None and cfg.parallel.compile else "default"
+            stance = "force_eager" if capture is not None and cfg.parallel.compile else "default"
             with torch.compiler.set_stance(stance):
                 result = self.train_step(lr)
             self.step += 1
@@ -285,8 +285,10 @@ class Trainer:
                         f"{cfg.schedule.max_nonfinite_steps}); stopping. The last good checkpoint is "
                         f"{self.checkpointer.latest()}")
 
-            if map_layer is not None and map_layer.captured is not None:
-                self._log_selection_map(map_layer, phase)
+            if capture is not None:
+                capture.detach()
+                if capture.captured is not None:
+                    self._log_selection_map(*capture.captured, phase)
             if log_now:
                 self._log_step(phase, peak)
             if self.step % cfg.logging.eval_interval == 0 or self.step == cfg.schedule.steps:
@@ -319,25 +321,23 @@ class Trainer:
                                    seconds=p.seconds, finite=p.result.applied)
         self.pending.clear()
 
-    def _selection_map_layer(self, phase: str):
-        """The first Lighthouse layer, armed to capture its inputs, on steps that log a selection map."""
+    def _selection_capture(self, phase: str):
+        """An observer of the first Lighthouse layer's scored q and k, on steps that log a selection map."""
+        from lh_dist.train.selection_map import SelectionCapture
+
         every = self.cfg.logging.selection_map_interval
         # Armed for the step that ends on a multiple of `every`, so images share the scalars' steps.
         if phase != "lighthouse" or not every or self.rank != 0 or (self.step + 1) % every:
             return None
         layer = next((m for m in self.engine.module.modules()
                       if isinstance(m, PhasedAttention) and m.lighthouse_fn is not None), None)
-        if layer is not None:
-            layer.capture = True
-        return layer
+        return None if layer is None else SelectionCapture(layer)
 
-    def _log_selection_map(self, layer, phase: str) -> None:
+    def _log_selection_map(self, q: torch.Tensor, k: torch.Tensor, phase: str) -> None:
         from lh_dist.ops.lighthouse import LighthouseParams
         from lh_dist.train.selection_map import selection_map
 
         cp = self.layout.cp_degree
-        q, k = layer.captured
-        layer.captured = None
         chunk = q.shape[1] // 2 if cp > 1 else q.shape[1]  # under CP: this rank's first zigzag chunk
         layer_id = min(set(range(self.cfg.model.n_layers)) - dense_layer_ids(self.cfg))  # the first Lighthouse layer
         params = LighthouseParams.from_config(self.cfg.lighthouse)

@@ -1,5 +1,8 @@
 """An image of one Lighthouse layer's selection, for TensorBoard: which windows of which level
-a head skipped, attended as a leaf, or refined (its children became candidates)."""
+a head skipped, attended as a leaf, or refined (its children became candidates).
+
+`SelectionCapture` observes a layer for one step (the training loop attaches it); the model and its
+attention wrapper know nothing of it."""
 
 from __future__ import annotations
 
@@ -7,6 +10,27 @@ import numpy as np
 import torch
 
 from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
+from lh_dist.runtime.build import PhasedAttention
+
+class SelectionCapture:
+    """Keeps batch 0 of the q [1, N, H, D] and k [1, N, Hkv, D] that a `PhasedAttention` layer's scorer
+    reads in its next Lighthouse forward (`captured`), until `detach`. A forward pre-hook: it sees the
+    layer's inputs in eager runs (the loop runs such a step without compile); a recomputation under
+    activation checkpointing sees the same inputs again and keeps nothing more."""
+
+    def __init__(self, layer: PhasedAttention):
+        self.captured: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._handle = layer.register_forward_pre_hook(self._keep, with_kwargs=True)
+
+    def _keep(self, layer: PhasedAttention, args: tuple, kwargs: dict) -> None:
+        if self.captured is None and layer.selects:
+            q, k = layer.scored(*args[:2], *args[3:], **kwargs)
+            self.captured = (q.detach()[:1], k.detach()[:1])
+
+    def detach(self) -> None:
+        """Stop observing the layer."""
+        self._handle.remove()
+
 
 STATES = ("skipped", "attended (leaf)", "refined (children considered)")
 # Okabe-Ito colours, distinguishable with every common colour-vision deficiency.

@@ -24,6 +24,7 @@ from lh_dist.ops.lighthouse import (
 )
 from lh_dist.ops.lighthouse.reference import causal_attention
 from lh_dist.runtime.build import PhasedAttention, build_model, set_phase
+from lh_dist.train.selection_map import SelectionCapture
 
 pytestmark = pytest.mark.usefixtures("nan_filled_empty")
 
@@ -137,10 +138,11 @@ def test_config_chooses_what_a_qk_norm_model_scores(score_from):
     model.layers[0].attention.k_norm.register_forward_hook(lambda m, args, out: seen.update(pre=args[0], post=out))
     set_phase(model, "lighthouse")
     layer = next(m for m in model.modules() if isinstance(m, PhasedAttention))
-    layer.capture = True
+    capture = SelectionCapture(layer)
     with torch.no_grad():
         model(torch.randint(0, cfg.model.vocab_size, (1, N)), torch.arange(N))
-    scored = layer.captured[1].norm(dim=-1)  # [1, N, K]
+    capture.detach()
+    scored = capture.captured[1].norm(dim=-1)  # [1, N, K]
     expected, other = (seen["pre"], seen["post"]) if score_from == "projections" else (seen["post"], seen["pre"])
     # float64 norms of the same vectors, rotated or not: equal to ~1e-15 relative; the two kinds differ by O(1).
     torch.testing.assert_close(scored, expected.norm(dim=-1), rtol=1e-12, atol=0)
