@@ -83,6 +83,37 @@ def _release(dataset) -> None:
             shm.cleanup()
 
 
+@contextlib.contextmanager
+def _exit_handlers_registered():
+    """The functions given to atexit.register inside the block (they are registered as usual)."""
+    registered, register = [], atexit.register
+
+    def recording_register(fn, *args, **kwargs):
+        registered.append(fn)
+        return register(fn, *args, **kwargs)
+
+    atexit.register = recording_register
+    try:
+        yield registered
+    finally:
+        atexit.register = register
+
+
+def _close_search_handles(registered: list, kept: set) -> None:
+    """Close the shared memory that streaming attached to while it looked for a free prefix.
+
+    Each look attaches to another job's block (or a stale one) and leaves the handle to its exit
+    handler, which keeps it, a file descriptor and a mapping, until the process ends: a process that
+    opens many datasets on a machine with many blocks runs out of file descriptors."""
+    from streaming.base.shared.memory import SharedMemory
+
+    for fn in registered:
+        shm = getattr(fn, "__self__", None)
+        if isinstance(shm, SharedMemory) and shm not in kept and not shm.created_shms:
+            atexit.unregister(fn)
+            shm.cleanup()  # closes what it attached to; unlinks nothing
+
+
 def open_streaming_dataset(**kwargs):
     """`streaming.StreamingDataset(**kwargs)`, opened while no other lh_dist job on this machine opens
     or frees one; returns (the dataset, a function that frees its shared memory). The function also
@@ -95,12 +126,15 @@ def open_streaming_dataset(**kwargs):
         # No rank of the job is still freeing a dataset: it would wait for the lock that its leader
         # holds while the leader waits for it in a barrier.
         torch.distributed.barrier()
-    with _machine_lock() if World.detect().is_local_leader else contextlib.nullcontext():
+    with _machine_lock() if World.detect().is_local_leader else contextlib.nullcontext(), \
+            _exit_handlers_registered() as registered:
         if joined:
             torch.distributed.barrier()  # the other ranks of the node look for the prefix under the lock too
         dataset = StreamingDataset(**kwargs)
+    kept = _shared_memories(dataset)
+    _close_search_handles(registered, kept)
     release = functools.partial(_release, dataset)
-    for shm in _shared_memories(dataset):
+    for shm in kept:
         atexit.unregister(shm.cleanup)
     atexit.register(release)
     return dataset, release

@@ -4,6 +4,7 @@ tests/integration/test_data_loader_ranks.py reads it on two real ranks (DP and C
 """
 
 import itertools
+import os
 import json
 import shutil
 
@@ -160,3 +161,20 @@ def test_rejects_bad_arguments(packed_dataset, monkeypatch):
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     with pytest.raises(RuntimeError, match="LOCAL_WORLD_SIZE"):
         packed_loader(packed_dataset)
+
+
+def test_opening_loaders_beside_another_one_leaks_no_file_descriptors(packed_dataset):
+    # streaming attaches to every shared-memory block of the machine while it looks for a free prefix
+    # (here, those of the loader left open); each attachment holds a file descriptor until it is closed.
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    kept = packed_loader(packed_dataset)
+    next(iter(kept))
+    before = open_fds()
+    for _ in range(3):
+        loader = packed_loader(packed_dataset)
+        next(iter(loader))
+        loader.close()
+    assert open_fds() == before  # without closing the attachments: a few more after every loader
+    kept.close()
