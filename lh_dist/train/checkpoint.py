@@ -11,9 +11,10 @@ is collective:
    config, world layout, data position) and fsyncs it and the folder;
 5. rank 0 renames the folder to `step_N`, setting an existing `step_N` aside first
    and removing it after, and fsyncs `checkpoints/`;
-6. rank 0 removes later checkpoints (a rewind abandoned them; the manifest of
-   step_N names them, so a crash here cannot resurrect them) and all but the newest
-   `checkpoint.keep` at or before N, each renamed aside before it is deleted.
+6. rank 0 removes later checkpoints that a rewind abandoned (the manifest of step_N
+   names them, so a crash here cannot resurrect them), the damaged ones the run walked
+   back past when it started, and all but the newest `checkpoint.keep` valid ones at
+   or before N, each renamed aside before it is deleted. Nothing else.
 
 When a run starts, rank 0 finishes what a crash interrupted: a `.partial-step_N` with a valid manifest
 becomes `step_N`, and the leftovers of steps 5 and 6 are removed.
@@ -44,7 +45,7 @@ import torch.distributed as dist
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.runtime.checkpoint import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
                                         InvalidCheckpoint, file_crc32, fingerprint, flat_config, newest_valid,
-                                        read_manifest, saved_settings, step_name, survey)
+                                        read_manifest, saved_settings, skip_line, step_name, survey)
 from lh_dist.train.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
 REPLACED, DELETING = ".replaced-", ".deleting-"
@@ -143,6 +144,8 @@ class Plan:
     folder: str | None = None  # checkpoint to load (its final step_N path)
     manifest: dict | None = None
     archive: bool = False  # move the previous run's outputs to archive/ (--overwrite)
+    # Damaged checkpoints later than the one resumed: the run's first new checkpoint supersedes them.
+    superseded: list[str] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -161,6 +164,7 @@ class Checkpointer:
         self.n_params = 0
         self.last_bytes: int | None = None  # size of the newest checkpoint, for the free-space check
         self.lock: RunLock | None = None
+        self.superseded: list[str] = []  # Plan.superseded, on rank 0
         kill = os.environ.get(KILL_ENV, "").split(":")
         self._kill = (kill[0], int(kill[1]), int(kill[2]) if len(kill) > 2 else 0) if len(kill) > 1 else None
 
@@ -215,11 +219,22 @@ class Checkpointer:
                 f"or use another logging.run_dir")
         plan.archive = overwrite and any((self.run_dir / name).exists() for name in RUN_OUTPUTS)
         if resume == "auto":
-            chosen = newest_valid(self.root, plan.messages)
+            skipped = []
+            chosen = newest_valid(self.root, skipped)
+            plan.messages += map(skip_line, skipped)
+            if chosen is None and skipped:
+                # Starting afresh here would mix two runs, and its rotation would delete these folders.
+                raise RunDirError(
+                    f"run dir {self.run_dir} holds checkpoints but none is usable "
+                    f"({'; '.join(f'{f.path.name}: {f.problem}' for f in skipped)}): nothing was changed; restore "
+                    f"a checkpoint to resume, or pass --resume none --overwrite to archive them and start afresh")
+            plan.superseded = [f.path.name for f in skipped]
         elif resume == "none":
             chosen = None
         else:
             chosen = self._explicit(Path(resume), found, foreign, rewind, plan.messages)
+            if not foreign:  # damaged later ones (those a rewind abandons keep their manifest)
+                plan.superseded = [f.path.name for f in found if f.step > chosen.step and f.manifest is None]
         if chosen is not None and chosen.manifest.get("weights_only"):
             raise RunDirError(f"{chosen.path} holds imported weights without training state: start a run from "
                               f"them with --init-from {chosen.path.parent.parent} and another logging.run_dir")
@@ -256,6 +271,7 @@ class Checkpointer:
         """Collective: rank 0 archives or repairs the checkpoints and writes config.yaml; returns messages."""
         def work():
             messages = []
+            self.superseded = plan.superseded
             try:
                 if plan.archive:
                     messages.append(f"archived the previous run's outputs in {archive_previous_run(self.run_dir)}")
@@ -383,11 +399,16 @@ class Checkpointer:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _rotate(self, step: int) -> None:
-        """Remove later steps (abandoned by a rewind, or torn) and all but `keep` valid ones up to `step`."""
+        """Remove what the checkpoint of `step` supersedes: the later steps that a rewind abandoned, the
+        damaged ones this run passed over when it started, and all but `keep` valid ones up to `step`.
+        Nothing else: a damaged checkpoint this run did not pass over, or one that appeared since, stays."""
         found = survey(self.root)
-        kept = [f for f in found if f.step <= step and f.problem is None]
-        for f in [f for f in found if f.step > step] + kept[self.keep:]:
+        gone = [f for f in found if f.step != step and (
+            f.path.name in self.superseded or (f.step > step and f.problem is not None and f.manifest is not None))]
+        kept = [f for f in found if f.step <= step and f.problem is None and f not in gone]
+        for f in gone + kept[self.keep:]:
             self._remove(f.path, step)
+        self.superseded = []  # removed: from now on these names are this run's own checkpoints
 
     # ---- loading -------------------------------------------------------------------------
 
