@@ -186,6 +186,11 @@ class ParallelConfig:
         if self.activation_offload != "none" and self.activation_checkpointing == "none":
             raise ConfigError(f"{p}.activation_offload needs {p}.activation_checkpointing full or selective")
 
+    def check_world_size(self, world_size: int) -> None:
+        """ConfigError unless cp_degree divides the world size (each CP group is cp_degree ranks)."""
+        if self.cp_degree >= 1 and world_size % self.cp_degree:  # validate() names a cp_degree < 1
+            raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}")
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -413,8 +418,10 @@ def _apply_override(tree: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({e})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML run file (or the defaults), apply `a.b=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                world_size: int | None = None) -> TrainConfig:
+    """Read a YAML run file (or the defaults), apply `a.b=value` overrides, validate (for `world_size`
+    ranks when given: a cp_degree that does not fit them is named before the checks that depend on it)."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -426,16 +433,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
-    return config_from_dict(tree, overrides)
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
+                              f"got {type(tree).__name__} {tree!r:.60}")
+    return config_from_dict(tree, overrides, world_size)
 
 
-def config_from_dict(tree: dict, overrides: list[str] = ()) -> TrainConfig:
+def config_from_dict(tree: dict, overrides: list[str] = (), world_size: int | None = None) -> TrainConfig:
     """A nested dict as YAML holds it (a run file, or a checkpoint's saved config) plus `a.b=value`
     overrides, validated. Fields added to lh_dist after the dict was written take their defaults."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections (model:, data:, ...), got {type(tree).__name__} "
+                          f"{tree!r:.60}")
     tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)
     cfg = _from_dict(TrainConfig, tree)
+    if world_size is not None:
+        cfg.parallel.check_world_size(world_size)
     cfg.validate()
     return cfg
 

@@ -3,7 +3,8 @@
 The layout of a checkpoint and how it is read are `lh_dist.runtime.checkpoint`'s. A save
 is collective:
 
-1. rank 0 checks the free space against the checkpoint's expected size;
+1. rank 0 checks the free space against the checkpoint's expected size (the trainer
+   also checks it for its first save when it starts);
 2. every rank writes its files into `.partial-step_N` and fsyncs them;
 3. after a barrier, the ranks exchange the names of the files each sees (a rank
    always sees its own) and checksum them between them;
@@ -305,6 +306,10 @@ class Checkpointer:
         """Size of the next checkpoint: the last one's, or an estimate from the parameter count before any."""
         return self.last_bytes if self.last_bytes is not None else BYTES_PER_PARAM * self.n_params
 
+    def check_space(self, step: int) -> None:
+        """Collective: RunDirError unless the disk has room for checkpoint `step` (`expected_bytes`)."""
+        self.on_rank0(lambda: self._check_space(step))
+
     def _check_space(self, step: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         need, free = int(1.1 * self.expected_bytes()), shutil.disk_usage(self.root).free
@@ -316,7 +321,7 @@ class Checkpointer:
     def save(self, engine, step: int, trainer_state: dict) -> Path:
         """Collective: every rank calls it with its own trainer state."""
         final, partial = self.root / step_name(step), self.root / f"{PARTIAL}{step_name(step)}"
-        self.on_rank0(lambda: self._check_space(step))
+        self.check_space(step)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)

@@ -174,6 +174,11 @@ class Trainer:
         self.n_params = model.num_params()
         self.n_matmul_params = model.num_params() - model.embed.weight.numel()
         self.checkpointer.n_params = self.n_params
+        start = plan.manifest["step"] if plan.folder is not None else 0
+        if start < cfg.schedule.steps:
+            # Now, not at the first save: the steps before it would be trained for nothing.
+            interval = cfg.checkpoint.interval
+            self.checkpointer.check_space(min((start // interval + 1) * interval, cfg.schedule.steps))
         self.engine = Engine(cfg, model, world, self.device)
         self.step_fn = TrainStep(cfg, self.engine, self.layout, self.device)
         self.pending: list[_PendingStep] = []
@@ -287,6 +292,9 @@ class Trainer:
 
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.schedule.steps:
                 self.save()
+                # A signal that came during the save: the checkpoint just written is current, exit now
+                # rather than after one more step and one more save (the grace period may be short).
+                stopping = stopping or (self.step < cfg.schedule.steps and self.stop.agreed())
             if stopping:
                 self.metrics.log(f"stop signal received: checkpointed step {self.step}, exiting with "
                                  f"{PREEMPTED_EXIT_CODE}")
