@@ -188,7 +188,7 @@ class ParallelConfig:
 
     def check_world_size(self, world_size: int) -> None:
         """ConfigError unless cp_degree divides the world size (each CP group is cp_degree ranks)."""
-        if self.cp_degree >= 1 and world_size % self.cp_degree:  # validate() names a cp_degree < 1
+        if world_size % self.cp_degree:
             raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}")
 
 
@@ -305,12 +305,15 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    def validate(self) -> None:
-        """Validate every section, then what spans sections (Lighthouse's tiling, zigzag sharding)."""
+    def validate(self, world_size: int | None = None) -> None:
+        """Validate every section, then (given the world size) that cp_degree fits it, then what spans
+        sections (Lighthouse's tiling, zigzag sharding: both depend on cp_degree)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        if world_size is not None:
+            self.parallel.check_world_size(world_size)
         n = self.model.n_layers
         if self.schedule.lighthouse_steps > 0:
             for i in self.lighthouse.dense_layers:
@@ -441,7 +444,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
 
 def config_from_dict(tree: dict, overrides: list[str] = (), world_size: int | None = None) -> TrainConfig:
     """A nested dict as YAML holds it (a run file, or a checkpoint's saved config) plus `a.b=value`
-    overrides, validated. Fields added to lh_dist after the dict was written take their defaults."""
+    overrides, validated (for `world_size` ranks when given). Fields added to lh_dist after the dict was written take their defaults."""
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping of sections (model:, data:, ...), got {type(tree).__name__} "
                           f"{tree!r:.60}")
@@ -449,9 +452,7 @@ def config_from_dict(tree: dict, overrides: list[str] = (), world_size: int | No
     for override in overrides:
         _apply_override(tree, override)
     cfg = _from_dict(TrainConfig, tree)
-    if world_size is not None:
-        cfg.parallel.check_world_size(world_size)
-    cfg.validate()
+    cfg.validate(world_size)
     return cfg
 
 

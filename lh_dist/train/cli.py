@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="config overrides, e.g. schedule.steps=100 parallel.cp_degree=1")
     args = parser.parse_intermixed_args(argv)
     try:
+        if args.json and not args.dry_run:
+            raise ConfigError("--json goes with --dry-run")
         world = None  # --print-config and --ranks-per-node plan for no world
         if not (args.print_config or args.ranks_per_node):
             world = (args.world_size if args.dry_run else None) or _positive_int(os.environ.get("WORLD_SIZE", "1"))
@@ -143,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 
             print(default_ranks_per_node(cfg.device, torch.cuda.device_count()))
             return 0
-        if args.json and not args.dry_run:
-            raise ConfigError("--json goes with --dry-run")
         if args.dry_run:
             try:
                 plan = plan_run(cfg, world)
