@@ -167,6 +167,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = build_model(cfg, self.layout.cp_group if cp > 1 else None)
         if init is not None:
+            messages += [f"--init-from {init_from}: {line}" for line in init.skipped]
             # Into the module before the engine wraps it: every ZeRO stage partitions these values.
             model.load_state_dict(load_model_state(init.folder))
             messages.append(f"starting at step 0 from the weights of {init.folder}")

@@ -1,7 +1,8 @@
-"""`lh-export` and `lh-eval` on a run directory whose newest checkpoint is damaged: they use the one
-before and say which they passed over and why, one line each, as `lh-train` does (one function picks
-the checkpoint for all three). Also their other one-line messages: an --out that is a file, and the
-default pass-key lengths left out. The checkpoints are written by hand; the commands run in this process."""
+"""`lh-export`, `lh-eval` and `lh-train --init-from` on a run directory whose newest checkpoint is
+damaged: they use the one before and say which they passed over and why, one line each, as
+`lh-train --resume auto` does (one function picks the checkpoint for all). Also their other one-line
+messages: an --out that is a file, and the default pass-key lengths left out. The checkpoints are
+written by hand; the commands run in this process."""
 
 import json
 from pathlib import Path
@@ -85,3 +86,11 @@ def test_eval_says_which_checkpoint_and_which_default_lengths_it_passed_over(run
         f"({shortest} tokens of tokenizer byte)"]
     result = json.loads((tmp_path / "eval" / "step_00000005" / "passkey-170_256-depths50.json").read_text())
     assert result["step"] == 5 and result["lengths"] == [170, 256]
+
+
+def test_init_from_keeps_the_lines_for_the_trainer_to_print(run_dir):
+    from lh_dist.train.init_from import open_init_source
+
+    run, skipped = run_dir
+    source = open_init_source(str(run), load_config(run / "config.yaml"))
+    assert source.folder == run / "checkpoints" / "step_00000005" and source.skipped == [skipped]
