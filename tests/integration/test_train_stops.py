@@ -42,7 +42,7 @@ def test_a_disk_too_full_for_the_first_checkpoint_is_refused_before_the_first_st
         sys.exit(main({args!r}))
     """)
     r = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+                       timeout=600)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(
         f"lh-train: error: not enough free space for checkpoint step_00000002 in {run_dir / 'checkpoints'}: it "
