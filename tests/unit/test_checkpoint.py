@@ -228,25 +228,26 @@ def test_a_rewind_interrupted_before_it_removed_the_abandoned_checkpoints(tmp_pa
     assert engine.weights[0] == -15.0
 
 
-def damage(folder: Path) -> None:
-    """Truncate a checkpoint's weights: its manifest no longer matches."""
+def damage(folder: Path) -> str:
+    """Truncate a checkpoint's weights to 100 bytes; returns why the checkpoint is not usable now."""
     weights = folder / WEIGHTS
+    size = weights.stat().st_size
     weights.write_bytes(weights.read_bytes()[:100])
+    return f"{WEIGHTS} has 100 bytes, the manifest says {size}"
 
 
 def test_a_run_dir_whose_checkpoints_are_all_damaged_is_refused_and_left_as_it_is(tmp_path):
     cfg = make_cfg(tmp_path, "checkpoint.keep=5")
     train(cfg, [2, 4])
     run, root = Path(cfg.logging.run_dir), Path(cfg.logging.run_dir) / "checkpoints"
-    damage(root / "step_00000004")
+    why = damage(root / "step_00000004")
     (root / "step_00000002" / MANIFEST).unlink()
     with pytest.raises(RunDirError) as refused:
         Checkpointer(cfg, rank=0).open("auto")
     assert str(refused.value) == (
-        f"run dir {run} holds checkpoints but none is usable (step_00000004: {WEIGHTS} has 100 bytes, the "
-        f"manifest says {(root / 'step_00000002' / WEIGHTS).stat().st_size}; step_00000002: it has no manifest.json "
-        f"(an interrupted save)): nothing was changed; restore a checkpoint to resume, or pass --resume none "
-        f"--overwrite to archive them and start afresh")
+        f"run dir {run} holds checkpoints but none is usable (step_00000004: {why}; step_00000002: it has no "
+        f"manifest.json (an interrupted save)): nothing was changed; restore a checkpoint to resume, or pass "
+        f"--resume none --overwrite to archive them and start afresh")
     assert names(cfg) == ["step_00000002", "step_00000004"]
     # What the message proposes: they are archived, not deleted, and a new run starts.
     _, messages = train(cfg, [1], resume="none", overwrite=True)
@@ -259,16 +260,12 @@ def test_rotation_removes_only_what_the_run_supersedes(tmp_path):
     cfg = make_cfg(tmp_path, "checkpoint.keep=5")
     train(cfg, [1, 2, 4, 6])
     root = Path(cfg.logging.run_dir) / "checkpoints"
-    for step in (1, 4, 6):
-        damage(root / f"step_{step:08d}")
+    why = {step: damage(root / f"step_{step:08d}") for step in (1, 4, 6)}
     ck = Checkpointer(cfg, rank=0)
     plan = ck.open("auto")
     assert plan.folder == str(root / "step_00000002")
     assert [m for m in plan.messages if m.startswith("skipped")] == [
-        f"skipped checkpoint step_00000006: {WEIGHTS} has 100 bytes, the manifest says "
-        f"{(root / 'step_00000002' / WEIGHTS).stat().st_size}",
-        f"skipped checkpoint step_00000004: {WEIGHTS} has 100 bytes, the manifest says "
-        f"{(root / 'step_00000002' / WEIGHTS).stat().st_size}"]
+        f"skipped checkpoint step_00000006: {why[6]}", f"skipped checkpoint step_00000004: {why[4]}"]
     ck.start(plan)
     (root / "step_00000009").mkdir()  # appears while the run trains: not the run's to remove
     ck.save(FileEngine(3.0), 3, state(3))
