@@ -444,7 +444,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
 
 def config_from_dict(tree: dict, overrides: list[str] = (), world_size: int | None = None) -> TrainConfig:
     """A nested dict as YAML holds it (a run file, or a checkpoint's saved config) plus `a.b=value`
-    overrides, validated (for `world_size` ranks when given). Fields added to lh_dist after the dict was written take their defaults."""
+    overrides, validated (for `world_size` ranks when given). Fields added to lh_dist after the dict was
+    written take their defaults."""
     if not isinstance(tree, dict):
         raise ConfigError(f"config must be a mapping of sections (model:, data:, ...), got {type(tree).__name__} "
                           f"{tree!r:.60}")
