@@ -24,7 +24,8 @@ def write_checkpoint(run: Path, cfg, step: int) -> None:
 
     folder = run / "checkpoints" / f"step_{step:08d}"
     folder.mkdir(parents=True)
-    model = Transformer(cfg.model, [lambda q, k, v: attention(q, k, v, causal=True, backend="math")] * cfg.model.n_layers)
+    dense = lambda q, k, v: attention(q, k, v, causal=True, backend="math")  # noqa: E731
+    model = Transformer(cfg.model, [dense] * cfg.model.n_layers)
     torch.save({"module": model.state_dict()}, folder / WEIGHTS)
     torch.save({"step": step, "phase": "dense"}, folder / "trainer_rank_00000.pt")
     files = {f.name: {"bytes": f.stat().st_size, "crc32": file_crc32(f)} for f in folder.iterdir()}

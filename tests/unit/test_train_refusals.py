@@ -85,5 +85,5 @@ def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, capsys, text,
     path = tmp_path / "run.yaml"
     path.write_text(text)
     assert main(["--config", str(path), override, "--print-config"]) == 2
-    assert capsys.readouterr().err == (f"lh-train: config error: config file {path} must hold a mapping of sections (model:, data:, "
-                   f"...), got {got}\n")
+    assert capsys.readouterr().err == (f"lh-train: config error: config file {path} must hold a mapping of "
+                                       f"sections (model:, data:, ...), got {got}\n")
