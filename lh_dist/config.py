@@ -224,6 +224,11 @@ class SourceConfig:
         if not self.name:
             self.name = PurePosixPath(self.path.rstrip("/")).name
 
+    def check_world_size(self, world_size: int) -> None:
+        """ConfigError unless cp_degree divides the world size (each CP group is cp_degree ranks)."""
+        if world_size % self.cp_degree:
+            raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}")
+
 
 @dataclass(kw_only=True)
 class DataConfig:
@@ -364,12 +369,15 @@ class TrainConfig:
     seed: int = 0
     device: Literal[DEVICES] = "auto"
 
-    def validate(self) -> None:
-        """Validate every section, then what spans sections (Lighthouse's tiling, zigzag sharding)."""
+    def validate(self, world_size: int | None = None) -> None:
+        """Validate every section, then (given the world size) that cp_degree fits it, then what spans
+        sections (Lighthouse's tiling, zigzag sharding: both depend on cp_degree)."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        if world_size is not None:
+            self.parallel.check_world_size(world_size)
         n = self.model.n_layers
         if self.schedule.lighthouse_steps > 0:
             for i in self.lighthouse.dense_layers:
@@ -480,8 +488,10 @@ def _apply_override(tree: dict, override: str) -> None:
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({e})") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
-    """Read a YAML run file (or the defaults), apply `a.b=value` overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (),
+                world_size: int | None = None) -> TrainConfig:
+    """Read a YAML run file (or the defaults), apply `a.b=value` overrides, validate (for `world_size`
+    ranks when given: a cp_degree that does not fit them is named before the checks that depend on it)."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -493,17 +503,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
-    return config_from_dict(tree, overrides)
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, data:, ...), "
+                              f"got {type(tree).__name__} {tree!r:.60}")
+    return config_from_dict(tree, overrides, world_size)
 
 
-def config_from_dict(tree: dict, overrides: list[str] = ()) -> TrainConfig:
+def config_from_dict(tree: dict, overrides: list[str] = (), world_size: int | None = None) -> TrainConfig:
     """A nested dict as YAML holds it (a run file, or a checkpoint's saved config) plus `a.b=value`
-    overrides, validated. Fields added to lh_dist after the dict was written take their defaults."""
+    overrides, validated (for `world_size` ranks when given). Fields added to lh_dist after the dict was
+    written take their defaults."""
+    if not isinstance(tree, dict):
+        raise ConfigError(f"config must be a mapping of sections (model:, data:, ...), got {type(tree).__name__} "
+                          f"{tree!r:.60}")
     tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)
     cfg = _from_dict(TrainConfig, tree)
-    cfg.validate()
+    cfg.validate(world_size)
     return cfg
 
 

@@ -160,13 +160,21 @@ def _tokenizer(args, cfg):
     return load_tokenizer(_tokenizer_spec(args, cfg)[0])
 
 
-def _passkey_lengths(args, cfg, tokenizer) -> list[int]:
-    from lh_dist.eval.passkey import default_lengths
+def _passkey_lengths(args, cfg, tokenizer, notes: list[str] | None = None) -> list[int]:
+    """--lengths, or the default lengths that hold a prompt; `notes` gets a line naming those left out."""
+    from lh_dist.eval.passkey import default_lengths, min_prompt_length, scaled_lengths
 
-    lengths = args.lengths or default_lengths(cfg.data.seq_len, tokenizer, multiple=2 * args.cp)
+    if args.lengths:
+        return args.lengths
+    lengths = default_lengths(cfg.data.seq_len, tokenizer, multiple=2 * args.cp)
+    left_out = [n for n in scaled_lengths(cfg.data.seq_len, multiple=2 * args.cp) if n not in lengths]
+    why = (f"shorter than a pass-key prompt without filler ({min_prompt_length(tokenizer)} tokens of tokenizer "
+           f"{tokenizer.spec})")
     if not lengths:
-        raise ValueError(f"the training seq_len {cfg.data.seq_len} is too short for the default lengths; "
-                         f"pass --lengths")
+        raise ValueError(f"the training seq_len {cfg.data.seq_len} is too short for the default lengths (each is "
+                         f"{why}); pass --lengths")
+    if left_out and notes is not None:
+        notes.append(f"default lengths {', '.join(map(str, left_out))} left out: {why}")
     return lengths
 
 
@@ -239,6 +247,19 @@ def _write(args, runner, path: Path, result: dict, headline: dict) -> None:
         "run", "step", "checkpoint", "trained_phase", "eval_phase")}, "result": headline, "args": settings})
 
 
+def _open_runner(args, phase: str):
+    """The checkpoint's model on this rank, in `phase` attention; says which newer checkpoints of a run
+    directory were passed over."""
+    from lh_dist.eval.runner import ModelRunner
+
+    runner = ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase=phase,
+                         overrides=args.overrides)
+    if runner.is_main:
+        for line in runner.skipped:
+            print(f"lh-eval {args.command}: {line}", file=sys.stderr)
+    return runner
+
+
 def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
     trained = runner.cfg.data.seq_len
     longer = [n for n in lengths if n > trained]
@@ -256,13 +277,6 @@ def _check_positive(args, *names: str) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
 
 
-def _runner(args, phase: str):
-    """The checkpoint's model on this rank, in `phase` attention."""
-    from lh_dist.eval.runner import ModelRunner
-
-    return ModelRunner(args.checkpoint, device=args.device, cp_degree=args.cp, phase=phase, overrides=args.overrides)
-
-
 def run_passkey(args) -> Path | None:
     """`lh-eval passkey`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.eval.passkey import passkey_grid
@@ -271,9 +285,12 @@ def run_passkey(args) -> Path | None:
     if any(not 0 <= d <= 100 for d in args.depths):
         raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}")
     _check_positive(args, "batch_size")
-    runner = _runner(args, "dense")
+    runner = _open_runner(args, "dense")
     tokenizer = _tokenizer(args, runner.cfg)
-    lengths = _passkey_lengths(args, runner.cfg, tokenizer)
+    notes: list[str] = []
+    lengths = _passkey_lengths(args, runner.cfg, tokenizer, notes)
+    for line in notes if runner.is_main else []:
+        print(f"lh-eval passkey: {line}", file=sys.stderr)
     for n in lengths:
         runner.check_length(n, "--lengths")
     _warn_untrained_lengths(runner, lengths, "--lengths")
@@ -301,7 +318,7 @@ def run_loss(args) -> Path | None:
     _check_positive(args, "batches", "micro_batch", "buckets")
     if args.spacing not in SPACINGS:
         raise ValueError(f"--spacing must be one of {SPACINGS}, got {args.spacing!r}")
-    runner = _runner(args, args.phase)
+    runner = _open_runner(args, args.phase)
     seq_len = args.seq_len or runner.cfg.data.seq_len
     if seq_len < 2:
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len}")
@@ -344,7 +361,7 @@ def run_retrieval(args) -> Path | None:
     from lh_dist.eval.retrieval import retrieval_grid
 
     _check_positive(args, "docs", "depth_bins", "batch_size")
-    runner = _runner(args, "dense")
+    runner = _open_runner(args, "dense")
     data = args.data or runner.cfg.data.primary_path
     lengths = _retrieval_lengths(args, runner.cfg)
     generator = dataset_generator(data, "val", args.filler)

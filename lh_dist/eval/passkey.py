@@ -155,9 +155,13 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def default_lengths(seq_len: int, tokenizer, multiple: int = 2) -> list[int]:
+def scaled_lengths(seq_len: int, multiple: int = 2) -> list[int]:
     """The paper's lengths scaled to a training context: seq_len x {1/24, 1/12, 1/6, 1/3, 2/3, 1},
-    rounded down to `multiple` (zigzag sharding), keeping those long enough for the prompt."""
+    rounded down to `multiple` (zigzag sharding)."""
+    return sorted({int(seq_len * f) // multiple * multiple for f in PAPER_LENGTH_FRACTIONS})
+
+
+def default_lengths(seq_len: int, tokenizer, multiple: int = 2) -> list[int]:
+    """`scaled_lengths`, keeping those long enough for a prompt (`min_prompt_length`)."""
     shortest = min_prompt_length(tokenizer)
-    lengths = sorted({int(seq_len * f) // multiple * multiple for f in PAPER_LENGTH_FRACTIONS})
-    return [n for n in lengths if n >= shortest]
+    return [n for n in scaled_lengths(seq_len, multiple) if n >= shortest]

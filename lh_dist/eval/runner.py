@@ -56,7 +56,8 @@ class ModelRunner:
         if phase not in PHASES:
             raise ValueError(f"--phase must be one of {PHASES}, got {phase!r}")
         self.device = local_device(device, option="--device", cp_option="--cp")
-        self.folder = resolve_checkpoint(checkpoint)
+        self.skipped: list[str] = []  # for a run directory: its newer checkpoints passed over, and why
+        self.folder = resolve_checkpoint(checkpoint, self.skipped)
         cfg = checkpoint_config(self.folder, overrides)
         # Evaluation needs neither recomputation nor compilation.
         self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(

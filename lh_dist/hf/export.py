@@ -186,6 +186,17 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
     return "\n".join(lines) + "\n"
 
 
+def _check_out(out: Path) -> None:
+    """ValueError, before any work, unless `out` is a folder or can be created as one."""
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing == out and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; lh-export writes a folder (created if missing)")
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} cannot be created: {existing} is a file")
+
+
 def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str | None = None) -> Path:
     """Write the Hugging Face folder `out` from a checkpoint folder or a run directory's newest checkpoint.
 
@@ -199,6 +210,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    _check_out(Path(out))
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = checkpoint_config(checkpoint)
     hf = checkpoint.parent.parent / HF_DIR
@@ -256,7 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                                             "the tokenizer recorded in the training dataset's lh_data.json)")
     args = parser.parse_args(argv)
     try:
-        print(f"lh-export: wrote {export(args.checkpoint, args.out, args.dtype, args.tokenizer)}")
+        skipped: list[str] = []
+        folder = resolve_checkpoint(args.checkpoint, skipped)
+        for line in skipped:
+            print(f"lh-export: {line}", file=sys.stderr)
+        print(f"lh-export: wrote {export(folder, args.out, args.dtype, args.tokenizer)}")
     except (FileNotFoundError, ValueError) as e:
         print(f"lh-export: error: {e}", file=sys.stderr)
         return 2

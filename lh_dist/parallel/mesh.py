@@ -28,8 +28,7 @@ if TYPE_CHECKING:
 def resolve_degrees(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(dp, cp) of `cfg.parallel` for this world size; ConfigError naming the field when they do not fit."""
     cp = cfg.parallel.cp_degree
-    if world_size % cp:
-        raise ConfigError(f"parallel.cp_degree={cp} must divide the world size {world_size}")
+    cfg.parallel.check_world_size(world_size)
     dp = cfg.parallel.dp_degree or world_size // cp
     if dp * cp != world_size:
         raise ConfigError(f"parallel.dp_degree must be 0 (auto) or world size / parallel.cp_degree = "

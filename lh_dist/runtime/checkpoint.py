@@ -12,7 +12,6 @@ complete (`lh_dist.train.checkpoint` writes them).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import zlib
@@ -64,12 +63,6 @@ FIXED_FIELDS = tuple(f"model.{k}" for k in flat_config(dataclasses.asdict(ModelC
                      if k not in ("attention_backend", "init_std")) + (
     "data.seq_len", "seed", "lighthouse.levels", "lighthouse.pooling", "lighthouse.topk",
     "lighthouse.dense_layers", "lighthouse.scorer", "parallel.zero_stage")
-
-
-def fingerprint(config: dict) -> str:
-    """Hash of the settings that must not change across a resume."""
-    flat = flat_config(config)
-    return hashlib.sha256(json.dumps([flat.get(k) for k in FIXED_FIELDS]).encode()).hexdigest()[:16]
 
 
 def saved_settings(manifest: dict) -> dict:
@@ -148,13 +141,19 @@ def survey(root: Path) -> list[Found]:
     return sorted(found.values(), key=lambda f: f.step, reverse=True)
 
 
-def newest_valid(root: Path, skipped: list[str] | None = None, partial: bool = True) -> Found | None:
-    """The newest checkpoint whose files all match the manifest, checksums included.
+def skip_line(found: Found) -> str:
+    """What a command prints for a checkpoint it passed over: "skipped checkpoint step_X: why"."""
+    return f"skipped checkpoint {found.path.name}: {found.problem}"
+
+
+def newest_valid(root: Path, skipped: list[Found] | None = None, partial: bool = True) -> Found | None:
+    """The newest checkpoint whose files all match the manifest, checksums included; the newer
+    ones passed over are appended to `skipped`, each with its problem.
 
     partial=False passes over complete saves that still carry their .partial- name."""
     for f in survey(root):
         if not partial and f.path.name.startswith(PARTIAL):
-            continue
+            f.problem = "a complete save not yet renamed into place (the next lh-train --resume auto does it)"
         if f.problem is None:
             try:
                 read_manifest(f.path, deep=True)
@@ -162,12 +161,14 @@ def newest_valid(root: Path, skipped: list[str] | None = None, partial: bool = T
             except InvalidCheckpoint as e:
                 f.problem = str(e)
         if skipped is not None:
-            skipped.append(f"skipped checkpoint {f.path.name}: {f.problem}")
+            skipped.append(f)
     return None
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A complete checkpoint folder `step_XXXXXXXX`, or the newest complete checkpoint of a run directory."""
+def resolve_checkpoint(path: str | Path, skipped: list[str] | None = None) -> Path:
+    """A complete checkpoint folder `step_XXXXXXXX`, or the newest complete checkpoint of a run directory.
+
+    For a run directory, `skipped` receives one line (`skip_line`) per newer checkpoint passed over."""
     path = Path(path)
     if STEP_DIR.match(path.name) and path.is_dir():
         try:
@@ -175,12 +176,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         except InvalidCheckpoint as e:
             raise FileNotFoundError(f"{path} is not a complete checkpoint: {e}") from None
         return path
-    skipped: list[str] = []
-    newest = newest_valid(path / "checkpoints", skipped, partial=False)
+    passed: list[Found] = []
+    newest = newest_valid(path / "checkpoints", passed, partial=False)
     if newest is None:
-        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        detail = f" ({'; '.join(map(skip_line, passed))})" if passed else ""
         raise FileNotFoundError(f"{path} is neither a checkpoint folder (step_XXXXXXXX) nor a run directory "
                                 f"with a complete checkpoint under checkpoints/{detail}")
+    if skipped is not None:
+        skipped += map(skip_line, passed)
     return newest.path
 
 

@@ -3,7 +3,8 @@
 The layout of a checkpoint and how it is read are `lh_dist.runtime.checkpoint`'s. A save
 is collective:
 
-1. rank 0 checks the free space against the checkpoint's expected size;
+1. rank 0 checks the free space against the checkpoint's expected size (the trainer
+   also checks it for its first save when it starts);
 2. every rank writes its files into `.partial-step_N` and fsyncs them;
 3. after a barrier, the ranks exchange the names of the files each sees (a rank
    always sees its own) and checksum them between them;
@@ -11,9 +12,10 @@ is collective:
    config, world layout, data position) and fsyncs it and the folder;
 5. rank 0 renames the folder to `step_N`, setting an existing `step_N` aside first
    and removing it after, and fsyncs `checkpoints/`;
-6. rank 0 removes later checkpoints (a rewind abandoned them; the manifest of
-   step_N names them, so a crash here cannot resurrect them) and all but the newest
-   `checkpoint.keep` at or before N, each renamed aside before it is deleted.
+6. rank 0 removes later checkpoints that a rewind abandoned (the manifest of step_N
+   names them, so a crash here cannot resurrect them), the damaged ones the run walked
+   back past when it started, and all but the newest `checkpoint.keep` valid ones at
+   or before N, each renamed aside before it is deleted. Nothing else.
 
 When a run starts, rank 0 finishes what a crash interrupted: a `.partial-step_N` with a valid manifest
 becomes `step_N`, and the leftovers of steps 5 and 6 are removed.
@@ -44,8 +46,8 @@ import torch.distributed as dist
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.data.sources import DataSource, compare_data, configured_sources, data_identity
 from lh_dist.runtime.checkpoint import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
-                                        InvalidCheckpoint, file_crc32, fingerprint, flat_config, newest_valid,
-                                        read_manifest, saved_settings, step_name, survey)
+                                        InvalidCheckpoint, file_crc32, flat_config, newest_valid,
+                                        read_manifest, saved_settings, skip_line, step_name, survey)
 from lh_dist.train.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
 REPLACED, DELETING = ".replaced-", ".deleting-"
@@ -156,6 +158,8 @@ class Plan:
     folder: str | None = None  # checkpoint to load (its final step_N path)
     manifest: dict | None = None
     archive: bool = False  # move the previous run's outputs to archive/ (--overwrite)
+    # Damaged checkpoints later than the one resumed: the run's first new checkpoint supersedes them.
+    superseded: list[str] = dataclasses.field(default_factory=list)
     messages: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -177,6 +181,7 @@ class Checkpointer:
         # The run's datasets (read by the trainer) and whether a changed one may be resumed over.
         self.data_sources: list[DataSource] | None = None
         self.accept_changed_data = False
+        self.superseded: list[str] = []  # Plan.superseded, on rank 0
         kill = os.environ.get(KILL_ENV, "").split(":")
         self._kill = (kill[0], int(kill[1]), int(kill[2]) if len(kill) > 2 else 0) if len(kill) > 1 else None
 
@@ -231,11 +236,22 @@ class Checkpointer:
                 f"or use another logging.run_dir")
         plan.archive = overwrite and any((self.run_dir / name).exists() for name in RUN_OUTPUTS)
         if resume == "auto":
-            chosen = newest_valid(self.root, plan.messages)
+            skipped = []
+            chosen = newest_valid(self.root, skipped)
+            plan.messages += map(skip_line, skipped)
+            if chosen is None and skipped:
+                # Starting afresh here would mix two runs, and its rotation would delete these folders.
+                raise RunDirError(
+                    f"run dir {self.run_dir} holds checkpoints but none is usable "
+                    f"({'; '.join(f'{f.path.name}: {f.problem}' for f in skipped)}): nothing was changed; restore "
+                    f"a checkpoint to resume, or pass --resume none --overwrite to archive them and start afresh")
+            plan.superseded = [f.path.name for f in skipped]
         elif resume == "none":
             chosen = None
         else:
             chosen = self._explicit(Path(resume), found, foreign, rewind, plan.messages)
+            if not foreign:  # damaged later ones (those a rewind abandons keep their manifest)
+                plan.superseded = [f.path.name for f in found if f.step > chosen.step and f.manifest is None]
         if chosen is not None and chosen.manifest.get("weights_only"):
             raise RunDirError(f"{chosen.path} holds imported weights without training state: start a run from "
                               f"them with --init-from {chosen.path.parent.parent} and another logging.run_dir")
@@ -273,6 +289,7 @@ class Checkpointer:
         """Collective: rank 0 archives or repairs the checkpoints and writes config.yaml; returns messages."""
         def work():
             messages = []
+            self.superseded = plan.superseded
             try:
                 if plan.archive:
                     messages.append(f"archived the previous run's outputs in {archive_previous_run(self.run_dir)}")
@@ -306,6 +323,10 @@ class Checkpointer:
         """Size of the next checkpoint: the last one's, or an estimate from the parameter count before any."""
         return self.last_bytes if self.last_bytes is not None else BYTES_PER_PARAM * self.n_params
 
+    def check_space(self, step: int) -> None:
+        """Collective: RunDirError unless the disk has room for checkpoint `step` (`expected_bytes`)."""
+        self.on_rank0(lambda: self._check_space(step))
+
     def _check_space(self, step: int) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         need, free = int(1.1 * self.expected_bytes()), shutil.disk_usage(self.root).free
@@ -317,7 +338,7 @@ class Checkpointer:
     def save(self, engine, step: int, trainer_state: dict) -> Path:
         """Collective: every rank calls it with its own trainer state."""
         final, partial = self.root / step_name(step), self.root / f"{PARTIAL}{step_name(step)}"
-        self.on_rank0(lambda: self._check_space(step))
+        self.check_space(step)
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
@@ -364,7 +385,7 @@ class Checkpointer:
         later = [f for f in survey(self.root) if f.step > step and f.manifest is not None]
         manifest = {
             "format_version": FORMAT_VERSION, "id": uuid.uuid4().hex, "step": step,
-            "phase": trainer_state["phase"], "files": files, "config": config, "fingerprint": fingerprint(config),
+            "phase": trainer_state["phase"], "files": files, "config": config,
             "world": {"world_size": self.world_size, "dp_degree": self.dp_degree,
                       "cp_degree": self.cfg.parallel.cp_degree, "zero_stage": self.cfg.parallel.zero_stage},
             "data": dict(trainer_state["data"], **data_identity(self.cfg.data, self.data_sources)),
@@ -400,11 +421,16 @@ class Checkpointer:
         shutil.rmtree(aside, ignore_errors=True)
 
     def _rotate(self, step: int) -> None:
-        """Remove later steps (abandoned by a rewind, or torn) and all but `keep` valid ones up to `step`."""
+        """Remove what the checkpoint of `step` supersedes: the later steps that a rewind abandoned, the
+        damaged ones this run passed over when it started, and all but `keep` valid ones up to `step`.
+        Nothing else: a damaged checkpoint this run did not pass over, or one that appeared since, stays."""
         found = survey(self.root)
-        kept = [f for f in found if f.step <= step and f.problem is None]
-        for f in [f for f in found if f.step > step] + kept[self.keep:]:
+        gone = [f for f in found if f.step != step and (
+            f.path.name in self.superseded or (f.step > step and f.problem is not None and f.manifest is not None))]
+        kept = [f for f in found if f.step <= step and f.problem is None and f not in gone]
+        for f in gone + kept[self.keep:]:
             self._remove(f.path, step)
+        self.superseded = []  # removed: from now on these names are this run's own checkpoints
 
     # ---- loading -------------------------------------------------------------------------
 

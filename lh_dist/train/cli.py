@@ -127,7 +127,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="config overrides, e.g. schedule.steps=100 parallel.cp_degree=1")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.json and not args.dry_run:
+            raise ConfigError("--json goes with --dry-run")
+        world = None  # --print-config and --ranks-per-node alone plan for no world
+        if args.dry_run or not (args.print_config or args.ranks_per_node):
+            world = (args.world_size if args.dry_run else None) or _positive_int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            cfg = load_config(args.config, args.overrides, world)
+            plan = plan_run(cfg, world) if args.dry_run else None
+        except ConfigError as e:
+            if args.dry_run and args.world_size is None and "world size" in str(e):
+                raise ConfigError(f"{e} (--dry-run plans for {world} rank(s): pass --world-size N to plan "
+                                  f"for N ranks)") from None
+            raise
         if args.print_config:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
             return 0
@@ -138,17 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(default_ranks_per_node(cfg.device, torch.cuda.device_count()))
             return 0
-        if args.json and not args.dry_run:
-            raise ConfigError("--json goes with --dry-run")
         if args.dry_run:
-            world = args.world_size or _positive_int(os.environ.get("WORLD_SIZE", "1"))
-            try:
-                plan = plan_run(cfg, world)
-            except ConfigError as e:
-                if args.world_size is None and "world size" in str(e):
-                    raise ConfigError(f"{e} (--dry-run plans for {world} rank(s): pass --world-size N to plan "
-                                      f"for N ranks)") from None
-                raise
             print(json.dumps(plan | {"text": describe_plan(plan)}) if args.json else describe_plan(plan))
             return 0
         from lh_dist.train.checkpoint import check_resume_arg

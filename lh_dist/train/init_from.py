@@ -32,6 +32,7 @@ class InitSource:
     arg: str  # as given on the command line
     folder: Path
     origin: dict | None
+    skipped: list[str] = dataclasses.field(default_factory=list)  # newer checkpoints passed over, and why
 
     @property
     def run_dir(self) -> Path:
@@ -45,8 +46,9 @@ def _free(field: str) -> bool:
 def open_init_source(arg: str, cfg: TrainConfig) -> InitSource:
     """The checkpoint `arg` names; ConfigError (one line) if there is none or its model differs from
     `cfg.model` in a field that must match."""
+    skipped: list[str] = []
     try:
-        folder = resolve_checkpoint(arg)
+        folder = resolve_checkpoint(arg, skipped)
         there = flat_config({"model": read_manifest(folder)["config"]["model"]})
         origin = read_origin(folder.parent.parent)
     except (FileNotFoundError, ValueError) as e:
@@ -57,7 +59,7 @@ def open_init_source(arg: str, cfg: TrainConfig) -> InitSource:
     if differ:
         raise ConfigError(f"--init-from {arg}: {'; '.join(differ)} (a run started from weights keeps their "
                           f"model; it may change only {', '.join(f.rstrip('.') for f in FREE_MODEL_FIELDS)})")
-    return InitSource(arg, folder, origin)
+    return InitSource(arg, folder, origin, skipped)
 
 
 def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_dir: Path,

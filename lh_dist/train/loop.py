@@ -165,10 +165,16 @@ class Trainer:
         self.step_fn = build_train_step(cfg, self.layout, self.device,
                                         load_model_state(init.folder) if init is not None else None)
         if init is not None:
+            messages += [f"--init-from {init_from}: {line}" for line in init.skipped]
             messages.append(f"starting at step 0 from the weights of {init.folder}")
         self.engine = self.step_fn.engine
         self.n_params, self.n_matmul_params = self.step_fn.n_params, self.step_fn.n_matmul_params
         self.checkpointer.n_params = self.n_params
+        start = plan.manifest["step"] if plan.folder is not None else 0
+        if start < cfg.schedule.steps:
+            # Now, not at the first save: the steps before it would be trained for nothing.
+            interval = cfg.checkpoint.interval
+            self.checkpointer.check_space(min((start // interval + 1) * interval, cfg.schedule.steps))
         self.pending: list[_PendingStep] = []
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
@@ -297,6 +303,9 @@ class Trainer:
 
             if stopping or self.step % cfg.checkpoint.interval == 0 or self.step == cfg.schedule.steps:
                 self.save()
+                # A signal that came during the save: the checkpoint just written is current, exit now
+                # rather than after one more step and one more save (the grace period may be short).
+                stopping = stopping or (self.step < cfg.schedule.steps and self.stop.agreed())
             if stopping:
                 self.metrics.log(f"stop signal received: checkpointed step {self.step}, exiting with "
                                  f"{PREEMPTED_EXIT_CODE}")

@@ -92,10 +92,10 @@ def test_a_manifest_of_another_format_version_is_not_a_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"step_00000002 is not a complete checkpoint: its manifest.json "
                                                 f"has format_version {FORMAT_VERSION + 1};"):
         resolve_checkpoint(folder)
-    plan = Checkpointer(cfg, rank=0).open("auto")  # a run passes over it, saying why
-    assert plan.folder is None
-    assert plan.messages[-1].startswith(f"skipped checkpoint step_00000002: its manifest.json has format_version "
-                                        f"{FORMAT_VERSION + 1}")
+    with pytest.raises(RunDirError, match=f"none is usable \\(step_00000002: its manifest.json has format_version "
+                                          f"{FORMAT_VERSION + 1};"):
+        Checkpointer(cfg, rank=0).open("auto")  # a run neither starts over it nor deletes it
+    assert names(cfg) == ["step_00000002"]
 
 
 def test_resume_auto_walks_back_past_torn_checkpoints_and_says_why(tmp_path):
@@ -226,6 +226,56 @@ def test_a_rewind_interrupted_before_it_removed_the_abandoned_checkpoints(tmp_pa
     engine = FileEngine()
     ck2.load(engine, plan)
     assert engine.weights[0] == -15.0
+
+
+def damage(folder: Path) -> str:
+    """Truncate a checkpoint's weights to 100 bytes; returns why the checkpoint is not usable now."""
+    weights = folder / WEIGHTS
+    size = weights.stat().st_size
+    weights.write_bytes(weights.read_bytes()[:100])
+    return f"{WEIGHTS} has 100 bytes, the manifest says {size}"
+
+
+def test_a_run_dir_whose_checkpoints_are_all_damaged_is_refused_and_left_as_it_is(tmp_path):
+    cfg = make_cfg(tmp_path, "checkpoint.keep=5")
+    train(cfg, [2, 4])
+    run, root = Path(cfg.logging.run_dir), Path(cfg.logging.run_dir) / "checkpoints"
+    why = damage(root / "step_00000004")
+    (root / "step_00000002" / MANIFEST).unlink()
+    with pytest.raises(RunDirError) as refused:
+        Checkpointer(cfg, rank=0).open("auto")
+    assert str(refused.value) == (
+        f"run dir {run} holds checkpoints but none is usable (step_00000004: {why}; step_00000002: it has no "
+        f"manifest.json (an interrupted save)): nothing was changed; restore a checkpoint to resume, or pass "
+        f"--resume none --overwrite to archive them and start afresh")
+    assert names(cfg) == ["step_00000002", "step_00000004"]
+    # What the message proposes: they are archived, not deleted, and a new run starts.
+    _, messages = train(cfg, [1], resume="none", overwrite=True)
+    (archive,) = (run / "archive").iterdir()
+    assert sorted(p.name for p in (archive / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert names(cfg) == ["step_00000001"]
+
+
+def test_rotation_removes_only_what_the_run_supersedes(tmp_path):
+    cfg = make_cfg(tmp_path, "checkpoint.keep=5")
+    train(cfg, [1, 2, 4, 6])
+    root = Path(cfg.logging.run_dir) / "checkpoints"
+    why = {step: damage(root / f"step_{step:08d}") for step in (1, 4, 6)}
+    ck = Checkpointer(cfg, rank=0)
+    plan = ck.open("auto")
+    assert plan.folder == str(root / "step_00000002")
+    assert [m for m in plan.messages if m.startswith("skipped")] == [
+        f"skipped checkpoint step_00000006: {why[6]}", f"skipped checkpoint step_00000004: {why[4]}"]
+    ck.start(plan)
+    (root / "step_00000009").mkdir()  # appears while the run trains: not the run's to remove
+    ck.save(FileEngine(3.0), 3, state(3))
+    # The damaged steps 4 and 6 that the run passed over are superseded; the damaged step 1, older than
+    # the checkpoint it resumed, was never passed over and stays.
+    assert names(cfg) == ["step_00000001", "step_00000002", "step_00000003", "step_00000009"]
+    for step in (4, 5):
+        ck.save(FileEngine(float(step)), step, state(step))  # a new step_00000004 is the run's own
+    assert names(cfg) == ["step_00000001", "step_00000002", "step_00000003", "step_00000004", "step_00000005",
+                          "step_00000009"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -130,3 +130,11 @@ def test_cli_errors_and_help(tmp_path, capsys):
         main(["-h"])
     help_text = capsys.readouterr().out
     assert "--out OUT" in help_text and "default: float32" in help_text and "{float32,bfloat16,float16}" in help_text
+
+
+def test_generate_takes_what_the_exported_tokenizer_returns(exported):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok, model = AutoTokenizer.from_pretrained(exported), AutoModelForCausalLM.from_pretrained(exported)
+    ids = model.generate(**tok("def main():", return_tensors="pt"), max_new_tokens=20, do_sample=False)
+    assert ids[0].tolist() == [*b"def main():abc", EOD]

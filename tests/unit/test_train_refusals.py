@@ -62,3 +62,31 @@ def test_split_too_short_for_the_evaluations_is_refused_before_any_work():
     # A source of a mixture is named by its entry.
     with pytest.raises(ConfigError, match=r"^data.sources\[1\] \(web\): split 'val' of runs/data/web holds"):
         check_split_sizes(cfg, info, 2, "data.sources[1] (web)", "runs/data/web")
+
+
+def test_a_cp_degree_that_does_not_divide_the_world_size_is_named_first(tmp_path, capsys, monkeypatch):
+    """cp_degree 3 on 2 ranks; on its own it also breaks Lighthouse's tiling (4 tiles over 6 chunks) and
+    zigzag sharding (1024 tokens over 6 chunks), but what is wrong is the layout."""
+    from lh_dist.train.cli import main
+
+    args = ["--config", str(REPO / "configs/tiny-cpu.yaml"), f"logging.run_dir={tmp_path / 'run'}",
+            "parallel.cp_degree=3"]
+    assert main([*args, "--dry-run", "--world-size", "2"]) == 2
+    assert capsys.readouterr().err == "lh-train: config error: parallel.cp_degree=3 must divide the world size 2\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each rank
+    assert main(args) == 2
+    assert capsys.readouterr().err == "lh-train: config error: parallel.cp_degree=3 must divide the world size 2\n"
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text, got", [("- model\n- data\n", "list ['model', 'data']"),
+                                       ("model.dim=64\n", "str 'model.dim=64'")])
+@pytest.mark.parametrize("override", ["schedule.steps=3", "seed=3"])
+def test_a_config_file_that_is_not_a_mapping_is_one_line(tmp_path, capsys, text, got, override):
+    from lh_dist.train.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    assert main(["--config", str(path), override, "--print-config"]) == 2
+    assert capsys.readouterr().err == (f"lh-train: config error: config file {path} must hold a mapping of "
+                                       f"sections (model:, data:, ...), got {got}\n")
