@@ -204,6 +204,11 @@ class ParallelConfig:
         _check(self.activation_offload_layers >= 0, f"{p}.activation_offload_layers", "0 (all) or a positive integer",
                self.activation_offload_layers)
 
+    def check_world_size(self, world_size: int) -> None:
+        """ConfigError unless cp_degree divides the world size (each CP group is cp_degree ranks)."""
+        if world_size % self.cp_degree:
+            raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}")
+
 
 DEFAULT_DATA_PATH = "runs/data/stdlib"
 _SOURCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -223,11 +228,6 @@ class SourceConfig:
     def __post_init__(self) -> None:
         if not self.name:
             self.name = PurePosixPath(self.path.rstrip("/")).name
-
-    def check_world_size(self, world_size: int) -> None:
-        """ConfigError unless cp_degree divides the world size (each CP group is cp_degree ranks)."""
-        if world_size % self.cp_degree:
-            raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}")
 
 
 @dataclass(kw_only=True)
