@@ -579,7 +579,7 @@ def _seq_tokens(run: dict) -> int:
 # Metric groups of report_v2, in order: key prefix -> (title, number format).
 GROUPS = {
     "val_loss": ("Final validation loss by source (nats/token; mean of the last 3 evaluations; "
-                 "\"mixture\" weights the sources as in training)", ".4f"),
+                 "\"all sources\" weights them as in training)", ".4f"),
     "position_loss": ("Loss by position, code corpus, dense attention (nats/token; octave buckets of the final "
                       "`lh-eval loss`)", ".4f"),
     "retrieval": ("Retrieval accuracy, held-out documents of the retrieval set (`lh-eval retrieval`)", ".3f"),
@@ -635,7 +635,7 @@ def _label(key: str) -> str:
     if label.startswith("depth "):
         lo, hi = label.split()[1].split("-")
         return f"depth {float(lo):.0%}–{float(hi):.0%}"
-    return {"train": "train", "largest rise": "largest rise"}.get(label, label)
+    return {"mixture": "all sources (weighted)"}.get(label, label)
 
 
 @functools.lru_cache
@@ -716,7 +716,7 @@ def retrieval_verdict(arm: str, d: dict | None, dense_mean: float | None, kind: 
                 f"survives, and Lighthouse-then-dense retrieves better than dense by {d['lo']:.3f} to {d['hi']:.3f}.")
     else:
         text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval contains zero, so retrieval "
-                f"survives within this precision: a loss of more than {-d['lo']:.3f} is excluded at 95%.")
+                f"survives within this precision: a loss of more than {max(0.0, -d['lo']):.3f} is excluded at 95%.")
     if dense_mean is not None and dense_mean < 0.05:
         text += f" Dense itself retrieves only {dense_mean:.3f} of the values, so this says little about survival."
     return text
@@ -814,7 +814,7 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
         dense_retrieval = spreads["dense"].get("retrieval/mean")
         lines.append(f"- {retrieval_verdict(arm, diffs[arm].get('retrieval/mean'), dense_retrieval and dense_retrieval['mean'], kinds[arm])}")
         d = diffs[arm]["val_loss/mixture"]
-        lines.append(f"- The final validation loss ({arm} minus dense, mixture) is {_with_interval(d, '.4f')} "
+        lines.append(f"- The final validation loss ({arm} minus dense, all sources) is {_with_interval(d, '.4f')} "
                      f"({kinds[arm]}); training took {spreads[arm]['wall/train']['mean'] / spreads['dense']['wall/train']['mean']:.2f} "
                      "of dense's wall-clock (means over seeds).")
     lines += ["", *([notes, ""] if notes else [])]
