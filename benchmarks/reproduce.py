@@ -763,9 +763,60 @@ def report_v2(runs: list[dict], out_md: Path, notes_file: str | None = None) -> 
     out_md.parent.mkdir(parents=True, exist_ok=True)
     summary_v2_path(out_md).write_text(json.dumps(summary, indent=1))
     notes = Path(notes_file).read_text().strip() if notes_file else ""
-    out_md.write_text(_markdown_v2(arms, keys, spreads, diffs, notes))
+    plots = _plots_v2(arms, out_md.parent, out_md.stem + "_")
+    out_md.write_text(_markdown_v2(arms, keys, spreads, diffs, notes, plots))
     _log(f"wrote {out_md} ({len(runs)} runs in {len(arms)} arms)")
     return out_md
+
+
+def _plots_v2(arms: dict[str, list[dict]], out: Path, prefix: str) -> list[str]:
+    """Validation loss by step (one line per run, a colour per arm), and per arm the mean loss by position and
+    retrieval accuracy by length with their min-max band over seeds; the PNG names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(arms, plt.get_cmap("tab10").colors))
+    names = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / f"{prefix}{name}.png", dpi=110)
+        plt.close(fig)
+        names.append(f"{prefix}{name}.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, group in arms.items():
+        for i, run in enumerate(group):
+            val = _series(run, "val/loss")
+            ax.plot([s for s, _, _ in val], [v for _, _, v in val], color=colors[arm], linewidth=1,
+                    label=arm if i == 0 else None)
+    ax.set(xlabel="step", ylabel="validation loss, all sources (nats/token)", title="Validation loss, every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "val_loss")
+
+    panels = [("position_loss", "position (tokens, bucket middle)", "loss, code corpus (nats/token)",
+               "Loss by position, dense attention"),
+              ("retrieval/length", "context length (tokens)", "retrieval accuracy", "Retrieval by length")]
+    for group_prefix, xlabel, ylabel, title in panels:
+        keys = [k for k in arms["dense"][0]["metrics"] if k.startswith(group_prefix)]
+        if not keys:
+            continue
+        x = ([sum(map(int, k.split("/")[1].split("-"))) / 2 for k in keys] if group_prefix == "position_loss"
+             else [int(k.split()[-1]) for k in keys])
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, group in arms.items():
+            values = [[r["metrics"][k] for r in group] for k in keys]  # [keys][seeds]
+            ax.plot(x, [statistics.fmean(v) for v in values], color=colors[arm], marker="o", label=arm)
+            ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=colors[arm], alpha=0.2)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: mean and min-max over seeds")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, group_prefix.replace("/", "_"))
+    return names
 
 
 def summary_v2_path(out_md: Path) -> Path:
@@ -781,7 +832,8 @@ def _spread_cell(s: dict | None, spec: str) -> str:
     return f"{s['mean']:{spec}} ± {s['sd']:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
 
 
-def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, diffs: dict, notes: str) -> str:
+def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, diffs: dict, notes: str,
+                 plots: list[str]) -> str:
     runs = [r for group in arms.values() for r in group]
     base = runs[0]
     cfg = yaml.safe_load((base["folder"] / "config.yaml").read_text())
@@ -849,6 +901,7 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
                      + " | ".join(f"{m[f'val_loss/{s}']:.4f}" for s in sources)
                      + f" | {_fmt(m.get('retrieval/mean'), '.3f', '—')} | {m['passkey/mean']:.3f} | "
                      f"{m['wall/train']:.2f} min |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Commands", "", "Each run, and what it ran (`python` is the interpreter that ran the script):",
               "", "```"]
     for run in runs:

@@ -138,7 +138,9 @@ def test_reproduce_two_seeds_per_arm_and_report(tmp_path, monkeypatch):
             assert f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" in text
     retrieval = summary["differences"]["lh50"]["retrieval/mean"]
     assert f"The difference in retrieval accuracy (lh50 minus dense) is {retrieval['diff']:+.3f}" in text
-    assert "paired seeds (0, 1)" in text and "seed" in text and "to be measured" in text
+    assert "paired seeds (0, 1)" in text and "to be measured" in text
+    for plot in ("val_loss", "position_loss", "retrieval_length"):
+        assert f"reproduction_v2_{plot}.png" in text and (md.parent / f"reproduction_v2_{plot}.png").stat().st_size > 1000
 
 
 def test_report_of_one_seed_has_no_interval(tmp_path):
