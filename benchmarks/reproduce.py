@@ -687,7 +687,8 @@ def difference(dense: dict[int, float], lighthouse: dict[int, float]) -> dict:
 
 def _interval_kind(d: dict, n_dense: int, n_lh: int) -> str:
     if d["kind"] == "paired":
-        return f"95% t-interval over the differences of {len(d['seeds'])} paired seeds ({', '.join(map(str, d['seeds']))})"
+        seeds = ", ".join(map(str, d["seeds"]))
+        return f"95% t-interval over the differences of {len(d['seeds'])} paired seeds ({seeds})"
     if d["kind"] == "welch":
         return f"95% Welch t-interval, unpaired: {n_dense} dense and {n_lh} Lighthouse seeds, too few in common"
     return "no interval: it needs two seeds in each arm"
@@ -738,8 +739,9 @@ def _check_comparable(arms: dict[str, list[dict]]) -> None:
 
 
 def report_v2(runs: list[dict], out_md: Path, notes_file: str | None = None) -> Path:
-    """reproduction_v2.md and reproduction_summary_v2.json beside it (summary_v2_path): the runs grouped by arm; over seeds each arm's
-    mean and spread and each Lighthouse arm's difference from dense with its 95% interval."""
+    """reproduction_v2.md and reproduction_summary_v2.json beside it (summary_v2_path), and its plots:
+    the runs grouped by arm; over seeds each arm's mean and spread, and each Lighthouse arm's difference
+    from dense with its 95% interval."""
     arms: dict[str, list[dict]] = {}
     for run in sorted(runs, key=lambda r: (-r["lighthouse_steps"] if r["lighthouse_steps"] else 1, r["seed"])):
         arms.setdefault(run["arm"], []).append(run)
@@ -754,12 +756,12 @@ def report_v2(runs: list[dict], out_md: Path, notes_file: str | None = None) -> 
                for arm, group in arms.items()}
     spreads = {arm: {k: spread(list(v.values())) for k, v in by_seed[arm].items() if v} for arm in arms}
     diffs = {arm: {k: difference(by_seed["dense"][k], by_seed[arm][k]) for k in keys} for arm in arms if arm != "dense"}
-    summary = {"runs": [{"name": r["name"], "arm": r["arm"], "seed": r["seed"],
-                         "lighthouse_steps": r["lighthouse_steps"], "retrieval_weight": r.get("retrieval_weight"),
-                         "final_val": {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith("val_loss/")},
-                         "retrieval_mean": r["metrics"].get("retrieval/mean"), "passkey_mean": r["passkey_eval"]["mean"],
-                         "train_wall_s": r["wall_s"]["train"], "metrics": r["metrics"]} for g in arms.values() for r in g],
-               "arms": spreads, "differences": diffs}
+    entries = [{"name": r["name"], "arm": r["arm"], "seed": r["seed"], "lighthouse_steps": r["lighthouse_steps"],
+                "retrieval_weight": r.get("retrieval_weight"),
+                "final_val": {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith("val_loss/")},
+                "retrieval_mean": r["metrics"].get("retrieval/mean"), "passkey_mean": r["passkey_eval"]["mean"],
+                "train_wall_s": r["wall_s"]["train"], "metrics": r["metrics"]} for g in arms.values() for r in g]
+    summary = {"runs": entries, "arms": spreads, "differences": diffs}
     out_md.parent.mkdir(parents=True, exist_ok=True)
     summary_v2_path(out_md).write_text(json.dumps(summary, indent=1))
     notes = Path(notes_file).read_text().strip() if notes_file else ""
@@ -845,7 +847,8 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
         "",
         f"Hardware: {'; '.join(sorted({r['hardware'] for r in runs}))}. {_commits(runs)}. Config: `{base['config']}` "
         f"({base['steps']} steps of {_seq_tokens(base):,} tokens; peak LR {cfg['optim']['lr']:g}, "
-        f"{sched['warmup_steps']} warmup steps, {sched['decay']} decay to {sched.get('min_lr_ratio', 0.1):g} of the peak).",
+        f"{sched['warmup_steps']} warmup steps, {sched['decay']} decay to {sched.get('min_lr_ratio', 0.1):g} of "
+        "the peak).",
         f"Code corpus: `{code['source']}`; train {code['splits']['train']['documents']:,} documents / "
         f"{code['splits']['train']['tokens']:,} tokens, validation {code['splits']['val']['documents']:,} documents "
         f"(whole documents not in train); content SHA-256 `{code['content_sha256']}`.",
@@ -864,10 +867,12 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
     lines += ["## Verdict", ""]
     for arm in lh_arms:
         dense_retrieval = spreads["dense"].get("retrieval/mean")
-        lines.append(f"- {retrieval_verdict(arm, diffs[arm].get('retrieval/mean'), dense_retrieval and dense_retrieval['mean'], kinds[arm])}")
+        dense_mean = dense_retrieval["mean"] if dense_retrieval else None
+        lines.append(f"- {retrieval_verdict(arm, diffs[arm].get('retrieval/mean'), dense_mean, kinds[arm])}")
         d = diffs[arm]["val_loss/mixture"]
         lines.append(f"- The final validation loss ({arm} minus dense, all sources) is {_with_interval(d, '.4f')} "
-                     f"({kinds[arm]}); training took {spreads[arm]['wall/train']['mean'] / spreads['dense']['wall/train']['mean']:.2f} "
+                     f"({kinds[arm]}); training took "
+                     f"{spreads[arm]['wall/train']['mean'] / spreads['dense']['wall/train']['mean']:.2f} "
                      "of dense's wall-clock (means over seeds).")
     lines += ["", *([notes, ""] if notes else [])]
     lines += [

@@ -33,16 +33,17 @@ TINY = {
 T_975_DF1 = math.tan(0.475 * math.pi)
 
 
-def _script(*args, expect: int = 0):
+def _script(*args, expect: int | str = 0):
     """The script's main in this process (the commands it runs, lh-data, lh-train and lh-eval, are processes of
-    their own, whose output it prints); what it printed."""
+    their own, whose output it prints); what it printed. `expect`: its exit status, or words of its error."""
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         try:
             code = reproduce.main([str(a) for a in args])
         except SystemExit as stop:  # a command failed, or the arguments
             code = stop.code
-    assert (code == expect) if isinstance(expect, int) else expect in str(code), printed.getvalue()[-5000:] + f"\n{code}"
+    ok = code == expect if isinstance(expect, int) else expect in str(code)
+    assert ok, printed.getvalue()[-5000:] + f"\n{code}"
     return printed.getvalue()
 
 
@@ -75,7 +76,8 @@ def test_reproduce_two_seeds_per_arm_and_report(tmp_path, monkeypatch):
     _script("data", *common)
     info = {name: json.loads((path / "lh_data.json").read_text()) for name, path in (("code", data),
                                                                                    ("retrieval", retrieval))}
-    assert info["retrieval"]["retrieval"]["doc_tokens"] == 1024 and info["retrieval"]["retrieval"]["filler"] == str(data)
+    settings = info["retrieval"]["retrieval"]
+    assert settings["doc_tokens"] == 1024 and settings["filler"] == str(data)
     runs = {("dense", 0): "dense-s0", ("lh50", 0): "lh50-s0", ("dense", 1): "dense-s1", ("lh50", 1): "lh50-s1"}
     for (arm, seed), name in runs.items():
         out = _script("train", name, "--lighthouse-fraction", 0 if arm == "dense" else 0.5, "--seed", seed,
@@ -140,7 +142,8 @@ def test_reproduce_two_seeds_per_arm_and_report(tmp_path, monkeypatch):
     assert f"The difference in retrieval accuracy (lh50 minus dense) is {retrieval['diff']:+.3f}" in text
     assert "paired seeds (0, 1)" in text and "to be measured" in text
     for plot in ("val_loss", "position_loss", "retrieval_length"):
-        assert f"reproduction_v2_{plot}.png" in text and (md.parent / f"reproduction_v2_{plot}.png").stat().st_size > 1000
+        png = f"reproduction_v2_{plot}.png"
+        assert png in text and (md.parent / png).stat().st_size > 1000
 
 
 def test_report_of_one_seed_has_no_interval(tmp_path):
