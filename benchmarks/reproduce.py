@@ -922,7 +922,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/repro-64k-v2.yaml)")
-    common.add_argument("--data", help="dataset folder (default: the config's data.path)")
+    common.add_argument("--data", help="code corpus folder (default: the config's data.path, or its source "
+                                       "named 'code')")
     common.add_argument("--data-roots", nargs="+", help="source trees of the corpus (default: this Python's "
                                                         "site-packages)")
     common.add_argument("--min-doc-tokens", type=int, default=65536, help="shortest document kept (default: 65536)")
