@@ -393,8 +393,9 @@ def ensure_data(args) -> None:
     if args.cpu:
         sys.exit(f"cp_train_check: no dataset in {args.data} (build one: lh-data stdlib --out {args.data})")
     print(f"  ... data: building {args.data} (benchmarks/reproduce.py data)", flush=True)
-    subprocess.run([sys.executable, str(REPO / "benchmarks/reproduce.py"), "data", "--data", str(args.data)],
-                   cwd=REPO, check=True)
+    # The first recipe's config: its data is the code corpus alone.
+    subprocess.run([sys.executable, str(REPO / "benchmarks/reproduce.py"), "data", "--data", str(args.data),
+                    "--config", str(REPO / "configs/repro-64k.yaml")], cwd=REPO, check=True)
 
 
 def markdown(args, profile: Profile, record: dict) -> str:

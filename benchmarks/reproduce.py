@@ -1,45 +1,63 @@
-"""The end-to-end comparison: Lighthouse-then-dense against dense, same weights budget, same data.
+"""The end-to-end comparison: Lighthouse-then-dense against dense, same weights budget, same data, over seeds.
 
 One training per invocation, so that each fits a time-limited job; then a report over all runs:
 
-    python benchmarks/reproduce.py data                          # build the corpus if missing
-    python benchmarks/reproduce.py train dense --lighthouse-fraction 0
-    python benchmarks/reproduce.py train lh60  --lighthouse-fraction 0.6
-    python benchmarks/reproduce.py train lh40  --lighthouse-fraction 0.4
-    python benchmarks/reproduce.py report                        # -> benchmarks/results/reproduction.md
+    python benchmarks/reproduce.py data                          # build the code corpus and the retrieval set
+    python benchmarks/reproduce.py train dense-s0 --lighthouse-fraction 0   --seed 0
+    python benchmarks/reproduce.py train lh60-s0  --lighthouse-fraction 0.6 --seed 0
+    python benchmarks/reproduce.py train dense-s1 --lighthouse-fraction 0   --seed 1
+    python benchmarks/reproduce.py train lh60-s1  --lighthouse-fraction 0.6 --seed 1
+    python benchmarks/reproduce.py report                        # -> benchmarks/results/reproduction_v2.md
 
-`train` builds the data if missing, runs `lh-train` (config: configs/repro-64k.yaml, with
-schedule.lighthouse_steps set from the fraction), then `lh-eval loss` and `lh-eval passkey` on the
-final checkpoint, and leaves everything a report needs in `<results>/<name>/` (a few MB, no
-checkpoints): run.json (commands, commit, hardware, data, wall-clock), scalars.json (every
-TensorBoard scalar with its step and wall time), the event files, train.log and the two evals.
-`report` reads every `<results>/*/run.json`; the run with no Lighthouse steps is the baseline.
+`train` builds the data if missing, runs `lh-train` (config: configs/repro-64k-v2.yaml, with `seed`,
+schedule.lighthouse_steps from the fraction and the mixture's weights from --retrieval-weight), then
+`lh-eval loss` (octave buckets), `lh-eval retrieval` (held-out documents of the retrieval source) and
+`lh-eval passkey` on the final checkpoint, and leaves everything a report needs in `<results>/<name>/`
+(a few MB, no checkpoints): run.json (seed, arm, commands, commit, hardware, data, wall-clock),
+scalars.json (every TensorBoard scalar with its step and wall time), the event files, train.log and
+the evals. A run whose folder already holds run.json is complete and is skipped, so a session can
+rerun its list of runs. The arm is the fraction: "dense", or "lh60" for 0.6.
 
-The corpus is the Python sources installed beside the interpreter (its site-packages), one
+`report` reads every `<results>/*/run.json`, groups the runs by arm and states, over seeds, each
+arm's mean and spread and each Lighthouse arm's difference from dense with a 95% t-interval (paired
+by seed where both arms have the seed). Results recorded without a seed (the first recipe,
+configs/repro-64k.yaml: one seed, one corpus) get that recipe's report, benchmarks/results/reproduction.md.
+
+The code corpus is the Python sources installed beside the interpreter (its site-packages), one
 document per directory, documents of at least 64K tokens, 2M validation tokens:
 `lh-data tree --include '*.py' --min-doc-tokens 65536 --val-tokens 2000000 <site-packages>`.
+The retrieval set is `lh-data retrieval` documents of seq_len tokens whose filler is that corpus
+(train documents from its train split, held-out ones from its val split).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG = ROOT / "configs" / "repro-64k.yaml"
-DEFAULT_RESULTS = ROOT / "runs" / "reproduce" / "results"
-DEFAULT_WORK = ROOT / "runs" / "reproduce" / "work"
+DEFAULT_CONFIG = ROOT / "configs" / "repro-64k-v2.yaml"
+DEFAULT_RESULTS = ROOT / "runs" / "reproduce-v2" / "results"
+DEFAULT_WORK = ROOT / "runs" / "reproduce-v2" / "work"
+REPORT_V1 = ROOT / "benchmarks" / "results" / "reproduction.md"
+REPORT_V2 = ROOT / "benchmarks" / "results" / "reproduction_v2.md"
 CLOSE = 0.02  # "back within 0.02 nats of dense"
+# The names of a mixture config's two sources.
+CODE, RETRIEVAL = "code", "retrieval"
 
 
 def _log(message: str) -> None:
@@ -65,15 +83,41 @@ def _config(args) -> dict:
     return yaml.safe_load(Path(args.config).read_text())
 
 
-def _data_path(args) -> Path:
-    path = Path(args.data or _config(args)["data"]["path"])
+def _resolve(path: str | Path) -> Path:
+    path = Path(path)
     return path if path.is_absolute() else ROOT / path
+
+
+def _mixture(cfg: dict, config: str) -> dict[str, str] | None:
+    """A mixture config's {source name: path}; None for a config of one corpus (data.path)."""
+    sources = cfg["data"].get("sources")
+    if not sources:
+        return None
+    named = {s.get("name"): s["path"] for s in sources}
+    if set(named) != {CODE, RETRIEVAL}:
+        sys.exit(f"reproduce: {config}: data.sources must be two sources named {CODE!r} and {RETRIEVAL!r}, "
+                 f"got {sorted(map(str, named))}")
+    return named
+
+
+def _data_path(args) -> Path:
+    """The code corpus: --data, else the config's data.path or its source named "code"."""
+    cfg = _config(args)
+    mixture = _mixture(cfg, args.config)
+    return _resolve(args.data or (mixture[CODE] if mixture else cfg["data"]["path"]))
+
+
+def _retrieval_path(args) -> Path | None:
+    """The retrieval set: --retrieval-data, else the config's source named "retrieval"; None without a mixture."""
+    mixture = _mixture(_config(args), args.config)
+    return _resolve(getattr(args, "retrieval_data", None) or mixture[RETRIEVAL]) if mixture else None
 
 
 # ---- data -----------------------------------------------------------------------------------
 
 def ensure_data(args) -> dict:
-    """Build the corpus unless `lh_data.json` already marks a complete one; returns its info."""
+    """Build the code corpus unless `lh_data.json` already marks a complete one, and with a mixture config
+    the retrieval set likewise; returns the corpus's info."""
     path = _data_path(args)
     info_file = path / "lh_data.json"
     if not info_file.is_file():
@@ -85,7 +129,28 @@ def ensure_data(args) -> dict:
               "--val-tokens", str(args.val_tokens), *tokenizer, *limit, *roots])
     else:
         _log(f"data: {path} exists, not rebuilt")
+    if _retrieval_path(args):
+        ensure_retrieval(args, path)
     return json.loads(info_file.read_text())
+
+
+def ensure_retrieval(args, filler: Path) -> dict:
+    """Build the retrieval set (documents of data.seq_len tokens, `filler` the code corpus) unless it
+    exists; returns its info. One built for another length is refused."""
+    path, seq_len = _retrieval_path(args), int(_config(args)["data"]["seq_len"])
+    info_file = path / "lh_data.json"
+    if not info_file.is_file():
+        _run([sys.executable, "-m", "lh_dist.data.cli", "retrieval", "--out", str(path), "--overwrite",
+              "--filler", str(filler), "--doc-tokens", str(seq_len), "--train-docs", str(args.retrieval_train_docs),
+              "--val-docs", str(args.retrieval_val_docs), "--keys", str(args.retrieval_keys),
+              "--queries", str(args.retrieval_queries)])
+    else:
+        _log(f"data: {path} exists, not rebuilt")
+    info = json.loads(info_file.read_text())
+    if info["retrieval"]["doc_tokens"] != seq_len:
+        sys.exit(f"reproduce: {path} holds documents of {info['retrieval']['doc_tokens']} tokens, the config's "
+                 f"data.seq_len is {seq_len}: remove it or pass another --retrieval-data")
+    return info
 
 
 # ---- one training ---------------------------------------------------------------------------
@@ -118,52 +183,89 @@ def read_scalars(event_dir: Path) -> dict[str, list[list[float]]]:
     return {tag: [[e.step, e.wall_time, e.value] for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
+def arm_name(fraction: float) -> str:
+    """The arm of a Lighthouse fraction: "dense" for 0, "lh60" for 0.6."""
+    return "dense" if fraction == 0 else f"lh{round(100 * fraction)}"
+
+
+def _dataset_record(info: dict) -> dict:
+    return {k: info.get(k) for k in ("source", "splits", "content_sha256", "min_doc_tokens", "validation")}
+
+
 def train(args) -> Path:
+    """One training and its evaluations into `<results>/<name>/`; a folder already complete is kept."""
     cfg = _config(args)
     steps = int(args.steps or cfg["schedule"]["steps"])
     if not 0 <= args.lighthouse_fraction < 1:
         sys.exit(f"reproduce: --lighthouse-fraction must be in [0, 1), got {args.lighthouse_fraction}")
+    seed = args.seed if getattr(args, "seed", None) is not None else int(cfg.get("seed", 0))
+    arm = arm_name(args.lighthouse_fraction)
+    out = Path(args.results) / args.name
+    if (out / "run.json").is_file():
+        done = json.loads((out / "run.json").read_text())
+        if (done.get("arm"), done.get("seed")) != (arm, seed):
+            sys.exit(f"reproduce: {out} holds a run of arm {done.get('arm')} seed {done.get('seed')}, not arm {arm} "
+                     f"seed {seed}: choose another name or remove the folder")
+        _log(f"{args.name}: {out} is complete (run.json), skipped")
+        return out
     interval = int(cfg["logging"]["log_interval"])
     # The switch falls on a logged step, so each phase's wall-clock is read off the log.
     lighthouse_steps = round(args.lighthouse_fraction * steps / interval) * interval
     data_info = ensure_data(args)
+    retrieval_path = _retrieval_path(args)
 
-    out = Path(args.results) / args.name
     run_dir = Path(args.work) / args.name
     for folder in (out, run_dir):
         shutil.rmtree(folder, ignore_errors=True)
     out.mkdir(parents=True)
-    overrides = [f"logging.run_dir={run_dir}", f"data.path={_data_path(args)}", f"schedule.steps={steps}",
+    if retrieval_path:
+        weight = args.retrieval_weight
+        if not 0 < weight < 1:
+            sys.exit(f"reproduce: --retrieval-weight must be in (0, 1), got {weight}")
+        # The code corpus first: lh-eval loss reads the first source.
+        sources = [{"path": str(_data_path(args)), "weight": 1 - weight, "name": CODE},
+                   {"path": str(retrieval_path), "weight": weight, "name": RETRIEVAL}]
+        data_overrides = [f"data.sources={json.dumps(sources)}"]
+    else:
+        weight, data_overrides = None, [f"data.path={_data_path(args)}"]
+    overrides = [f"logging.run_dir={run_dir}", *data_overrides, f"seed={seed}", f"schedule.steps={steps}",
                  f"schedule.lighthouse_steps={lighthouse_steps}", *args.overrides]
     init = ["--init-from", str(args.init_from)] if args.init_from else []
-    train_cmd = [sys.executable, "-m", "lh_dist.train.cli", "--config", str(args.config), *init, *overrides]
-    loss_cmd = [sys.executable, "-m", "lh_dist.eval.cli", "loss", str(run_dir), "--batches", str(args.eval_batches),
-                "--buckets", str(args.loss_buckets), "--spacing", args.loss_spacing, "--out", str(out / "eval_loss")]
-    passkey_cmd = [sys.executable, "-m", "lh_dist.eval.cli", "passkey", str(run_dir), "--out", str(out / "eval_passkey")]
+    commands = {"train": [sys.executable, "-m", "lh_dist.train.cli", "--config", str(args.config), *init, *overrides]}
+    eval_cli = [sys.executable, "-m", "lh_dist.eval.cli"]
+    commands["eval_loss"] = [*eval_cli, "loss", str(run_dir), "--batches", str(args.eval_batches),
+                             "--buckets", str(args.loss_buckets), "--spacing", args.loss_spacing,
+                             "--out", str(out / "eval_loss")]
+    if retrieval_path:
+        commands["eval_retrieval"] = [*eval_cli, "retrieval", str(run_dir), "--data", str(retrieval_path),
+                                      "--docs", str(args.retrieval_docs), "--out", str(out / "eval_retrieval")]
+        if args.retrieval_lengths:
+            commands["eval_retrieval"] += ["--lengths", args.retrieval_lengths]
+    commands["eval_passkey"] = [*eval_cli, "passkey", str(run_dir), "--out", str(out / "eval_passkey")]
     if args.passkey_lengths:
-        passkey_cmd += ["--lengths", args.passkey_lengths]
+        commands["eval_passkey"] += ["--lengths", args.passkey_lengths]
 
     started = time.time()
-    train_s = _run(train_cmd, out / "train.log")
-    loss_s = _run(loss_cmd, out / "eval_loss.log")
-    passkey_s = _run(passkey_cmd, out / "eval_passkey.log")
+    wall = {step: _run(command, out / f"{step}.log") for step, command in commands.items()}
 
     (out / "scalars.json").write_text(json.dumps(read_scalars(run_dir / "tensorboard")))
     shutil.copytree(run_dir / "tensorboard", out / "tensorboard")
     shutil.copy(run_dir / "config.yaml", out / "config.yaml")
     record = {
-        "name": args.name, "steps": steps, "lighthouse_steps": lighthouse_steps,
+        "name": args.name, "arm": arm, "seed": seed, "steps": steps, "lighthouse_steps": lighthouse_steps,
+        "retrieval_weight": weight,
         "commit": _commit(), "hardware": _hardware(), "config": os.path.relpath(Path(args.config).resolve(), ROOT),
-        "data": {k: data_info.get(k) for k in ("source", "splits", "content_sha256", "min_doc_tokens", "validation")},
+        "data": _dataset_record(data_info),
         # The script the user ran (extend.py runs this function too).
         "invocation": ["python", os.path.relpath(os.path.abspath(sys.argv[0]), ROOT), *sys.argv[1:]],
-        "commands": {"train": train_cmd, "eval_loss": loss_cmd, "eval_passkey": passkey_cmd},
-        "train_started": started, "wall_s": {"train": train_s, "eval_loss": loss_s, "eval_passkey": passkey_s,
-                                             "total": time.time() - started},
+        "commands": commands, "train_started": started, "wall_s": wall | {"total": time.time() - started},
     }
-    (out / "run.json").write_text(json.dumps(record, indent=1))
+    if retrieval_path:
+        info = json.loads((retrieval_path / "lh_data.json").read_text())
+        record["retrieval_data"] = _dataset_record(info) | {"settings": info["retrieval"]}
+    (out / "run.json").write_text(json.dumps(record, indent=1))  # last: its presence marks the folder complete
     shutil.rmtree(run_dir)  # checkpoints stay out of the results
-    _log(f"{args.name}: wrote {out} (train {train_s:.0f} s, total {record['wall_s']['total']:.0f} s)")
+    _log(f"{args.name}: wrote {out} (train {wall['train']:.0f} s, total {record['wall_s']['total']:.0f} s)")
     return out
 
 
@@ -186,6 +288,7 @@ def load_run(folder: Path) -> dict:
     run["scalars"] = json.loads((folder / "scalars.json").read_text())
     run["loss_eval"] = _eval_json(folder / "eval_loss")
     run["passkey_eval"] = _eval_json(folder / "eval_passkey")
+    run["retrieval_eval"] = _eval_json(folder / "eval_retrieval") if (folder / "eval_retrieval").is_dir() else None
     run["folder"] = folder
     return run
 
@@ -348,10 +451,18 @@ def plot_passkey(panels: list[tuple[str, dict]], path: Path) -> None:
 
 
 def report(args) -> Path:
+    """The report over every run in --results: over seeds (report_v2) when the runs record their seed,
+    else the first recipe's report of one dense run and Lighthouse runs."""
     folders = sorted(p.parent for p in Path(args.results).glob("*/run.json"))
     if not folders:
         sys.exit(f"reproduce: no runs in {args.results} (run `reproduce.py train` first)")
     runs = [load_run(f) for f in folders]
+    with_seed = sum("seed" in r for r in runs)
+    if with_seed == len(runs):
+        return report_v2(runs, Path(args.out or REPORT_V2), args.notes)
+    if with_seed:
+        sys.exit(f"reproduce: {args.results} mixes runs with a seed and runs without (the first recipe's)")
+    args.out = args.out or REPORT_V1
     baselines = [r for r in runs if r["lighthouse_steps"] == 0]
     if len(baselines) != 1:
         sys.exit(f"reproduce: need exactly one dense run (lighthouse_steps 0) in {args.results}, "
@@ -463,13 +574,356 @@ def _seq_tokens(run: dict) -> int:
     return int(yaml.safe_load((run["folder"] / "config.yaml").read_text())["data"]["seq_len"])
 
 
+# ---- the report over seeds ------------------------------------------------------------------
+
+# Metric groups of report_v2, in order: key prefix -> (title, number format).
+GROUPS = {
+    "val_loss": ("Final validation loss by source (nats/token; mean of the last 3 evaluations; "
+                 "\"all sources\" weights them as in training)", ".4f"),
+    "position_loss": ("Loss by position, code corpus, dense attention (nats/token; octave buckets of the final "
+                      "`lh-eval loss`)", ".4f"),
+    "retrieval": ("Retrieval accuracy, held-out documents of the retrieval set (`lh-eval retrieval`)", ".3f"),
+    "passkey": ("Pass-key accuracy (`lh-eval passkey`, chance 0.1)", ".3f"),
+    "wall": ("Wall-clock of `lh-train` (minutes, startup included)", ".2f"),
+    "stability": ("Largest rise of the validation loss between neighbouring evaluations of one phase (nats)", ".3f"),
+}
+
+
+def _largest_rise(val: list[list[float]], lighthouse_steps: int) -> float:
+    """The largest increase of the validation loss from one evaluation to the next within one phase
+    (the switch's own jump is not a swing of training); 0 when it never rises."""
+    rises = [b[2] - a[2] for a, b in zip(val, val[1:]) if (a[0] <= lighthouse_steps) == (b[0] <= lighthouse_steps)]
+    return max([0.0, *rises])
+
+
+def run_metrics(run: dict, last: int = 3) -> dict[str, float]:
+    """One run's numbers, keyed "<group>/<label>" (GROUPS): final validation loss per source, loss per
+    position bucket, retrieval accuracy overall, by length and by depth, pass-key, wall-clock, stability."""
+    scalars = run["scalars"]
+    sources = [tag.split("/")[1] for tag in scalars if tag.startswith("val/") and tag.endswith("/loss")
+               and tag.count("/") == 2]
+    m = {}
+    for key, tag in [("val_loss/mixture", "val/loss"), *((f"val_loss/{s}", f"val/{s}/loss") for s in sorted(sources))]:
+        m[key] = statistics.fmean(v for _, _, v in _series(run, tag)[-last:])
+    for b in run["loss_eval"]["buckets"]:
+        m[f"position_loss/{b['start']}-{b['end']}"] = b["loss"]
+    r = run["retrieval_eval"]
+    if r:
+        m["retrieval/mean"] = r["mean"]
+        for e in r["by_length"]:
+            if e["queries"]:
+                m[f"retrieval/length {e['length']}"] = e["accuracy"]
+        # A depth bin over all lengths: the correct queries of its cells over their queries.
+        edges = r["depth_edges"]
+        for i, (accuracy, queries) in enumerate(zip(r["accuracy"], r["queries"])):
+            if sum(queries):
+                m[f"retrieval/depth {edges[i]:.2f}-{edges[i + 1]:.2f}"] = sum(
+                    a * q for a, q in zip(accuracy, queries) if q) / sum(queries)
+    m["passkey/mean"] = run["passkey_eval"]["mean"]
+    m["wall/train"] = run["wall_s"]["train"] / 60
+    m["stability/largest rise"] = _largest_rise(_series(run, "val/loss"), run["lighthouse_steps"])
+    return m
+
+
+def _label(key: str) -> str:
+    group, label = key.split("/", 1)
+    if group == "position_loss":
+        start, end = label.split("-")
+        return f"{int(start):,}–{int(end):,}"
+    if label.startswith("length "):
+        return f"length {int(label.split()[1]):,}"
+    if label.startswith("depth "):
+        lo, hi = label.split()[1].split("-")
+        return f"depth {float(lo):.0%}–{float(hi):.0%}"
+    return {"mixture": "all sources (weighted)"}.get(label, label)
+
+
+@functools.lru_cache
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile (0.5 < p < 1, at most 12.7 for df >= 1 at p = 0.975) of Student's t with `df`
+    degrees of freedom: bisection of its distribution function, integrated by Simpson's rule."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)  # [4001]: 4000 intervals of x / 4000
+        f = np.exp(log_c - (df + 1) / 2 * np.log1p(t * t / df))
+        return 0.5 + x / 12000 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    lo, hi = 0.0, 64.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (None for one value), min, max and count."""
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+            "min": min(values), "max": max(values), "n": len(values)}
+
+
+def difference(dense: dict[int, float], lighthouse: dict[int, float]) -> dict:
+    """Lighthouse minus dense, from {seed: value} of each arm, with a 95% t-interval: over the per-seed
+    differences when two or more seeds are in both arms ("paired"), else Welch's unpaired interval when
+    each arm has two or more seeds ("welch"), else none (lo, hi None)."""
+    common = sorted(set(dense) & set(lighthouse))
+    out = {"diff": None, "lo": None, "hi": None, "kind": None, "seeds": common, "df": None}
+    if not dense or not lighthouse:
+        return out
+    if len(common) >= 2:
+        d = [lighthouse[s] - dense[s] for s in common]
+        mean, se, df, kind = statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)), len(d) - 1, "paired"
+    elif len(dense) >= 2 and len(lighthouse) >= 2:
+        a, b = list(dense.values()), list(lighthouse.values())
+        va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+        mean, se, kind = statistics.fmean(b) - statistics.fmean(a), math.sqrt(va + vb), "welch"
+        # Welch-Satterthwaite degrees of freedom (any df gives a zero-width interval when both spreads are 0).
+        df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1)) if va + vb else len(a) + len(b) - 2
+    else:
+        return out | {"diff": statistics.fmean(lighthouse.values()) - statistics.fmean(dense.values())}
+    half = t_quantile(0.975, df) * se
+    return out | {"diff": mean, "lo": mean - half, "hi": mean + half, "kind": kind, "df": df}
+
+
+def _interval_kind(d: dict, n_dense: int, n_lh: int) -> str:
+    if d["kind"] == "paired":
+        seeds = ", ".join(map(str, d["seeds"]))
+        return f"95% t-interval over the differences of {len(d['seeds'])} paired seeds ({seeds})"
+    if d["kind"] == "welch":
+        return f"95% Welch t-interval, unpaired: {n_dense} dense and {n_lh} Lighthouse seeds, too few in common"
+    return "no interval: it needs two seeds in each arm"
+
+
+def _with_interval(d: dict, spec: str) -> str:
+    if d["diff"] is None:
+        return "—"
+    if d["lo"] is None:
+        return f"{d['diff']:+{spec}} (no interval)"
+    return f"{d['diff']:+{spec}} [{d['lo']:+{spec}}, {d['hi']:+{spec}}]"
+
+
+def retrieval_verdict(arm: str, d: dict | None, dense_mean: float | None, kind: str) -> str:
+    """The sentence that says, from the interval, whether retrieval survives the Lighthouse phase."""
+    if d is None or d["diff"] is None:
+        return f"Retrieval of {arm} was not measured (no retrieval source in the config)."
+    head = f"The difference in retrieval accuracy ({arm} minus dense) is {d['diff']:+.3f}"
+    if d["lo"] is None:
+        text = f"{head}, with no interval (one seed per arm): whether retrieval survives is not decided."
+    elif d["hi"] < 0:
+        text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval lies below zero, so retrieval "
+                f"does not survive intact: Lighthouse-then-dense loses {-d['hi']:.3f} to {-d['lo']:.3f} of accuracy.")
+    elif d["lo"] > 0:
+        text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval lies above zero, so retrieval "
+                f"survives, and Lighthouse-then-dense retrieves better than dense by {d['lo']:.3f} to {d['hi']:.3f}.")
+    else:
+        text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval contains zero, so retrieval "
+                f"survives within this precision: a loss of more than {max(0.0, -d['lo']):.3f} is excluded at 95%.")
+    if dense_mean is not None and dense_mean < 0.05:
+        text += f" Dense itself retrieves only {dense_mean:.3f} of the values, so this says little about survival."
+    return text
+
+
+def _check_comparable(arms: dict[str, list[dict]]) -> None:
+    runs = [r for group in arms.values() for r in group]
+    for what, get in (("code corpus", lambda r: r["data"]["content_sha256"]),
+                      ("retrieval set", lambda r: (r.get("retrieval_data") or {}).get("content_sha256")),
+                      ("steps", lambda r: r["steps"])):
+        values = {get(r) for r in runs}
+        if len(values) != 1:
+            sys.exit(f"reproduce: the runs differ in their {what} ({sorted(map(str, values))})")
+    for arm, group in arms.items():
+        seeds = [r["seed"] for r in group]
+        if len(set(seeds)) != len(seeds):
+            sys.exit(f"reproduce: arm {arm} has two runs of one seed ({sorted(seeds)}): "
+                     + ", ".join(r["name"] for r in group))
+
+
+def report_v2(runs: list[dict], out_md: Path, notes_file: str | None = None) -> Path:
+    """reproduction_v2.md and reproduction_summary_v2.json beside it (summary_v2_path), and its plots:
+    the runs grouped by arm; over seeds each arm's mean and spread, and each Lighthouse arm's difference
+    from dense with its 95% interval."""
+    arms: dict[str, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: (-r["lighthouse_steps"] if r["lighthouse_steps"] else 1, r["seed"])):
+        arms.setdefault(run["arm"], []).append(run)
+    if "dense" not in arms:
+        sys.exit(f"reproduce: no dense run (--lighthouse-fraction 0) among {sorted(arms)}")
+    arms = {"dense": arms.pop("dense"), **arms}
+    _check_comparable(arms)
+    for run in runs:
+        run["metrics"] = run_metrics(run)
+    keys = list(dict.fromkeys(k for g in GROUPS for r in runs for k in r["metrics"] if k.startswith(g + "/")))
+    by_seed = {arm: {k: {r["seed"]: r["metrics"][k] for r in group if k in r["metrics"]} for k in keys}
+               for arm, group in arms.items()}
+    spreads = {arm: {k: spread(list(v.values())) for k, v in by_seed[arm].items() if v} for arm in arms}
+    diffs = {arm: {k: difference(by_seed["dense"][k], by_seed[arm][k]) for k in keys} for arm in arms if arm != "dense"}
+    entries = [{"name": r["name"], "arm": r["arm"], "seed": r["seed"], "lighthouse_steps": r["lighthouse_steps"],
+                "retrieval_weight": r.get("retrieval_weight"),
+                "final_val": {k.split("/", 1)[1]: v for k, v in r["metrics"].items() if k.startswith("val_loss/")},
+                "retrieval_mean": r["metrics"].get("retrieval/mean"), "passkey_mean": r["passkey_eval"]["mean"],
+                "train_wall_s": r["wall_s"]["train"], "metrics": r["metrics"]} for g in arms.values() for r in g]
+    summary = {"runs": entries, "arms": spreads, "differences": diffs}
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    summary_v2_path(out_md).write_text(json.dumps(summary, indent=1))
+    notes = Path(notes_file).read_text().strip() if notes_file else ""
+    plots = _plots_v2(arms, out_md.parent, out_md.stem + "_")
+    out_md.write_text(_markdown_v2(arms, keys, spreads, diffs, notes, plots))
+    _log(f"wrote {out_md} ({len(runs)} runs in {len(arms)} arms)")
+    return out_md
+
+
+def _plots_v2(arms: dict[str, list[dict]], out: Path, prefix: str) -> list[str]:
+    """Validation loss by step (one line per run, a colour per arm), and per arm the mean loss by position and
+    retrieval accuracy by length with their min-max band over seeds; the PNG names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = dict(zip(arms, plt.get_cmap("tab10").colors))
+    names = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / f"{prefix}{name}.png", dpi=110)
+        plt.close(fig)
+        names.append(f"{prefix}{name}.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, group in arms.items():
+        for i, run in enumerate(group):
+            val = _series(run, "val/loss")
+            ax.plot([s for s, _, _ in val], [v for _, _, v in val], color=colors[arm], linewidth=1,
+                    label=arm if i == 0 else None)
+    ax.set(xlabel="step", ylabel="validation loss, all sources (nats/token)", title="Validation loss, every run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save(fig, "val_loss")
+
+    panels = [("position_loss", "position (tokens, bucket middle)", "loss, code corpus (nats/token)",
+               "Loss by position, dense attention"),
+              ("retrieval/length", "context length (tokens)", "retrieval accuracy", "Retrieval by length")]
+    for group_prefix, xlabel, ylabel, title in panels:
+        keys = [k for k in arms["dense"][0]["metrics"] if k.startswith(group_prefix)]
+        if not keys:
+            continue
+        x = ([sum(map(int, k.split("/")[1].split("-"))) / 2 for k in keys] if group_prefix == "position_loss"
+             else [int(k.split()[-1]) for k in keys])
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for arm, group in arms.items():
+            values = [[r["metrics"][k] for r in group] for k in keys]  # [keys][seeds]
+            ax.plot(x, [statistics.fmean(v) for v in values], color=colors[arm], marker="o", label=arm)
+            ax.fill_between(x, [min(v) for v in values], [max(v) for v in values], color=colors[arm], alpha=0.2)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=f"{title}: mean and min-max over seeds")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        save(fig, group_prefix.replace("/", "_"))
+    return names
+
+
+def summary_v2_path(out_md: Path) -> Path:
+    """The summary JSON beside a report: reproduction_v2.md -> reproduction_summary_v2.json."""
+    return out_md.with_name(out_md.stem.removesuffix("_v2") + "_summary_v2.json")
+
+
+def _spread_cell(s: dict | None, spec: str) -> str:
+    if s is None:
+        return "—"
+    if s["n"] == 1:
+        return f"{s['mean']:{spec}} (1 seed)"
+    return f"{s['mean']:{spec}} ± {s['sd']:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
+
+
+def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, diffs: dict, notes: str,
+                 plots: list[str]) -> str:
+    runs = [r for group in arms.values() for r in group]
+    base = runs[0]
+    cfg = yaml.safe_load((base["folder"] / "config.yaml").read_text())
+    sched, code = cfg["schedule"], base["data"]
+    lh_arms = [a for a in arms if a != "dense"]
+    kinds = {a: _interval_kind(diffs[a]["val_loss/mixture"], len(arms["dense"]), len(arms[a])) for a in lh_arms}
+    lines = [
+        "# Lighthouse-then-dense against dense over seeds: end-to-end reproduction, recipe v2",
+        "",
+        f"Hardware: {'; '.join(sorted({r['hardware'] for r in runs}))}. {_commits(runs)}. Config: `{base['config']}` "
+        f"({base['steps']} steps of {_seq_tokens(base):,} tokens; peak LR {cfg['optim']['lr']:g}, "
+        f"{sched['warmup_steps']} warmup steps, {sched['decay']} decay to {sched.get('min_lr_ratio', 0.1):g} of "
+        "the peak).",
+        f"Code corpus: `{code['source']}`; train {code['splits']['train']['documents']:,} documents / "
+        f"{code['splits']['train']['tokens']:,} tokens, validation {code['splits']['val']['documents']:,} documents "
+        f"(whole documents not in train); content SHA-256 `{code['content_sha256']}`.",
+    ]
+    if base.get("retrieval_data"):
+        rd = base["retrieval_data"]
+        st = rd["settings"]
+        weights = sorted({r["retrieval_weight"] for r in runs})
+        lines.append(
+            f"Retrieval set (`lh-data retrieval`, filler from the code corpus): {rd['splits']['train']['documents']:,} "
+            f"train and {rd['splits']['val']['documents']:,} held-out documents of {st['doc_tokens']:,} tokens, "
+            f"{st['keys']} key/value statements and {st['queries']} queries each; content SHA-256 "
+            f"`{rd['content_sha256']}`. Mixture weight of the retrieval set: {', '.join(f'{w:g}' for w in weights)}.")
+    lines += ["", "Runs: " + "; ".join(f"**{a}** seeds {', '.join(str(r['seed']) for r in g)}" for a, g in arms.items())
+              + ". The arm is the share of the steps trained with Lighthouse before the switch to dense.", ""]
+    lines += ["## Verdict", ""]
+    for arm in lh_arms:
+        dense_retrieval = spreads["dense"].get("retrieval/mean")
+        dense_mean = dense_retrieval["mean"] if dense_retrieval else None
+        lines.append(f"- {retrieval_verdict(arm, diffs[arm].get('retrieval/mean'), dense_mean, kinds[arm])}")
+        d = diffs[arm]["val_loss/mixture"]
+        lines.append(f"- The final validation loss ({arm} minus dense, all sources) is {_with_interval(d, '.4f')} "
+                     f"({kinds[arm]}); training took "
+                     f"{spreads[arm]['wall/train']['mean'] / spreads['dense']['wall/train']['mean']:.2f} "
+                     "of dense's wall-clock (means over seeds).")
+    lines += ["", *([notes, ""] if notes else [])]
+    lines += [
+        "Each cell over seeds: mean ± sample standard deviation (min–max). Differences are Lighthouse-then-dense "
+        "minus dense with a 95% t-interval: over the per-seed differences where both arms have two or more "
+        "seeds in common (paired by seed), else Welch's unpaired interval; with one seed per arm no interval "
+        "is given. Per arm: " + "; ".join(f"{a}: {kinds[a]}" for a in lh_arms) + ".",
+        "",
+        f"Stability: this recipe replaces the first recipe's constant LR of 1e-3, under which the validation loss "
+        f"swung by nats between neighbouring evaluations, with warmup and {sched['decay']} decay from "
+        f"{cfg['optim']['lr']:g}. Whether the swings are gone is to be measured by these runs: the last table's "
+        "\"largest rise\" row is that measurement.",
+        "",
+    ]
+    for group, (title, spec) in GROUPS.items():
+        rows = [k for k in keys if k.startswith(group + "/")]
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| | " + " | ".join(arms) + " | " + " | ".join(f"{a} − dense" for a in lh_arms)
+                  + " |", "|---|" + "---|" * (len(arms) + len(lh_arms))]
+        for k in rows:
+            lines.append(f"| {_label(k)} | " + " | ".join(_spread_cell(spreads[a].get(k), spec) for a in arms) + " | "
+                         + " | ".join(_with_interval(diffs[a][k], spec) for a in lh_arms) + " |")
+        lines.append("")
+    sources = [k.split("/", 1)[1] for k in keys if k.startswith("val_loss/")]
+    lines += ["## Runs", "", "| run | arm | seed | Lighthouse steps | " + " | ".join(f"final val {s}" for s in sources)
+              + " | retrieval | pass-key | train wall-clock |", "|---|---|---|---|" + "---|" * (len(sources) + 3)]
+    for r in runs:
+        m = r["metrics"]
+        lines.append(f"| {r['name']} | {r['arm']} | {r['seed']} | {r['lighthouse_steps']} | "
+                     + " | ".join(f"{m[f'val_loss/{s}']:.4f}" for s in sources)
+                     + f" | {_fmt(m.get('retrieval/mean'), '.3f', '—')} | {m['passkey/mean']:.3f} | "
+                     f"{m['wall/train']:.2f} min |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "## Commands", "", "Each run, and what it ran (`python` is the interpreter that ran the script):",
+              "", "```"]
+    for run in runs:
+        lines += [f"# {run['name']}", " ".join(run["invocation"])]
+        lines += ["#   " + " ".join(["python"] + c[1:]) for c in run["commands"].values()]
+    lines += ["python benchmarks/reproduce.py report", "```", ""]
+    return "\n".join(lines)
+
+
 # ---- command line ---------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/repro-64k.yaml)")
-    common.add_argument("--data", help="dataset folder (default: the config's data.path)")
+    common.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/repro-64k-v2.yaml)")
+    common.add_argument("--data", help="code corpus folder (default: the config's data.path, or its source "
+                                       "named 'code')")
     common.add_argument("--data-roots", nargs="+", help="source trees of the corpus (default: this Python's "
                                                         "site-packages)")
     common.add_argument("--min-doc-tokens", type=int, default=65536, help="shortest document kept (default: 65536)")
@@ -478,26 +932,45 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--tokenizer", default="byte", help="tokenizer of the corpus: 'byte' (default), a Hugging "
                                                             "Face folder or tokenizer.json")
     common.add_argument("--eod-token", help="end-of-document token of that tokenizer (default: its eos)")
+    common.add_argument("--retrieval-data", help="retrieval set folder (default: the config's source named "
+                                                 "'retrieval')")
+    common.add_argument("--retrieval-train-docs", type=int, default=1000,
+                        help="train documents of the retrieval set (default: 1000)")
+    common.add_argument("--retrieval-val-docs", type=int, default=32,
+                        help="held-out documents of the retrieval set (default: 32)")
+    common.add_argument("--retrieval-keys", type=int, default=32, help="statements per document (default: 32)")
+    common.add_argument("--retrieval-queries", type=int, default=16, help="queries per document (default: 16)")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("data", parents=[common], help="build the corpus if missing")
+    commands.add_parser("data", parents=[common], help="build the code corpus (and the retrieval set) if missing")
     tr = commands.add_parser("train", parents=[common], help="one training, its evaluations and its results folder")
     tr.add_argument("name", help="run name, e.g. dense or lh60")
     tr.add_argument("--lighthouse-fraction", type=float, required=True,
                     help="share of the steps trained with Lighthouse before the switch to dense (0: dense run)")
+    tr.add_argument("--seed", type=int, help="the run's seed: initial weights, data order, mixture draws "
+                                             "(default: the config's seed)")
+    tr.add_argument("--retrieval-weight", type=float, default=0.25,
+                    help="mixture weight of the retrieval set, the code corpus getting the rest (default: 0.25)")
     tr.add_argument("--steps", type=int, help="training steps (default: the config's schedule.steps)")
+    tr.add_argument("--retrieval-docs", type=int, default=16, help="held-out documents per length of lh-eval "
+                                                                   "retrieval (default: 16)")
+    tr.add_argument("--retrieval-lengths", help="lh-eval retrieval --lengths (default: its own, from seq_len)")
     tr.add_argument("--eval-batches", type=int, default=16, help="batches of the final lh-eval loss (default: 16)")
     tr.add_argument("--passkey-lengths", help="lh-eval passkey --lengths (default: its own, scaled to seq_len)")
     tr.add_argument("--loss-buckets", type=int, default=8, help="position buckets of lh-eval loss (default: 8)")
-    tr.add_argument("--loss-spacing", default="linear", choices=("linear", "log"),
-                    help="their widths: equal (default) or octaves")
+    tr.add_argument("--loss-spacing", default="log", choices=("linear", "log"),
+                    help="their widths: octaves (default) or equal")
     tr.add_argument("--init-from", help="start from these weights (lh-train --init-from), e.g. an imported model")
-    tr.add_argument("--results", default=str(DEFAULT_RESULTS), help="results root (default: runs/reproduce/results)")
-    tr.add_argument("--work", default=str(DEFAULT_WORK), help="scratch run directories (default: runs/reproduce/work)")
+    tr.add_argument("--results", default=str(DEFAULT_RESULTS),
+                    help="results root (default: runs/reproduce-v2/results)")
+    tr.add_argument("--work", default=str(DEFAULT_WORK),
+                    help="scratch run directories (default: runs/reproduce-v2/work)")
     tr.add_argument("overrides", nargs="*", help="extra lh-train overrides section.field=value")
     rep = commands.add_parser("report", help="the report over every run in --results")
-    rep.add_argument("--results", default=str(DEFAULT_RESULTS), help="results root (default: runs/reproduce/results)")
-    rep.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "reproduction.md"),
-                     help="report file; plots go beside it (default: benchmarks/results/reproduction.md)")
+    rep.add_argument("--results", default=str(DEFAULT_RESULTS),
+                     help="results root (default: runs/reproduce-v2/results)")
+    rep.add_argument("--out", help="report file; its summary JSON (and plots) go beside it (default: "
+                                   "benchmarks/results/reproduction_v2.md, or reproduction.md for runs recorded "
+                                   "without a seed)")
     rep.add_argument("--notes", help="a markdown file of observations to include in the report")
     # Overrides may come after options, where argparse no longer fills the positional list.
     args, extra = parser.parse_known_args(argv)
