@@ -130,7 +130,7 @@ def lh_dist_model(run_dir: Path, overrides: list[str] = ()):
     attention, in float64; `overrides` change its config (e.g. model.rope_theta=...)."""
     from lh_dist.model import Transformer
     from lh_dist.ops.attention import attention
-    from lh_dist.runtime.checkpoint import checkpoint_config, load_model_state, resolve_checkpoint
+    from lh_dist.checkpoint.format import checkpoint_config, load_model_state, resolve_checkpoint
 
     folder = resolve_checkpoint(run_dir)
     cfg = checkpoint_config(folder, overrides)

@@ -221,7 +221,7 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
 def output_path(argv: list[str]) -> Path:
     """The JSON file that `lh-eval <argv>` writes (its PNG has the same stem). Reads the checkpoint's
     config (and, for default passkey lengths, the dataset's tokenizer); evaluates nothing."""
-    from lh_dist.runtime.checkpoint import checkpoint_config, resolve_checkpoint
+    from lh_dist.checkpoint.format import checkpoint_config, resolve_checkpoint
 
     args = parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)

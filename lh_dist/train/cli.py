@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(plan | {"text": describe_plan(plan)}) if args.json else describe_plan(plan))
             return 0
-        from lh_dist.train.checkpoint import check_resume_arg
-        from lh_dist.train.run_dir import check_run_dir
+        from lh_dist.checkpoint.checkpointer import check_resume_arg
+        from lh_dist.checkpoint.run_dir import check_run_dir
 
         # Checked again where the run dir is opened (Trainer); here it fails before any process group.
         check_resume_arg(args.resume, args.overwrite, args.rewind, cfg.logging.run_dir)
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lh_dist.data.loader import CorruptDataError
     from lh_dist.train.loop import Trainer
-    from lh_dist.train.run_dir import RunDirError
+    from lh_dist.checkpoint.run_dir import RunDirError
 
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, rewind=args.rewind,

@@ -1,7 +1,7 @@
 """Kill a real 2-rank training (torchrun, gloo, DeepSpeed) at every point of a save; `--resume auto` must
 reproduce the uninterrupted run. Then resume it on another layout and refuse what must not change.
 
-The kills come from the test hook LH_DIST_TEST_KILL=<point>:<step>[:<rank>] (lh_dist/train/checkpoint.py):
+The kills come from the test hook LH_DIST_TEST_KILL=<point>:<step>[:<rank>] (lh_dist/checkpoint/checkpointer.py):
 the chosen rank SIGKILLs itself, like a crashed node, and torchrun ends the other one.
 """
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from lh_dist.train.run_dir import LOCK_NAME, RunDirError, RunLock
+from lh_dist.checkpoint.run_dir import LOCK_NAME, RunDirError, RunLock
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
-    script = ("import sys, time; from lh_dist.train.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
+    script = ("import sys, time; from lh_dist.checkpoint.run_dir import RunLock; RunLock(sys.argv[1]).acquire(); "
               "print('locked', flush=True); time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline() == "locked\n"

@@ -55,7 +55,7 @@ def test_bad_data_is_named_in_one_line(tmp_path, stdlib_dataset):
 
 def test_a_second_training_on_a_run_dir_is_refused(tmp_path, stdlib_dataset):
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lh_dist.train.run_dir import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lh_dist.checkpoint.run_dir import RunLock; "
                                "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(600)",
                                str(run_dir)], cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True)
     try:

@@ -80,7 +80,7 @@ def test_zero_stage_trains_and_exports_to_hugging_face(tmp_path, stdlib_dataset,
     from lh_dist.config import load_config
     from lh_dist.model import Transformer
     from lh_dist.ops.attention import attention
-    from lh_dist.runtime.checkpoint import load_model_state
+    from lh_dist.checkpoint.format import load_model_state
     from lh_dist.hf.export import export
 
     result = run_script("""

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 from lh_dist.config import ConfigError, load_config
-from lh_dist.runtime.checkpoint import (FORMAT_VERSION, MANIFEST, InvalidCheckpoint, checkpoint_config, read_manifest,
+from lh_dist.checkpoint.format import (FORMAT_VERSION, MANIFEST, InvalidCheckpoint, checkpoint_config, read_manifest,
                                         resolve_checkpoint, survey)
-from lh_dist.train import run_dir as run_dir_module
-from lh_dist.train.checkpoint import Checkpointer, check_resume, check_resume_arg
-from lh_dist.train.run_dir import LOCK_NAME, RunDirError, RunLock, archive_previous_run, check_run_dir
+from lh_dist.checkpoint import run_dir as run_dir_module
+from lh_dist.checkpoint.checkpointer import Checkpointer, check_resume, check_resume_arg
+from lh_dist.checkpoint.run_dir import LOCK_NAME, RunDirError, RunLock, archive_previous_run, check_run_dir
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = "mp_rank_00_model_states.pt"

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from lh_dist.config import ConfigError, load_config
-from lh_dist.runtime.checkpoint import FIXED_FIELDS, saved_settings
+from lh_dist.checkpoint.format import FIXED_FIELDS, saved_settings
 from lh_dist.data.sources import data_location
-from lh_dist.train.checkpoint import check_resume
+from lh_dist.checkpoint.checkpointer import check_resume
 
 
 def _manifest(cfg, drop_model_keys=()):

@@ -1,6 +1,6 @@
 """Checkpoints that a crash cannot corrupt, and what a run may resume from.
 
-The layout of a checkpoint and how it is read are `lh_dist.runtime.checkpoint`'s. A save
+The layout of a checkpoint and how it is read are `lh_dist.checkpoint.format`'s. A save
 is collective:
 
 1. rank 0 checks the free space against the checkpoint's expected size (the trainer
@@ -45,10 +45,10 @@ import torch.distributed as dist
 
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.data.sources import DataSource, compare_data, configured_sources, data_identity
-from lh_dist.runtime.checkpoint import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
+from lh_dist.checkpoint.format import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
                                         InvalidCheckpoint, file_crc32, flat_config, newest_valid,
                                         read_manifest, saved_settings, skip_line, step_name, survey)
-from lh_dist.train.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
+from lh_dist.checkpoint.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
 REPLACED, DELETING = ".replaced-", ".deleting-"
 # First checkpoint of a run, before any was measured: fp32 weights and AdamW's two moments

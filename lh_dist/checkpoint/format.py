@@ -6,7 +6,7 @@ Layout: <run_dir>/checkpoints/step_00000100/ holds DeepSpeed's files, one
 data position). A folder is a checkpoint only if its manifest is valid, of this
 FORMAT_VERSION, and every file it lists exists with the recorded size (and, before
 loading, checksum). A save in progress lives in `.partial-step_N` until it is
-complete (`lh_dist.train.checkpoint` writes them).
+complete (`lh_dist.checkpoint.checkpointer` writes them).
 """
 
 from __future__ import annotations
