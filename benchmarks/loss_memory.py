@@ -36,7 +36,7 @@ import torch
 
 from lh_dist.config import load_config
 from lh_dist.model.loss import default_chunk_rows
-from lh_dist.runtime.distributed import init_distributed
+from lh_dist.parallel.distributed import init_distributed
 from train_throughput import lh_dist_step_fn
 
 REPO = Path(__file__).resolve().parents[1]

@@ -47,7 +47,7 @@ import torch
 from train_throughput import lh_dist_step_fn  # the benchmark's step, as lh-train builds it
 
 from lh_dist.config import ConfigError, TrainConfig, load_config
-from lh_dist.runtime.build import dense_layer_ids, lighthouse_length
+from lh_dist.assembly.model import dense_layer_ids, lighthouse_length
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30
@@ -199,7 +199,7 @@ def _child_args(args) -> list[str]:
 
 def child_main(args) -> int:
     """--cell SERIES@N: measure it in this process and print its row as one JSON line."""
-    from lh_dist.runtime.distributed import init_distributed
+    from lh_dist.parallel.distributed import init_distributed
 
     series, n = args.cell.split("@")
     init_distributed(torch.device(args.device))
@@ -723,7 +723,7 @@ def main(argv: list[str] | None = None) -> int:
                              "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv)})
         if args.in_process:
-            from lh_dist.runtime.distributed import init_distributed
+            from lh_dist.parallel.distributed import init_distributed
 
             init_distributed(device)
         # After each cell the JSON and the tables (a killed run keeps them); the plot at the end.

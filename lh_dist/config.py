@@ -30,7 +30,7 @@ from lh_dist.ops.lighthouse.params import BACKENDS as LIGHTHOUSE_BACKENDS
 from lh_dist.ops.lighthouse.params import LighthouseArgError, LighthouseParams
 from lh_dist.ops.lighthouse.scorers import SCORERS
 from lh_dist.parallel.comm import EXCHANGES
-from lh_dist.runtime.device import DEVICES
+from lh_dist.parallel.device import DEVICES
 
 
 def _check(ok: bool, name: str, allowed: str, value) -> None:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lh_dist.runtime.distributed import free_port
+from lh_dist.parallel.distributed import free_port
 
 
 def _worker(rank, world_size, port, backend, timeout_s, fn, args):

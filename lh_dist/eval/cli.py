@@ -39,7 +39,7 @@ from pathlib import Path
 from lh_dist.config import ConfigError
 from lh_dist.eval.outputs import (DEFAULT_DEPTHS, DEFAULT_LOSS, DEFAULT_RETRIEVAL, loss_name, passkey_name,
                                   retrieval_name, update_index, write_json)
-from lh_dist.runtime.device import DEVICES
+from lh_dist.parallel.device import DEVICES
 
 SPACINGS = ("linear", "log")
 

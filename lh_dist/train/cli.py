@@ -28,7 +28,7 @@ def plan_run(cfg: TrainConfig, world_size: int) -> dict:
     """The run's layout and batch math on `world_size` ranks, computed without any process group or
     device: what `--dry-run --json` prints (and `describe_plan` puts in words)."""
     from lh_dist.parallel.mesh import plan_layout, resolve_degrees
-    from lh_dist.runtime.build import dense_layer_ids, lighthouse_length
+    from lh_dist.assembly.model import dense_layer_ids, lighthouse_length
 
     dp, cp = resolve_degrees(cfg, world_size)
     layout = plan_layout(world_size, dp, cp)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ranks_per_node:
             import torch
 
-            from lh_dist.runtime.device import default_ranks_per_node
+            from lh_dist.parallel.device import default_ranks_per_node
 
             print(default_ranks_per_node(cfg.device, torch.cuda.device_count()))
             return 0

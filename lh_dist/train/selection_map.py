@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
-from lh_dist.runtime.build import PhasedAttention
+from lh_dist.assembly.model import PhasedAttention
 
 class SelectionCapture:
     """Keeps batch 0 of the q [1, N, H, D] and k [1, N, Hkv, D] that a `PhasedAttention` layer's scorer

@@ -19,7 +19,7 @@ from torch import Tensor
 from lh_dist.config import TrainConfig
 from lh_dist.parallel.mesh import ParallelLayout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.runtime.build import build_model
+from lh_dist.assembly.model import build_model
 from lh_dist.train.engine import Engine
 
 

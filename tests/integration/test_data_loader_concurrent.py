@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lh_dist.data.loader import PackedLoader
-from lh_dist.runtime.distributed import free_port
+from lh_dist.parallel.distributed import free_port
 
 NUM_PROCESSES = 6
 NUM_ROUNDS = 4

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lh_dist.runtime.device import CPU_RANKS
+from lh_dist.parallel.device import CPU_RANKS
 
 from conftest import SMALL_RUN
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lh_dist.config import load_config
 from lh_dist.data.loader import PackedLoader
-from lh_dist.runtime.build import build_model
+from lh_dist.assembly.model import build_model
 
 from conftest import SMALL_RUN
 

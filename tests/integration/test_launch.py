@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lh_dist.runtime.distributed import free_port
+from lh_dist.parallel.distributed import free_port
 
 from conftest import SMALL_RUN
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from lh_dist.config import load_config
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.runtime.build import build_model, set_phase
+from lh_dist.assembly.model import build_model, set_phase
 
 from spawn import spawn_ranks
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lh_dist.config import ConfigError, load_config
-from lh_dist.runtime.offload import ActivationOffload, _Offloaded
+from lh_dist.assembly.offload import ActivationOffload, _Offloaded
 
 from small_model import LAYERS, loss_and_grads, small_model
 

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError
-from lh_dist.runtime.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
+from lh_dist.parallel.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,16 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS = {
     "lh_dist.errors": 0,
     "lh_dist.ops.lighthouse.params": 1, "lh_dist.ops.lighthouse.layout": 1, "lh_dist.ops.lighthouse.scorers": 1,
-    "lh_dist.ops.attention": 1, "lh_dist.parallel.comm": 1, "lh_dist.runtime.device": 1,
+    "lh_dist.ops.attention": 1, "lh_dist.parallel.comm": 1, "lh_dist.parallel.device": 1,
     "lh_dist.config": 2,
     "lh_dist.model": 3, "lh_dist.ops": 3, "lh_dist.data": 3,
     "lh_dist.parallel": 4,
-    "lh_dist.runtime": 5, "lh_dist.checkpoint": 5,
+    "lh_dist.assembly": 5, "lh_dist.checkpoint": 5,
     "lh_dist.train": 6, "lh_dist.eval": 6,
     # Import and export write and read checkpoints as training does; the mapping itself sits beside the model.
     "lh_dist.hf": 7, "lh_dist.hf.mapping": 3,
 }
-DEEPSPEED_MODULES = {"lh_dist.train.engine", "lh_dist.runtime.distributed", "lh_dist.checkpoint.format"}
+DEEPSPEED_MODULES = {"lh_dist.train.engine", "lh_dist.parallel.distributed", "lh_dist.checkpoint.format"}
 
 
 def _modules() -> dict[str, Path]:

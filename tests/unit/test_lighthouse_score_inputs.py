@@ -23,7 +23,7 @@ from lh_dist.ops.lighthouse import (
     select,
 )
 from lh_dist.ops.lighthouse.reference import causal_attention
-from lh_dist.runtime.build import PhasedAttention, build_model, set_phase
+from lh_dist.assembly.model import PhasedAttention, build_model, set_phase
 from lh_dist.train.selection_map import SelectionCapture
 
 pytestmark = pytest.mark.usefixtures("nan_filled_empty")

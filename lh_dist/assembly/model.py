@@ -12,7 +12,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from lh_dist.config import TrainConfig
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import attention
-from lh_dist.runtime.offload import ActivationOffload
+from lh_dist.assembly.offload import ActivationOffload
 
 PHASES = ("lighthouse", "dense")
 
