@@ -25,7 +25,7 @@ from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zig
 from lh_dist.assembly.model import PHASES, build_model, set_phase
 from lh_dist.checkpoint.format import STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint, trainer_state
 from lh_dist.parallel.device import local_device
-from lh_dist.parallel.distributed import backend_for
+from lh_dist.parallel.distributed import init_distributed
 
 
 def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
@@ -44,7 +44,7 @@ def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
         return None, 0, False
     initialized_here = not dist.is_initialized()
     if initialized_here:
-        dist.init_process_group(backend_for(device))
+        init_distributed(device)  # as training starts it
     return dist.group.WORLD, dist.get_rank(), initialized_here
 
 
