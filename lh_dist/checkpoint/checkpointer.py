@@ -20,11 +20,8 @@ is collective:
 When a run starts, rank 0 finishes what a crash interrupted: a `.partial-step_N` with a valid manifest
 becomes `step_N`, and the leftovers of steps 5 and 6 are removed.
 
-Test hook: LH_DIST_TEST_KILL=<point>:<step>[:<rank>] makes that rank (default 0)
-SIGKILL itself during the save of that step, at `write` (its DeepSpeed files
-written, its trainer state not yet), `manifest` (after the barrier, before the
-manifest), `rename` (an existing step_N set aside, the new one not yet in place) or
-`rotate` (the first old checkpoint renamed aside, not yet deleted).
+tests/integration/test_checkpoint_kills.py kills ranks at each of these points (its faults are
+injected from outside, `tests/faults/sitecustomize.py`) and checks that every resume is exact.
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +50,6 @@ REPLACED, DELETING = ".replaced-", ".deleting-"
 # First checkpoint of a run, before any was measured: fp32 weights and AdamW's two moments
 # take 12 bytes per parameter (bf16 runs add a 2-byte copy); the rest is headroom.
 BYTES_PER_PARAM = 16
-KILL_ENV = "LH_DIST_TEST_KILL"
 
 
 def rng_state() -> dict:
@@ -182,12 +177,6 @@ class Checkpointer:
         self.data_sources: list[DataSource] | None = None
         self.accept_changed_data = False
         self.superseded: list[str] = []  # Plan.superseded, on rank 0
-        kill = os.environ.get(KILL_ENV, "").split(":")
-        self._kill = (kill[0], int(kill[1]), int(kill[2]) if len(kill) > 2 else 0) if len(kill) > 1 else None
-
-    def _kill_point(self, point: str, step: int) -> None:
-        if self._kill == (point, step, self.rank):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def on_rank0(self, fn):
         """fn() on rank 0; its result, or its error, on every rank."""
@@ -346,7 +335,6 @@ class Checkpointer:
             dist.barrier()
         try:
             engine.save(partial)
-            self._kill_point("write", step)
             tmp = partial / f"trainer_rank_{self.rank:05d}.pt.tmp"
             torch.save(dict(trainer_state, rng=rng_state()), tmp)
             os.replace(tmp, partial / f"trainer_rank_{self.rank:05d}.pt")
@@ -371,7 +359,6 @@ class Checkpointer:
                 for n in names[self.rank::self.world_size]}
         files = dict(sorted((k, v) for part in self._gather(mine) for k, v in part.items()))
         if self.rank == 0:
-            self._kill_point("manifest", step)
             self._write_manifest(partial, step, trainer_state, files)
             self._commit(partial, final, step)
             self._rotate(step)
@@ -408,7 +395,6 @@ class Checkpointer:
         if final.exists():
             shutil.rmtree(aside, ignore_errors=True)
             os.replace(final, aside)
-        self._kill_point("rename", step)
         os.replace(partial, final)
         fsync_path(self.root)
         shutil.rmtree(aside, ignore_errors=True)
@@ -417,7 +403,6 @@ class Checkpointer:
         aside = self.root / f"{DELETING}{folder.name.removeprefix(PARTIAL)}"
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(folder, aside)
-        self._kill_point("rotate", step)
         shutil.rmtree(aside, ignore_errors=True)
 
     def _rotate(self, step: int) -> None:

@@ -1,10 +1,12 @@
 """Kill a real 2-rank training (torchrun, gloo, DeepSpeed) at every point of a save; `--resume auto` must
 reproduce the uninterrupted run. Then resume it on another layout and refuse what must not change.
 
-The kills come from the test hook LH_DIST_TEST_KILL=<point>:<step>[:<rank>] (lh_dist/checkpoint/checkpointer.py):
-the chosen rank SIGKILLs itself, like a crashed node, and torchrun ends the other one.
+The kills are injected from outside lh_dist: with tests/faults on PYTHONPATH and LH_DIST_TEST_KILL=<point>:<step>[:<rank>]
+set, the chosen rank SIGKILLs itself at that point of that save (tests/faults/sitecustomize.py), like a crashed node,
+and torchrun ends the other one.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -28,7 +30,11 @@ def train(run_dir: Path, data: Path, *args: str, nproc: int = 2, kill: str | Non
         if nproc > 1 else [sys.executable]
     cmd = launcher + ["-m", "lh_dist.train.cli", "--config", str(REPO / "configs/tiny-cpu.yaml"),
                       f"data.path={data}", f"logging.run_dir={run_dir}", *RUN, *args]
-    env = _env() | ({"LH_DIST_TEST_KILL": kill} if kill else {})
+    env = _env()
+    if kill:
+        faults = str(Path(__file__).resolve().parents[1] / "faults")
+        env |= {"LH_DIST_TEST_KILL": kill,
+                "PYTHONPATH": os.pathsep.join(filter(None, [faults, env.get("PYTHONPATH")]))}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -121,12 +127,13 @@ def test_resume_on_one_rank_and_refusals_that_leave_the_run_untouched(tmp_path, 
     shutil.copytree(ref_dir, run_dir)
     config = (run_dir / "config.yaml").read_text()
 
-    # A changed model shape: one line naming the field, old and new value; config.yaml unchanged.
+    # A changed model shape: one line naming each changed field, old and new value (head_dim follows
+    # dim / n_heads); config.yaml unchanged.
     r = train(run_dir, stdlib_dataset, "model.dim=128", "parallel.cp_degree=1", nproc=1)
     assert r.returncode == 2, r.stdout + r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
-        f"lh-train: config error: cannot resume from {run_dir}/checkpoints/step_00000014: model.dim 64 -> 128 "
-        f"(these must match the checkpoint; use another logging.run_dir for a new run)")
+        f"lh-train: config error: cannot resume from {run_dir}/checkpoints/step_00000014: model.dim 64 -> 128; "
+        f"model.head_dim 16 -> 32 (these must match the checkpoint; use another logging.run_dir for a new run)")
     # A fresh start over the checkpoints.
     r = train(run_dir, stdlib_dataset, "--resume", "none", "parallel.cp_degree=1", nproc=1)
     assert r.returncode == 2 and "lh-train: error: run dir" in r.stderr and "--overwrite" in r.stderr, r.stderr
