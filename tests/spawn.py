@@ -25,6 +25,9 @@ def _worker(rank, world_size, port, backend, timeout_s, fn, args):
     )
     try:
         fn(rank, world_size, *args)
+        # No rank tears the group down while another still talks to it: gloo aborts the process
+        # ("terminate called without an active exception") when its peer's connection goes first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
