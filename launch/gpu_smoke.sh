@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Check on a GPU machine what README.md's "On GPU machines" says about one GPU, end to end:
+# Check on a GPU machine what README.md (and docs/launching.md) say about one GPU, end to end:
 #   bash launch/gpu_smoke.sh
 # Uses GPU 0 only (CUDA_VISIBLE_DEVICES=0 unless set); needs no network; about 2-3 minutes.
 # Prints one "ok" or "FAIL" line per claim and exits with the number of failures.

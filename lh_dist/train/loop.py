@@ -356,7 +356,8 @@ class Trainer:
         self.metrics.image(self.step, "lighthouse/selection_map", image)
 
     def _log_step(self, phase: str, peak: float | None) -> None:
-        """Scalars and the console line for the steps since the last log (tags: README.md, TensorBoard)."""
+        """Scalars and the console line for the steps since the last log (the tags: docs/training.md,
+        "Console and TensorBoard")."""
         self._read_pending()
         means = self.metrics.take_means(self.step)
         if means is None:
