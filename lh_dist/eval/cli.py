@@ -178,10 +178,13 @@ def _passkey_lengths(args, cfg, tokenizer, notes: list[str] | None = None) -> li
     return lengths
 
 
-def _retrieval_lengths(args, cfg) -> list[int]:
+def _retrieval_lengths(args, cfg, notes: list[str] | None = None) -> list[int]:
+    """--lengths, or the default lengths that hold a retrieval document; `notes` gets a line naming those
+    left out."""
     from lh_dist.data.loader import read_dataset_info
     from lh_dist.data.retrieval import RetrievalSettings, min_document_length
     from lh_dist.data.tokenizer import load_tokenizer
+    from lh_dist.eval.passkey import scaled_lengths
     from lh_dist.eval.retrieval import default_lengths
 
     if args.lengths:
@@ -197,6 +200,10 @@ def _retrieval_lengths(args, cfg) -> list[int]:
     if not lengths:
         raise ValueError(f"the training seq_len {cfg.data.seq_len} is shorter than a retrieval document needs "
                          f"({shortest} tokens); pass --lengths")
+    left_out = [n for n in scaled_lengths(cfg.data.seq_len, multiple=2 * args.cp) if n not in lengths]
+    if left_out and notes is not None:
+        notes.append(f"default lengths {', '.join(map(str, left_out))} left out: shorter than a retrieval document "
+                     f"of {data} needs ({shortest} tokens)")
     return lengths
 
 
@@ -363,7 +370,10 @@ def run_retrieval(args) -> Path | None:
     _check_positive(args, "docs", "depth_bins", "batch_size")
     runner = _open_runner(args, "dense")
     data = args.data or runner.cfg.data.primary_path
-    lengths = _retrieval_lengths(args, runner.cfg)
+    notes: list[str] = []
+    lengths = _retrieval_lengths(args, runner.cfg, notes)
+    for line in notes if runner.is_main else []:
+        print(f"lh-eval retrieval: {line}", file=sys.stderr)
     generator = dataset_generator(data, "val", args.filler)
     for n in lengths:
         runner.check_length(n, "--lengths")

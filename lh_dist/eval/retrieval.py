@@ -20,14 +20,12 @@ import numpy as np
 import torch
 
 from lh_dist.data.retrieval import RetrievalDocument
-from lh_dist.eval.passkey import PAPER_LENGTH_FRACTIONS
+from lh_dist.eval.passkey import scaled_lengths
 
 
 def default_lengths(seq_len: int, min_length: int, multiple: int = 2) -> list[int]:
-    """seq_len x {1/24, 1/12, 1/6, 1/3, 2/3, 1} (passkey's scaling) rounded down to `multiple`,
-    keeping those of at least `min_length` tokens."""
-    lengths = sorted({int(seq_len * f) // multiple * multiple for f in PAPER_LENGTH_FRACTIONS})
-    return [n for n in lengths if n >= min_length]
+    """Pass-key's lengths scaled to seq_len (`scaled_lengths`), keeping those of at least `min_length` tokens."""
+    return [n for n in scaled_lengths(seq_len, multiple) if n >= min_length]
 
 
 def score_documents(argmax_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -67,10 +67,15 @@ def test_cli_writes_json_png_and_index(retrieval_run, tmp_path):
     assert entry["kind"] == "retrieval" and entry["result"] == {"mean_accuracy": result["mean"]}
 
 
-def test_default_lengths_are_those_that_hold_a_document(retrieval_run, tmp_path):
-    run_dir, _ = retrieval_run
+def test_default_lengths_are_those_that_hold_a_document(retrieval_run, tmp_path, capsys):
+    run_dir, data = retrieval_run
     # 256 x {1/3, 2/3, 1}: 3 statements (26 tokens), 2 queries (34) and a gap of 8 need 154 tokens.
     assert output_path(["retrieval", str(run_dir), "--out", str(tmp_path)]).name == "retrieval-170_256.json"
+    # The evaluation says which of 256 x {1/24, 1/12, 1/6, 1/3, 2/3, 1} it left out, and why.
+    assert main(["retrieval", str(run_dir), "--docs", "1", "--depth-bins", "1", "--out", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    assert (f"lh-eval retrieval: default lengths 10, 20, 42, 84 left out: shorter than a retrieval document of "
+            f"{data} needs (154 tokens)") in capsys.readouterr().err.splitlines()
 
 
 def test_cli_scores_a_model_that_copies_the_value_as_one(retrieval_run, tmp_path, monkeypatch):
