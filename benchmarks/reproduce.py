@@ -15,7 +15,7 @@ schedule.lighthouse_steps from the fraction and the mixture's weights from --ret
 `lh-eval passkey` on the final checkpoint, and leaves everything a report needs in `<results>/<name>/`
 (a few MB, no checkpoints): run.json (seed, arm, commands, commit, hardware, data, wall-clock),
 scalars.json (every TensorBoard scalar with its step and wall time), the event files, train.log and
-the evals. A run whose folder already holds run.json is complete and is skipped, so a session can
+the evals. A run whose folder already holds run.json is complete and is skipped, so a time-limited job can
 rerun its list of runs. The arm is the fraction: "dense", or "lh60" for 0.6.
 
 `report` reads every `<results>/*/run.json`, groups the runs by arm and states, over seeds, each
