@@ -40,13 +40,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lh_dist.assembly.model import set_phase
 from lh_dist.config import load_config
 from lh_dist.ops.attention import BACKENDS
 from lh_dist.parallel.comm import EXCHANGES
-from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
-from lh_dist.assembly.model import set_phase
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.train.step import build_train_step
 
 REPO = Path(__file__).resolve().parents[1]

@@ -41,10 +41,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from lh_dist.data.loader import PackedLoader
-from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
 from lh_dist.assembly.model import PhasedAttention, build_model, set_phase
 from lh_dist.checkpoint.format import checkpoint_config, load_model_state, resolve_checkpoint
+from lh_dist.data.loader import PackedLoader
+from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("dense", "projections", "normalized", "unit_gain", "constant")

@@ -545,14 +545,18 @@ def _markdown(runs: list[dict], summaries: list[dict], plots: list[str], notes: 
     for run in runs:
         lines.append(f"| {run['name']} | " + " | ".join(f"{b['loss']:.3f}" for b in run["loss_eval"]["buckets"])
                      + " |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines + _plots_and_commands(runs, plots))
+
+
+def _plots_and_commands(runs: list[dict], plots: list[str]) -> list[str]:
+    """The report's last sections: its plots, and each run's commands."""
+    lines = ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Commands", "", "Each run, and what it ran (`python` is the interpreter that ran the script):",
               "", "```"]
     for run in runs:
         lines += [f"# {run['name']}", " ".join(run["invocation"])]
         lines += ["#   " + " ".join(["python"] + c[1:]) for c in run["commands"].values()]
-    lines += ["python benchmarks/reproduce.py report", "```", ""]
-    return "\n".join(lines)
+    return lines + ["python benchmarks/reproduce.py report", "```", ""]
 
 
 def _verdicts(summaries: list[dict]) -> list[str]:
@@ -906,14 +910,7 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
                      + " | ".join(f"{m[f'val_loss/{s}']:.4f}" for s in sources)
                      + f" | {_fmt(m.get('retrieval/mean'), '.3f', '—')} | {m['passkey/mean']:.3f} | "
                      f"{m['wall/train']:.2f} min |")
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    lines += ["", "## Commands", "", "Each run, and what it ran (`python` is the interpreter that ran the script):",
-              "", "```"]
-    for run in runs:
-        lines += [f"# {run['name']}", " ".join(run["invocation"])]
-        lines += ["#   " + " ".join(["python"] + c[1:]) for c in run["commands"].values()]
-    lines += ["python benchmarks/reproduce.py report", "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _plots_and_commands(runs, plots))
 
 
 # ---- command line ---------------------------------------------------------------------------

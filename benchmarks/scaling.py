@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from train_throughput import lh_dist_step_fn  # the benchmark's step, as lh-train builds it
 
-from lh_dist.config import ConfigError, TrainConfig, load_config
 from lh_dist.assembly.model import dense_layer_ids, lighthouse_length
+from lh_dist.config import ConfigError, TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 GiB = 2**30

@@ -34,13 +34,13 @@ import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
+from lh_dist.assembly.model import set_phase
 from lh_dist.config import load_config
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import BACKENDS, resolve_backend
 from lh_dist.ops.attention.flash_attn4 import flash_attn_version
-from lh_dist.parallel.mesh import init_parallel_layout
-from lh_dist.assembly.model import set_phase
 from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.train.metrics import flops_per_step_token, peak_flops
 from lh_dist.train.step import build_train_step
 

@@ -3,8 +3,8 @@ activation offloading) build, as `build_model` builds it, and one forward and ba
 
 import torch
 
-from lh_dist.config import load_config
 from lh_dist.assembly.model import build_model, set_phase
+from lh_dist.config import load_config
 
 # In the Lighthouse phase layer 0 stays dense: both kinds of attention run (Lighthouse on its reference path).
 SMALL = ["model.dim=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_hidden=48",

@@ -9,10 +9,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from lh_dist.assembly.offload import ActivationOffload
 from lh_dist.config import TrainConfig
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import attention
-from lh_dist.assembly.offload import ActivationOffload
 
 PHASES = ("lighthouse", "dense")
 

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lh_dist.checkpoint.format import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
+                                       InvalidCheckpoint, file_crc32, flat_config, newest_valid,
+                                       read_manifest, saved_settings, skip_line, step_name, survey)
+from lh_dist.checkpoint.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.data.sources import DataSource, compare_data, configured_sources, data_identity
-from lh_dist.checkpoint.format import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
-                                        InvalidCheckpoint, file_crc32, flat_config, newest_valid,
-                                        read_manifest, saved_settings, skip_line, step_name, survey)
-from lh_dist.checkpoint.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 
 REPLACED, DELETING = ".replaced-", ".deleting-"
 # First checkpoint of a run, before any was measured: fp32 weights and AdamW's two moments

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lh_dist.config import validate_lighthouse_shape
-from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
 from lh_dist.assembly.model import PHASES, build_model, set_phase
 from lh_dist.checkpoint.format import STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint, trainer_state
+from lh_dist.config import validate_lighthouse_shape
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
 
 
 def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
+from lh_dist.checkpoint.format import (STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint,
+                                       trainer_state)
 from lh_dist.config import TrainConfig, save_config
 from lh_dist.hf.mapping import HF_DIR, hf_config, hf_name, read_origin
-from lh_dist.checkpoint.format import (STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint,
-                                        trainer_state)
 
 DTYPES = ("float32", "bfloat16", "float16")
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",

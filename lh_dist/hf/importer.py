@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from lh_dist.checkpoint.checkpointer import Checkpointer
+from lh_dist.checkpoint.format import flat_config
 from lh_dist.config import TrainConfig, load_config, save_config
 from lh_dist.data.tokenizer import load_tokenizer
 from lh_dist.hf.mapping import (ARCHITECTURES, HF_DIR, HF_FILES, IGNORED_TENSOR_SUFFIXES, ORIGIN, UnsupportedModel,
                                 architecture, hf_name, max_position_embeddings, model_section, our_name,
                                 parameter_shapes)
-from lh_dist.checkpoint.format import flat_config
-from lh_dist.checkpoint.checkpointer import Checkpointer
 
 # data.seq_len when the model's context is longer: a length that fits one GPU, to be overridden.
 DEFAULT_SEQ_LEN = 4096

@@ -16,10 +16,10 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from lh_dist.config import ConfigError, TrainConfig
-from lh_dist.hf.mapping import HF_DIR, read_origin
 from lh_dist.checkpoint.format import flat_config, read_manifest, resolve_checkpoint
 from lh_dist.checkpoint.run_dir import RunDirError
+from lh_dist.config import ConfigError, TrainConfig
+from lh_dist.hf.mapping import HF_DIR, read_origin
 
 # Model fields a run started from another run's weights may set for itself (prefixes of flat names).
 FREE_MODEL_FIELDS = ("model.rope_theta", "model.rope_scaling.", "model.attention_backend", "model.init_std")

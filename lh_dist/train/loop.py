@@ -12,16 +12,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lh_dist.assembly.model import (PhasedAttention, dense_layer_ids,
+                                    lighthouse_length, phase_at, set_phase)
+from lh_dist.checkpoint.checkpointer import Checkpointer
+from lh_dist.checkpoint.format import load_model_state
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.data.sources import data_sources, open_loaders, with_current_documents
 from lh_dist.hf.mapping import HF_DIR, read_origin
-from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
-from lh_dist.assembly.model import (PhasedAttention, dense_layer_ids,
-                                   lighthouse_length, phase_at, set_phase)
-from lh_dist.checkpoint.format import load_model_state
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
-from lh_dist.checkpoint.checkpointer import Checkpointer
+from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
 from lh_dist.train.metrics import Metrics, ValidationLoss, flops_per_step_token, peak_flops
 from lh_dist.train.step import StepResult, build_train_step

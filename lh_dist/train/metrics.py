@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from lh_dist.config import TrainConfig
 from lh_dist.assembly.model import dense_layer_ids, lighthouse_length
+from lh_dist.config import TrainConfig
 
 # Dense bf16 tensor-core peak, for MFU; unknown devices report no MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "B200": 2250e12, "A100": 312e12}

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
 from lh_dist.assembly.model import PhasedAttention
+from lh_dist.ops.lighthouse import LighthouseParams, lighthouse_select
 
 class SelectionCapture:
     """Keeps batch 0 of the q [1, N, H, D] and k [1, N, Hkv, D] that a `PhasedAttention` layer's scorer

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lh_dist.assembly.model import build_model
 from lh_dist.config import TrainConfig
 from lh_dist.parallel.mesh import ParallelLayout
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.assembly.model import build_model
 from lh_dist.train.engine import Engine
 
 

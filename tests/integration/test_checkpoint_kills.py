@@ -1,9 +1,9 @@
 """Kill a real 2-rank training (torchrun, gloo, DeepSpeed) at every point of a save; `--resume auto` must
 reproduce the uninterrupted run. Then resume it on another layout and refuse what must not change.
 
-The kills are injected from outside lh_dist: with tests/faults on PYTHONPATH and LH_DIST_TEST_KILL=<point>:<step>[:<rank>]
-set, the chosen rank SIGKILLs itself at that point of that save (tests/faults/sitecustomize.py), like a crashed node,
-and torchrun ends the other one.
+The kills are injected from outside lh_dist: with tests/faults on PYTHONPATH and
+LH_DIST_TEST_KILL=<point>:<step>[:<rank>] set, the chosen rank SIGKILLs itself at that point of that save
+(tests/faults/sitecustomize.py), like a crashed node, and torchrun ends the other one.
 """
 
 import os

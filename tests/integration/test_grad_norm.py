@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lh_dist.assembly.model import build_model
 from lh_dist.config import load_config
 from lh_dist.data.loader import PackedLoader
-from lh_dist.assembly.model import build_model
 
 from conftest import SMALL_RUN
 

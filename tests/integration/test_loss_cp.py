@@ -9,9 +9,9 @@ import torch
 import torch.distributed as dist
 
 from conftest import TINY_MODEL
+from lh_dist.assembly.model import build_model
 from lh_dist.config import load_config
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.assembly.model import build_model
 from spawn import spawn_ranks
 
 VOCAB, SEQ_LEN = 96, 64

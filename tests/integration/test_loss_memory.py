@@ -17,8 +17,8 @@ LIMIT_BYTES = 3 * 10**9
 STEP = f"""
 import json, resource
 import torch
-from lh_dist.config import load_config
 from lh_dist.assembly.model import build_model
+from lh_dist.config import load_config
 
 cfg = load_config(None, ["model.dim=32", "model.n_layers=1", "model.n_heads=1", "model.n_kv_heads=1",
                          "model.ffn_hidden=64", "model.vocab_size={VOCAB}", "data.seq_len={SEQ_LEN}",

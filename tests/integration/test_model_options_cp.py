@@ -12,9 +12,9 @@ wide margin, while the rank's local positions instead of its global ones change 
 import torch
 import torch.distributed as dist
 
+from lh_dist.assembly.model import build_model, set_phase
 from lh_dist.config import load_config
 from lh_dist.parallel.sharding import zigzag_positions, zigzag_shard
-from lh_dist.assembly.model import build_model, set_phase
 
 from spawn import spawn_ranks
 
@@ -41,14 +41,20 @@ def _random_weights(model: torch.nn.Module) -> dict:
     return weights
 
 
+def _single_and_cp(cfg):
+    """The model on one device and over the world as its CP group, float64, with the same random weights."""
+    single = build_model(cfg).to(torch.float64)
+    cp = build_model(cfg, dist.group.WORLD).to(torch.float64)
+    weights = _random_weights(single)
+    single.load_state_dict(weights)
+    cp.load_state_dict(weights)
+    return single, cp
+
+
 def _compare_shards(rank, world):
     for name, scaling in SCALINGS.items():
         cfg = load_config(None, QWEN3_LIKE + scaling)
-        single = build_model(cfg).to(torch.float64)
-        cp = build_model(cfg, dist.group.WORLD).to(torch.float64)
-        weights = _random_weights(single)
-        single.load_state_dict(weights)
-        cp.load_state_dict(weights)
+        single, cp = _single_and_cp(cfg)
         tokens = torch.randint(0, cfg.model.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             expected = zigzag_shard(single(tokens, torch.arange(SEQ_LEN)), 1, world, rank)  # [B, N/W, V]
@@ -73,11 +79,7 @@ LIGHTHOUSE = ["data.seq_len=2048", "lighthouse.levels=2", "lighthouse.pooling=2"
 def _compare_lighthouse_shards(rank, world):
     cfg = load_config(None, QWEN3_LIKE + LIGHTHOUSE)
     n = cfg.data.seq_len
-    single = build_model(cfg).to(torch.float64)
-    cp = build_model(cfg, dist.group.WORLD).to(torch.float64)
-    weights = _random_weights(single)
-    single.load_state_dict(weights)
-    cp.load_state_dict(weights)
+    single, cp = _single_and_cp(cfg)
     tokens = torch.randint(0, cfg.model.vocab_size, (1, n), generator=torch.Generator().manual_seed(1))
     local_tokens, positions = zigzag_shard(tokens, 1, world, rank), zigzag_positions(n, world, rank)
     with torch.no_grad():

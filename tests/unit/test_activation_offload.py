@@ -12,8 +12,8 @@ from functools import partial
 import pytest
 import torch
 
-from lh_dist.config import ConfigError, load_config
 from lh_dist.assembly.offload import ActivationOffload, _Offloaded
+from lh_dist.config import ConfigError, load_config
 
 from small_model import LAYERS, loss_and_grads, small_model
 

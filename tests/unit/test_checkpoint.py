@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from lh_dist.config import ConfigError, load_config
-from lh_dist.checkpoint.format import (FORMAT_VERSION, MANIFEST, InvalidCheckpoint, checkpoint_config, read_manifest,
-                                        resolve_checkpoint, survey)
 from lh_dist.checkpoint import run_dir as run_dir_module
 from lh_dist.checkpoint.checkpointer import Checkpointer, check_resume, check_resume_arg
+from lh_dist.checkpoint.format import (FORMAT_VERSION, MANIFEST, InvalidCheckpoint, checkpoint_config, read_manifest,
+                                       resolve_checkpoint, survey)
 from lh_dist.checkpoint.run_dir import LOCK_NAME, RunDirError, RunLock, archive_previous_run, check_run_dir
+from lh_dist.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = "mp_rank_00_model_states.pt"

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL
-from lh_dist.config import load_config, save_config
 from lh_dist.checkpoint.format import FORMAT_VERSION, MANIFEST, file_crc32
+from lh_dist.config import load_config, save_config
 
 WEIGHTS = "mp_rank_00_model_states.pt"
 

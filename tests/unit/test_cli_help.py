@@ -9,9 +9,9 @@ import yaml
 
 from lh_dist.config import load_config
 from lh_dist.eval.cli import main as lh_eval
+from lh_dist.hf.export import main as lh_export
 from lh_dist.parallel.device import CPU_RANKS, default_ranks_per_node
 from lh_dist.train.cli import main as lh_train
-from lh_dist.hf.export import main as lh_export
 
 
 def _help(main, argv, capsys) -> str:

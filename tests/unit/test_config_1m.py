@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lh_dist.config import load_config
 from lh_dist.assembly.model import PhasedAttention, build_model, dense_layer_ids, lighthouse_length
+from lh_dist.config import load_config
 from lh_dist.train.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

@@ -167,7 +167,8 @@ def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--doc-tokens", "20000"], "split 'val' has 16,384 tokens, fewer than the 20,000 that a 20,000-token document needs"),
+    (["--doc-tokens", "20000"],
+     "split 'val' has 16,384 tokens, fewer than the 20,000 that a 20,000-token document needs"),
     (["--doc-tokens", "300"], "a document of 300 tokens cannot hold 32 statements, 16 queries and a gap of 64"),
     (["--keys", "4"], "queries must not exceed keys (one query per key), got 16 > 4"),
     (["--filler", "MISSING"], "filler dataset not found"),

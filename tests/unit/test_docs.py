@@ -25,8 +25,10 @@ CODE_SPAN = re.compile(r"`([^`\s]+)`")
 @functools.lru_cache(maxsize=None)
 def _files_named(name: str) -> bool:
     # Hidden folders (.venv, .git) and run outputs hold files of every name; they are not the project's.
-    return any(path.is_file() and not any(part.startswith(".") or part == "runs" for part in path.relative_to(REPO).parts)
-               for path in REPO.rglob(name))
+    def ours(path: Path) -> bool:
+        return not any(part.startswith(".") or part == "runs" for part in path.relative_to(REPO).parts)
+
+    return any(path.is_file() and ours(path) for path in REPO.rglob(name))
 
 
 def _missing_path(text: str) -> str | None:

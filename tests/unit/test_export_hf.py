@@ -13,8 +13,8 @@ import stat
 import pytest
 import torch
 
-from lh_dist.config import load_config, save_config
 from lh_dist.checkpoint.format import FORMAT_VERSION, MANIFEST, file_crc32
+from lh_dist.config import load_config, save_config
 from lh_dist.hf.export import EXPORT_FILES, export, main
 
 from conftest import TINY_MODEL

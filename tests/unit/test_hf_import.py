@@ -14,11 +14,11 @@ import shutil
 import pytest
 import torch
 
+from lh_dist.checkpoint.format import load_model_state, read_manifest, resolve_checkpoint
 from lh_dist.hf import mapping
 from lh_dist.hf.export import export
 from lh_dist.hf.export import main as lh_export
 from lh_dist.hf.importer import main as lh_import
-from lh_dist.checkpoint.format import load_model_state, read_manifest, resolve_checkpoint
 
 from hf_models import KINDS, hf_model_float64, lh_dist_model, save_hf_model
 

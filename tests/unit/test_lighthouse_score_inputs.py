@@ -10,6 +10,7 @@ from functools import partial
 import pytest
 import torch
 
+from lh_dist.assembly.model import PhasedAttention, build_model, set_phase
 from lh_dist.config import ModelConfig, load_config
 from lh_dist.model import apply_rope, rope_tables
 from lh_dist.model.llama import Attention
@@ -23,7 +24,6 @@ from lh_dist.ops.lighthouse import (
     select,
 )
 from lh_dist.ops.lighthouse.reference import causal_attention
-from lh_dist.assembly.model import PhasedAttention, build_model, set_phase
 from lh_dist.train.selection_map import SelectionCapture
 
 pytestmark = pytest.mark.usefixtures("nan_filled_empty")

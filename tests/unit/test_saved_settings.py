@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from lh_dist.config import ConfigError, load_config
-from lh_dist.checkpoint.format import FIXED_FIELDS, saved_settings
-from lh_dist.data.sources import data_location
 from lh_dist.checkpoint.checkpointer import check_resume
+from lh_dist.checkpoint.format import FIXED_FIELDS, saved_settings
+from lh_dist.config import ConfigError, load_config
+from lh_dist.data.sources import data_location
 
 
 def _manifest(cfg, drop_model_keys=()):
