@@ -58,4 +58,5 @@ def test_recipe_v2_config_is_the_code_and_retrieval_mixture():
     cfg = load_config(ROOT / "configs" / "repro-64k-v2.yaml")
     assert [s.name for s in cfg.data.sources] == [reproduce.CODE, reproduce.RETRIEVAL]
     assert cfg.schedule.decay == "cosine" and cfg.schedule.min_lr_ratio == 0.1 and cfg.optim.lr == 6e-4
-    assert cfg.logging.eval_batches == 16
+    # 16 validation samples in all, as the evidence report needs at least.
+    assert cfg.logging.eval_batches * len(cfg.data.sources) == 16
