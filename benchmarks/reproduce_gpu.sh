@@ -30,5 +30,5 @@ python3 benchmarks/reproduce.py train "$name" --lighthouse-fraction "$fraction" 
     --data "$ROOT/data/pycode" --retrieval-data "$ROOT/data/retrieval-64k" \
     --results "$ROOT/results" --work "$ROOT/work" "$@" 2>&1 | tee "$OUT/$name.log"
 rc=${PIPESTATUS[0]}
-[ -d "$ROOT/results/$name" ] && tar czf "$OUT/$name.tar.gz" -C "$ROOT/results" "$name"
+[ -d "$ROOT/results/$name" ] && tar czf "$OUT/$name.tar.gz" --exclude=.index.lock -C "$ROOT/results" "$name"
 exit "$rc"
