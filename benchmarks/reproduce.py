@@ -338,6 +338,19 @@ def _fmt(value, spec: str, none: str = "not reached") -> str:
     return none if value is None else format(value, spec)
 
 
+def _figure_saver(out: Path, prefix: str, names: list[str]):
+    """save(fig, name): writes fig as out/<prefix><name>.png, closes it and appends the file's name to `names`."""
+    import matplotlib.pyplot as plt
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / f"{prefix}{name}.png", dpi=110)
+        plt.close(fig)
+        names.append(f"{prefix}{name}.png")
+
+    return save
+
+
 def _plots(runs: list[dict], out: Path, prefix: str) -> list[str]:
     import matplotlib
 
@@ -346,12 +359,7 @@ def _plots(runs: list[dict], out: Path, prefix: str) -> list[str]:
 
     colors = plt.get_cmap("tab10").colors
     names = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / f"{prefix}{name}.png", dpi=110)
-        plt.close(fig)
-        names.append(f"{prefix}{name}.png")
+    save = _figure_saver(out, prefix, names)
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for i, run in enumerate(runs):
@@ -785,12 +793,7 @@ def _plots_v2(arms: dict[str, list[dict]], out: Path, prefix: str) -> list[str]:
 
     colors = dict(zip(arms, plt.get_cmap("tab10").colors))
     names = []
-
-    def save(fig, name):
-        fig.tight_layout()
-        fig.savefig(out / f"{prefix}{name}.png", dpi=110)
-        plt.close(fig)
-        names.append(f"{prefix}{name}.png")
+    save = _figure_saver(out, prefix, names)
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for arm, group in arms.items():
