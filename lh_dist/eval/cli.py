@@ -39,6 +39,7 @@ from pathlib import Path
 from lh_dist.config import ConfigError
 from lh_dist.eval.outputs import (DEFAULT_DEPTHS, DEFAULT_LOSS, DEFAULT_RETRIEVAL, loss_name, passkey_name,
                                   retrieval_name, update_index, write_json)
+from lh_dist.eval.tokenizer_check import check_tokenizer, dataset_identity, model_tokenizer
 from lh_dist.parallel.device import DEVICES
 
 SPACINGS = ("linear", "log")
@@ -146,18 +147,24 @@ def _add_retrieval_parser(commands, common) -> None:
     retrieval.add_argument("--batch-size", type=int, default=1, help="documents per forward pass")
 
 
-def _tokenizer_spec(args, cfg) -> tuple[str, bool]:
-    """(tokenizer spec, whether it differs from the one the training data recorded)."""
-    from lh_dist.data.loader import read_dataset_info
-
-    recorded = read_dataset_info(cfg.data.primary_path).get("tokenizer", "byte")
+def _tokenizer_spec(args, cfg, folder: Path) -> tuple[str, bool]:
+    """(tokenizer spec, whether it differs from the model's own: --tokenizer, else the model's)."""
+    recorded, _ = model_tokenizer(folder, cfg)
+    if recorded is None and not args.tokenizer:
+        raise ValueError(f"the training data {cfg.data.primary_path} of {folder} is gone and with it the record of "
+                         f"the model's tokenizer: pass --tokenizer")
     return args.tokenizer or recorded, bool(args.tokenizer) and args.tokenizer != recorded
 
 
-def _tokenizer(args, cfg):
+def _tokenizer(args, cfg, folder: Path):
+    """The prompts' tokenizer; ValueError if --tokenizer names another than the model's."""
     from lh_dist.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(_tokenizer_spec(args, cfg)[0])
+    tokenizer = load_tokenizer(_tokenizer_spec(args, cfg, folder)[0])
+    if args.tokenizer:
+        check_tokenizer(f"--tokenizer {args.tokenizer}", tokenizer.identity(), model_tokenizer(folder, cfg)[1],
+                        cfg.model.vocab_size)
+    return tokenizer
 
 
 def _passkey_lengths(args, cfg, tokenizer, notes: list[str] | None = None) -> list[int]:
@@ -213,8 +220,8 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
         name = retrieval_name(lengths or _retrieval_lengths(args, cfg), args.docs, args.depth_bins, args.overrides,
                               data, args.filler)
     elif args.command == "passkey":
-        lengths = lengths or _passkey_lengths(args, cfg, _tokenizer(args, cfg))
-        spec, differs = _tokenizer_spec(args, cfg)
+        lengths = lengths or _passkey_lengths(args, cfg, _tokenizer(args, cfg, folder))
+        spec, differs = _tokenizer_spec(args, cfg, folder)
         name = passkey_name(lengths, args.depths, args.seed, args.overrides, spec if differs else None)
     else:
         seq_len = args.seq_len if args.seq_len != cfg.data.seq_len else None
@@ -293,7 +300,7 @@ def run_passkey(args) -> Path | None:
         raise ValueError(f"--depths must be percentages in [0, 100], got {args.depths}")
     _check_positive(args, "batch_size")
     runner = _open_runner(args, "dense")
-    tokenizer = _tokenizer(args, runner.cfg)
+    tokenizer = _tokenizer(args, runner.cfg, runner.folder)
     notes: list[str] = []
     lengths = _passkey_lengths(args, runner.cfg, tokenizer, notes)
     for line in notes if runner.is_main else []:
@@ -334,6 +341,8 @@ def run_loss(args) -> Path | None:
     edges = bucket_edges(seq_len, args.buckets, args.spacing)
     data = args.data or runner.cfg.data.primary_path
     info = read_dataset_info(data)
+    check_tokenizer(f"--data {data}" if args.data else f"data.path {data}", dataset_identity(info),
+                    model_tokenizer(runner.folder, runner.cfg)[1], runner.cfg.model.vocab_size)
     if args.bits_per_byte and info.get("tokenizer", "byte") != "byte":
         raise ValueError(f"--bits-per-byte needs the byte-level tokenizer; {data} uses {info['tokenizer']}")
     # A byte-level target is one byte, except the end-of-document token.
@@ -375,6 +384,8 @@ def run_retrieval(args) -> Path | None:
     for line in notes if runner.is_main else []:
         print(f"lh-eval retrieval: {line}", file=sys.stderr)
     generator = dataset_generator(data, "val", args.filler)
+    check_tokenizer(f"--data {data}" if args.data else f"data.path {data}", generator.tokenizer.identity(),
+                    model_tokenizer(runner.folder, runner.cfg)[1], runner.cfg.model.vocab_size)
     for n in lengths:
         runner.check_length(n, "--lengths")
         generator.check_length(n)
