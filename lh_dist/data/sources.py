@@ -149,6 +149,10 @@ def compare_data(record: dict, data: DataConfig, sources: list[DataSource]) -> D
     if set(old) != set(new):
         return DataComparison([f"{_what(old)} -> {_what(new)}"], [], [])
     moved, changed, unrecorded = [], [], []
+    if list(old) != list(new):
+        # Each sample's source is drawn as an index into the list (`mixture.source_draws`): another order
+        # draws other sources from the same position on.
+        moved.append(f"the order {_what(old)} -> {_what(new)} (samples draw their source by position in the list)")
     for label, source in new.items():
         was, location = old[label], data_location(source.path)
         if was["path"] != location:

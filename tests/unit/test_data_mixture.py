@@ -223,6 +223,11 @@ def test_identity_records_content_and_tells_a_rebuilt_dataset(datasets, packed, 
     record["sources"]["b"]["num_documents"] -= 1
     assert "train documents" in compare_data(record, data2, data_sources(data2)).changed[0]
 
+    # The same sources in another order would draw other sources from the same sample on.
+    swapped = _data_cfg(f"data.sources=[{{path: {rebuilt}}}, {{path: {datasets['a']}, weight: 3}}]")
+    assert compare_data(record, swapped, data_sources(swapped)).moved == [
+        "the order data.sources [a, b] -> data.sources [b, a] (samples draw their source by position in the list)"]
+
     single = _data_cfg(f"data.path={datasets['a']}")
     moved = compare_data(record, single, data_sources(single)).moved
     assert moved == ["data.sources [a, b] -> data.path"]
