@@ -338,7 +338,13 @@ def run_loss(args) -> Path | None:
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len}")
     runner.check_length(seq_len, "--seq-len")
     _warn_untrained_lengths(runner, [seq_len], "--seq-len")
-    edges = bucket_edges(seq_len, args.buckets, args.spacing)
+    try:
+        edges = bucket_edges(seq_len, args.buckets, args.spacing)
+    except ValueError as e:
+        raise ValueError(f"--buckets {args.buckets}: {e}") from None
+    if len(edges) - 1 < args.buckets and runner.is_main:
+        print(f"lh-eval loss: {len(edges) - 1} buckets, not {args.buckets}: over {seq_len:,} tokens {args.spacing} "
+              f"spacing leaves buckets of under one position, which are merged", file=sys.stderr)
     data = args.data or runner.cfg.data.primary_path
     info = read_dataset_info(data)
     check_tokenizer(f"--data {data}" if args.data else f"data.path {data}", dataset_identity(info),
@@ -351,6 +357,9 @@ def run_loss(args) -> Path | None:
     loader = PackedLoader(data, "val", seq_len=seq_len, micro_batch=args.micro_batch, dp_rank=0, dp_degree=1,
                           seed=runner.cfg.seed, max_batches=args.batches,
                           cache_dir=str(runner.folder.parent.parent / "data_cache"))
+    if len(loader) < args.batches and runner.is_main:
+        print(f"lh-eval loss: {len(loader)} batches, not {args.batches}: the validation split of {data} holds "
+              f"{len(loader) * args.micro_batch} samples of {seq_len + 1:,} tokens", file=sys.stderr)
     log = print if runner.is_main else None
     result = evaluate_position_loss(runner.token_losses, loader, seq_len, edges, log=log, token_bytes_fn=token_bytes)
     runner.close()

@@ -120,6 +120,17 @@ def test_loss_by_position(tiny_run, tmp_path, phase, spacing):
     _png(path.with_suffix(".png"))
 
 
+def test_loss_says_when_it_evaluates_less_than_asked(tiny_run, tmp_path, capsys):
+    # 16 octaves over 256 positions: the first 8 would be under one position wide, so 9 buckets remain;
+    # and the validation split holds fewer than 10,000 samples of 257 tokens.
+    argv = ["loss", str(tiny_run), "--buckets", "16", "--spacing", "log", "--batches", "10000", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    result = json.loads(output_path(argv).read_text())
+    assert len(result["buckets"]) == 9 and "9 buckets, not 16" in err
+    assert result["batches"] < 10000 and f"{result['batches']} batches, not 10000" in err
+
+
 def test_outputs_never_overwrite_each_other_and_are_indexed(tiny_run, tmp_path):
     runs = [["loss", "--batches", "1", "--phase", "dense"], ["loss", "--batches", "1", "--phase", "lighthouse"],
             ["passkey", "--lengths", "128"], ["passkey", "--lengths", "128,256", "--depths", "50"],
