@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,21 @@ def check_split_sizes(cfg: TrainConfig, info: dict, dp: int, key: str = "data.pa
                 f"{key}: split {split!r} of {path or cfg.data.path} holds {counts['tokens']:,} tokens, "
                 f"{samples} samples of data.seq_len + 1 = {sample:,}; the run needs {batches * per_batch} "
                 f"({batches} batch(es) x micro_batch {cfg.data.micro_batch} x dp {dp})"
-                + ("; rebuild it with a larger lh-data --val-tokens or lower logging.eval_batches"
-                   if split == "val" else ""))
+                + (f"; rebuild it with a larger lh-data {'retrieval --val-docs' if 'retrieval' in info else '--val-tokens'} "
+                   f"or lower logging.eval_batches" if split == "val" else ""))
+
+
+def retrieval_length_warning(cfg: TrainConfig, info: dict, key: str, path: str) -> str | None:
+    """A line for a retrieval set (`info`, its lh_data.json) whose documents are not data.seq_len long: a
+    sample then cuts a document, parting queries from the statements they ask for, or joins several."""
+    doc_tokens = info.get("retrieval", {}).get("doc_tokens")
+    if not doc_tokens or doc_tokens == cfg.data.seq_len:
+        return None
+    effect = ("cut each document, parting queries from the statements they ask for" if cfg.data.seq_len < doc_tokens
+              else "join several documents")
+    return (f"warning: {key}: {path} holds retrieval documents of {doc_tokens:,} tokens and data.seq_len is "
+            f"{cfg.data.seq_len:,}, so samples {effect} (lh-data retrieval --doc-tokens {cfg.data.seq_len} makes "
+            f"documents of one sample)")
 
 
 def _all_mean(x: torch.Tensor) -> torch.Tensor:
@@ -125,6 +139,10 @@ class Trainer:
             if source.info["vocab_size"] > cfg.model.vocab_size:
                 raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({source.info['vocab_size']} in "
                                   f"{source.path}), got {cfg.model.vocab_size}")
+        for source in self.sources:
+            warning = retrieval_length_warning(cfg, source.info, source.key, source.path)
+            if warning and os.environ.get("RANK", "0") == "0":
+                print(f"lh-train: {warning}", file=sys.stderr)
         init = open_init_source(init_from, cfg) if init_from is not None else None
         # The model's tokenizer: this run's own origin (a resumed run started from an import), the source's.
         try:

@@ -62,6 +62,22 @@ def test_split_too_short_for_the_evaluations_is_refused_before_any_work():
     # A source of a mixture is named by its entry.
     with pytest.raises(ConfigError, match=r"^data.sources\[1\] \(web\): split 'val' of runs/data/web holds"):
         check_split_sizes(cfg, info, 2, "data.sources[1] (web)", "runs/data/web")
+    # A retrieval set's validation split is sized in documents.
+    with pytest.raises(ConfigError, match="lh-data retrieval --val-docs or lower"):
+        check_split_sizes(cfg, info | {"retrieval": {"doc_tokens": 98_304}}, dp=4)
+
+
+def test_retrieval_documents_of_another_length_than_the_samples_are_warned_about():
+    from lh_dist.config import load_config
+    from lh_dist.train.loop import retrieval_length_warning
+
+    cfg = load_config(REPO / "configs/paper-530m-98k.yaml")  # data.seq_len 98,304
+    assert retrieval_length_warning(cfg, {"retrieval": {"doc_tokens": 98_304}}, "data.path", "r") is None
+    assert retrieval_length_warning(cfg, {}, "data.path", "code") is None
+    short = retrieval_length_warning(cfg, {"retrieval": {"doc_tokens": 131_072}}, "data.sources[1] (ret)", "r")
+    assert short.startswith("warning: data.sources[1] (ret): r holds retrieval documents of 131,072 tokens")
+    assert "parting queries from the statements" in short and "--doc-tokens 98304" in short
+    assert "join several" in retrieval_length_warning(cfg, {"retrieval": {"doc_tokens": 4096}}, "data.path", "r")
 
 
 def test_a_cp_degree_that_does_not_divide_the_world_size_is_named_first(tmp_path, capsys, monkeypatch):
