@@ -239,7 +239,7 @@ def output_path(argv: list[str]) -> Path:
 
     args = parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)
-    return _json_path(args, folder, checkpoint_config(folder, args.overrides))
+    return _json_path(args, folder, checkpoint_config(folder, [*args.overrides, f"parallel.cp_degree={args.cp}"]))
 
 
 def _header(runner) -> dict:

@@ -28,18 +28,23 @@ from lh_dist.parallel.distributed import init_distributed
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
 
 
-def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
-    """(cp_group, cp_rank, initialized_here): (None, 0, False) on one device, else the whole world
-    as the CP group, initializing torch.distributed if nobody has yet.
-
-    Evaluation has no data parallelism: all ranks work on the same prompt or batch.
-    """
+def check_eval_world(cp_degree: int) -> None:
+    """ValueError unless this job has exactly cp_degree ranks (evaluation's CP group is the world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cp_degree < 1:
         raise ValueError(f"--cp must be a positive integer, got {cp_degree}")
     if world != cp_degree:
         raise ValueError(f"--cp {cp_degree} needs exactly {cp_degree} ranks (torchrun --nproc-per-node "
                          f"{cp_degree}); this job has {world}")
+
+
+def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
+    """(cp_group, cp_rank, initialized_here): (None, 0, False) on one device, else the whole world
+    as the CP group, initializing torch.distributed if nobody has yet.
+
+    Evaluation has no data parallelism: all ranks work on the same prompt or batch.
+    """
+    check_eval_world(cp_degree)
     if cp_degree == 1:
         return None, 0, False
     initialized_here = not dist.is_initialized()
@@ -58,7 +63,9 @@ class ModelRunner:
         self.device = local_device(device, option="--device", cp_option="--cp")
         self.skipped: list[str] = []  # for a run directory: its newer checkpoints passed over, and why
         self.folder = resolve_checkpoint(checkpoint, self.skipped)
-        cfg = checkpoint_config(self.folder, overrides)
+        check_eval_world(cp_degree)
+        # The config is validated as evaluated: on cp_degree ranks, whatever the training run's layout.
+        cfg = checkpoint_config(self.folder, [*overrides, f"parallel.cp_degree={cp_degree}"])
         # Evaluation needs neither recomputation nor compilation.
         self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, cp_degree=cp_degree, activation_checkpointing="none", compile=False))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from lh_dist.eval import runner as runner_module
 from lh_dist.eval.cli import main, output_path
@@ -129,6 +131,20 @@ def test_loss_says_when_it_evaluates_less_than_asked(tiny_run, tmp_path, capsys)
     result = json.loads(output_path(argv).read_text())
     assert len(result["buckets"]) == 9 and "9 buckets, not 16" in err
     assert result["batches"] < 10000 and f"{result['batches']} batches, not 10000" in err
+
+
+def test_a_run_trained_under_cp_is_evaluated_on_one_device(tiny_run, tmp_path):
+    # As if trained densely on two CP ranks; its Lighthouse settings (one tile of topk/128) cannot tile 4
+    # zigzag chunks, but a Lighthouse evaluation on one device tiles the sequence for one rank.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["parallel"]["cp_degree"], config["schedule"]["lighthouse_steps"] = 2, 0
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    argv = ["loss", str(run), "--phase", "lighthouse", "--batches", "1", "--out", str(tmp_path / "eval"),
+            "schedule.lighthouse_steps=2"]
+    assert main(argv) == 0
+    assert output_path(argv).is_file()
 
 
 def test_outputs_never_overwrite_each_other_and_are_indexed(tiny_run, tmp_path):
