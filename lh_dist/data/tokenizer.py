@@ -53,7 +53,10 @@ class HFTokenizer:
         self.path = str(path)
         if not Path(self.path).is_file():
             raise FileNotFoundError(f"tokenizer file not found: {self.path}")
-        self._tokenizer = Tokenizer.from_file(self.path)
+        try:
+            self._tokenizer = Tokenizer.from_file(self.path)
+        except Exception as e:  # `tokenizers` raises a bare Exception for a file it cannot parse
+            raise ValueError(f"{self.path} is not a Hugging Face tokenizer.json ({e})") from None
         self.eod_token = eod_token or self._find_eod_token()
         eod_id = self._tokenizer.token_to_id(self.eod_token)
         if eod_id is None:
@@ -65,7 +68,11 @@ class HFTokenizer:
     def _find_eod_token(self) -> str:
         config_path = Path(self.path).with_name("tokenizer_config.json")
         if config_path.is_file():
-            eos = json.loads(config_path.read_text()).get("eos_token")
+            try:
+                config = json.loads(config_path.read_text())
+            except ValueError as e:
+                raise ValueError(f"{config_path} is not valid JSON ({e})") from None
+            eos = config.get("eos_token") if isinstance(config, dict) else None
             if isinstance(eos, dict):  # older configs store an AddedToken as a dict
                 eos = eos.get("content")
             if eos:

@@ -45,12 +45,25 @@ CONTINUED_PRETRAINING = {"optim.lr": 2e-5, "optim.weight_decay": 0.1, "schedule.
                          "schedule.warmup_steps": 50, "schedule.decay": "cosine", "schedule.lighthouse_steps": 0}
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file holding one object; ValueError naming the file if it is not one."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a Hugging Face folder: those an index names, else every *.safetensors, else
     every pytorch_model*.bin. FileNotFoundError if there are none."""
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = read_json_object(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{folder / index} has no weight_map object")
             return [folder / name for name in sorted(set(weight_map.values()))]
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:
@@ -66,13 +79,18 @@ def _tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
     for file in files:
         if not file.is_file():
             raise FileNotFoundError(f"weight file {file} not found (named by the index)")
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    yield file, name, f.get_tensor(name)
-        else:
-            yield from ((file, k, v) for k, v in torch.load(file, map_location="cpu", weights_only=True,
-                                                                 mmap=True).items())
+        # safetensors and torch.load raise their own error types (SafetensorError, UnpicklingError,
+        # RuntimeError, ...) for a truncated or corrupt file; each becomes one line naming the file.
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        yield file, name, f.get_tensor(name)
+            else:
+                tensors = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                yield from ((file, k, v) for k, v in tensors.items())
+        except Exception as e:
+            raise ValueError(f"weight file {file} cannot be read ({type(e).__name__}: {e})") from None
 
 
 def read_weights(folder: Path, section: dict) -> dict[str, torch.Tensor]:
@@ -137,7 +155,7 @@ def import_model(source: str | Path, out: str | Path) -> Path:
     config_path = source / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: give a Hugging Face model folder")
-    config = json.loads(config_path.read_text())
+    config = read_json_object(config_path)
     section = model_section(config)
     if not (source / "tokenizer.json").is_file():
         raise FileNotFoundError(f"{source} has no tokenizer.json (lh_dist reads Hugging Face tokenizers from "

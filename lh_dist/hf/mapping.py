@@ -338,8 +338,9 @@ def hf_config(model: ModelConfig, *, dtype: str, context: int, special_ids: dict
     """config.json for a model of lh_dist's shape.
 
     With `origin` (the origin.json of an import), the imported config.json comes back unchanged but for
-    what a run may change: rope_theta and rope_scaling (written in the run's values where they differ),
-    max_position_embeddings (raised to `context` if the run trained on longer sequences) and the dtype.
+    what a run may change: rope_theta and rope_scaling (written in the run's values where they differ;
+    a yarn rope_scaling always with its original_max_position_embeddings), max_position_embeddings
+    (raised to `context` if the run trained on longer sequences) and the dtype.
     Without, the architecture follows the model's options (Llama; Qwen2 with q/k/v biases; Qwen3 with q/k
     norms) and `special_ids` (bos/eos/pad) are written. ValueError if the model is not the origin's shape."""
     ours = section_of(model)
@@ -354,6 +355,11 @@ def hf_config(model: ModelConfig, *, dtype: str, context: int, special_ids: dict
             config["rope_theta"] = ours["rope_theta"]
         if ours["rope_scaling"] != theirs["rope_scaling"]:
             config["rope_scaling"] = _hf_rope_scaling(ours["rope_scaling"])
+        if ours["rope_scaling"]["type"] == "yarn":
+            # transformers' yarn takes max_position_embeddings, raised below, for the context before scaling
+            # where rope_scaling does not name it. (llama3 always names it; linear reads neither.)
+            config["rope_scaling"] = {**config["rope_scaling"], "original_max_position_embeddings":
+                                      ours["rope_scaling"]["original_max_position_embeddings"]}
         if context > max_position_embeddings(config):
             config["max_position_embeddings"] = context
         config["dtype" if "dtype" in config else "torch_dtype"] = dtype

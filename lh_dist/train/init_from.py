@@ -32,7 +32,9 @@ class InitSource:
     arg: str  # as given on the command line
     folder: Path
     origin: dict | None
-    skipped: list[str] = dataclasses.field(default_factory=list)  # newer checkpoints passed over, and why
+    # Lines the run prints about its source: newer checkpoints passed over (and why), and the model
+    # settings this run takes differently from the source's (`changed_settings`).
+    skipped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -59,7 +61,17 @@ def open_init_source(arg: str, cfg: TrainConfig) -> InitSource:
     if differ:
         raise ConfigError(f"--init-from {arg}: {'; '.join(differ)} (a run started from weights keeps their "
                           f"model; it may change only {', '.join(f.rstrip('.') for f in FREE_MODEL_FIELDS)})")
-    return InitSource(arg, folder, origin, skipped)
+    changed = changed_settings(there, here)
+    return InitSource(arg, folder, origin, skipped + ([changed] if changed else []))
+
+
+def changed_settings(there: dict, here: dict) -> str | None:
+    """One line naming each free model field (flat names) whose value in this run (`here`) differs from
+    the source's (`there`), "source -> this run"; None if none does. model.init_std is left out: the
+    weights replace the initialization."""
+    notes = [f"{k} {there.get(k)!r} -> {here.get(k)!r}" for k in sorted({*here, *there})
+             if _free(k) and k != "model.init_std" and there.get(k) != here.get(k)]
+    return f"model settings differ from the source's (source -> this run): {', '.join(notes)}" if notes else None
 
 
 def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_dir: Path,

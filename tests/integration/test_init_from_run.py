@@ -92,6 +92,9 @@ def test_two_cp_ranks_with_zero3_and_another_rope_base(hf_run, hf_dataset, tmp_p
     r = _train(imported, tmp_path / "cp", hf_dataset, "schedule.steps=1", "parallel.cp_degree=2",
                "parallel.zero_stage=3", "model.rope_theta=20000", nproc=2)
     assert r.returncode == 0, r.stdout + r.stderr
+    # The changed base is named, the source's value first (hf_models.KINDS["llama"] has 5000).
+    assert r.stdout.count("model settings differ from the source's (source -> this run): model.rope_theta "
+                          "5000.0 -> 20000.0\n") == 1, r.stdout
     # Under CP the logged loss is the mean of the two ranks' means over equally many tokens: the batch's mean.
     expected = _first_batch_loss(imported, hf_dataset, tmp_path, ["model.rope_theta=20000"])
     assert abs(_first_batch_loss(imported, hf_dataset, tmp_path) - expected) > 10 * TOL  # the base matters

@@ -234,3 +234,42 @@ def test_cli_help(capsys):
             main(["-h"])
         text = capsys.readouterr().out
         assert all(w in text for w in words), text
+
+
+class _WeightsOnly:
+    """What Checkpointer.save asks of an engine: the model-states file alone."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def save(self, folder):
+        torch.save({"module": self.state}, folder / "mp_rank_00_model_states.pt")
+
+
+def test_yarn_export_of_a_longer_run_computes_what_the_run_computes(tmp_path):
+    # A yarn Llama without original_max_position_embeddings: transformers takes max_position_embeddings (256)
+    # as the context before scaling. A run at data.seq_len=1024 from its weights exports max_position_embeddings
+    # 1024; without the pre-scaling context written into rope_scaling, transformers' yarn would read 1024.
+    from lh_dist.checkpoint.checkpointer import Checkpointer
+    from lh_dist.config import load_config, save_config
+
+    source = save_hf_model("llama", tmp_path / "hf", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert lh_import([str(source), "--out", str(tmp_path / "imported")]) == 0
+    run = tmp_path / "long"  # what --init-from makes of it: the origin, the weights, a run at a longer seq_len
+    cfg = load_config(tmp_path / "imported" / "config.yaml", ["data.seq_len=1024", f"logging.run_dir={run}"])
+    run.mkdir()
+    save_config(cfg, run / "config.yaml")
+    shutil.copytree(tmp_path / "imported" / "hf", run / "hf")
+    state = load_model_state(resolve_checkpoint(tmp_path / "imported"))
+    data = {"split": "train", "seed": cfg.seed, "seq_len": cfg.data.seq_len, "num_documents": 0, "samples_seen": 0}
+    Checkpointer(cfg, rank=0).save(_WeightsOnly(state), 0, {"step": 0, "phase": "dense", "data": data})
+
+    out = export(run, tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024
+    assert config["rope_scaling"]["original_max_position_embeddings"] == 256
+    tokens = torch.randint(0, 320, (1, 300))  # beyond the 256 positions before scaling
+    with torch.no_grad():
+        expected = lh_dist_model(run)(tokens, torch.arange(300))  # [B, N, V]
+        got = hf_model_float64(out)(tokens).logits
+    assert float((got - expected).abs().max()) <= TOL  # TOL: see the module docstring
