@@ -34,7 +34,7 @@ class InitSource:
     origin: dict | None
     # Lines the run prints about its source: newer checkpoints passed over (and why), and the model
     # settings this run takes differently from the source's (`changed_settings`).
-    skipped: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:

@@ -183,7 +183,7 @@ class Trainer:
         self.step_fn = build_train_step(cfg, self.layout, self.device,
                                         load_model_state(init.folder) if init is not None else None)
         if init is not None:
-            messages += [f"--init-from {init_from}: {line}" for line in init.skipped]
+            messages += [f"--init-from {init_from}: {line}" for line in init.notes]
             messages.append(f"starting at step 0 from the weights of {init.folder}")
         self.engine = self.step_fn.engine
         self.n_params, self.n_matmul_params = self.step_fn.n_params, self.step_fn.n_matmul_params

@@ -73,12 +73,12 @@ def test_flags_that_do_not_go_together(hf_run, hf_dataset, capsys, tmp_path):
 
 
 def test_free_model_settings_that_differ_from_the_source_are_named(hf_run):
-    # The source has rope_theta 5000 and no RoPE scaling (hf_models.KINDS["llama"]); the lines of `skipped`
+    # The source has rope_theta 5000 and no RoPE scaling (hf_models.KINDS["llama"]); the lines of `notes`
     # are what lh-train prints as "--init-from <source>: <line>" before step 0.
     same = open_init_source(str(hf_run[1]), load_config(hf_run[1] / "config.yaml", ["model.init_std=0.01"]))
-    assert same.skipped == []  # init_std is not named: the weights replace the initialization
+    assert same.notes == []  # init_std is not named: the weights replace the initialization
     cfg = load_config(hf_run[1] / "config.yaml", ["model.rope_theta=10000", "model.rope_scaling.type=linear",
                                                     "model.rope_scaling.factor=2.0"])
-    lines = open_init_source(str(hf_run[1]), cfg).skipped
+    lines = open_init_source(str(hf_run[1]), cfg).notes
     assert lines == ["model settings differ from the source's (source -> this run): model.rope_scaling.factor "
                      "0.0 -> 2.0, model.rope_scaling.type 'none' -> 'linear', model.rope_theta 5000.0 -> 10000.0"]
