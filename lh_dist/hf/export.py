@@ -186,6 +186,10 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
     return "\n".join(lines) + "\n"
 
 
+# Weight files of a model folder (Hugging Face, PyTorch, GGUF).
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.gguf")
+
+
 def _check_out(out: Path) -> None:
     """ValueError, before any work, unless `out` is a folder or can be created as one."""
     existing = out
@@ -195,6 +199,12 @@ def _check_out(out: Path) -> None:
         raise ValueError(f"--out {out} is a file; lh-export writes a folder (created if missing)")
     if not existing.is_dir():
         raise ValueError(f"--out {out} cannot be created: {existing} is a file")
+    # An earlier export (it holds lh_dist_config.yaml) is replaced; any other model's weights are not, so
+    # that the folder an import came from, or another model, is never overwritten by mistake.
+    weights = sorted(p.name for pattern in WEIGHT_FILES for p in out.glob(pattern)) if out.is_dir() else []
+    if weights and not (out / "lh_dist_config.yaml").is_file():
+        raise ValueError(f"--out {out} holds a model that lh-export did not write ({', '.join(weights[:3])}"
+                         f"{', ...' if len(weights) > 3 else ''}): choose a new or empty folder")
 
 
 def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str | None = None) -> Path:

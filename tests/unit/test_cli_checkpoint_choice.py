@@ -72,6 +72,24 @@ def test_export_to_a_file_is_one_line(run_dir, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_export_replaces_an_earlier_export_and_no_other_model(run_dir, tmp_path, capsys):
+    from lh_dist.hf.export import main
+
+    run, _ = run_dir
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 0
+    assert main([str(run), "--out", str(tmp_path / "hf")]) == 0  # an export over an export
+    other = tmp_path / "model"
+    other.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+        (other / name).write_text("x")
+    capsys.readouterr()
+    assert main([str(run), "--out", str(other)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"lh-export: error: --out {other} holds a model that lh-export did not write "
+        f"(model-00001-of-00002.safetensors, model-00002-of-00002.safetensors): choose a new or empty folder")
+    assert sorted(p.read_text() for p in other.iterdir()) == ["x"] * 3  # untouched
+
+
 def test_eval_says_which_checkpoint_and_which_default_lengths_it_passed_over(run_dir, tmp_path, capsys):
     from lh_dist.data.tokenizer import load_tokenizer
     from lh_dist.eval.cli import main
@@ -94,4 +112,4 @@ def test_init_from_keeps_the_lines_for_the_trainer_to_print(run_dir):
 
     run, skipped = run_dir
     source = open_init_source(str(run), load_config(run / "config.yaml"))
-    assert source.folder == run / "checkpoints" / "step_00000005" and source.skipped == [skipped]
+    assert source.folder == run / "checkpoints" / "step_00000005" and source.notes == [skipped]
