@@ -179,6 +179,11 @@ def resolve_checkpoint(path: str | Path, skipped: list[str] | None = None) -> Pa
     passed: list[Found] = []
     newest = newest_valid(path / "checkpoints", passed, partial=False)
     if newest is None:
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if (path / "config.json").is_file() and not (path / "checkpoints").exists():
+            raise FileNotFoundError(f"{path} is a Hugging Face model folder, not a checkpoint: lh-import it into a "
+                                    f"run directory first")
         detail = f" ({'; '.join(map(skip_line, passed))})" if passed else ""
         raise FileNotFoundError(f"{path} is neither a checkpoint folder (step_XXXXXXXX) nor a run directory "
                                 f"with a complete checkpoint under checkpoints/{detail}")

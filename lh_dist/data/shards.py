@@ -239,7 +239,7 @@ def _prepare_output(out: Path, overwrite: bool) -> bool:
         raise NotADirectoryError(f"output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"output {out} is not empty; pass overwrite=True (--overwrite) to replace it")
+            raise FileExistsError(f"output {out} is not empty; pass --overwrite to replace it")
         _remove_dataset(out)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)

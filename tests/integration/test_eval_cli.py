@@ -206,7 +206,7 @@ def test_context_parallel_matches_one_device(tiny_run):
     (["loss", "RUN", "--buckets", "0"], "--buckets must be a positive integer"),
     (["loss", "RUN", "--buckets", "300"], "num_buckets must be in [1, seq_len=256]"),
     (["loss", "RUN", "model.dim=-1"], "model.dim must be a positive integer"),
-    (["loss", "NOWHERE"], "is neither a checkpoint folder"),
+    (["loss", "NOWHERE"], "missing does not exist"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(tiny_run, tmp_path, capsys, args, message):
     args = [str(tiny_run) if a == "RUN" else str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]

@@ -69,7 +69,14 @@ def test_flags_that_do_not_go_together(hf_run, hf_dataset, capsys, tmp_path):
     missing = tmp_path / "missing"
     assert lh_train(["--config", str(hf_run[1] / "config.yaml"), "--init-from", str(missing),
                      f"data.path={hf_dataset}", f"logging.run_dir={tmp_path / 'new'}", "data.seq_len=128"]) == 2
-    assert f"--init-from {missing}: {missing} is neither a checkpoint folder" in capsys.readouterr().err
+    assert f"--init-from {missing}: {missing} does not exist" in capsys.readouterr().err
+    # The Hugging Face folder itself, rather than its import.
+    with pytest.raises(ConfigError, match=f"--init-from {hf_run[0]}: {hf_run[0]} is a Hugging Face model folder, "
+                                          f"not a checkpoint: lh-import it"):
+        open_init_source(str(hf_run[0]), load_config(hf_run[1] / "config.yaml"))
+    # An empty folder is no run directory.
+    with pytest.raises(ConfigError, match="is neither a checkpoint folder"):
+        open_init_source(str(tmp_path), load_config(hf_run[1] / "config.yaml"))
 
 
 def test_free_model_settings_that_differ_from_the_source_are_named(hf_run):
