@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -437,7 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         {"passkey": run_passkey, "loss": run_loss, "retrieval": run_retrieval}[args.command](args)
     except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"lh-eval {args.command}: error: {e}", file=sys.stderr)
+        # Under torchrun every rank of the CP group fails the same way; one line is enough.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lh-eval {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0
 
