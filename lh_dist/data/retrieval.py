@@ -402,7 +402,11 @@ def dataset_generator(data: str | Path, split: str = "val", filler: str | Path |
         raise ValueError(f"{data}: {e}") from None
     filler = filler or info["retrieval"]["filler"]
     recorded = info["retrieval"].get("filler_content_sha256")
-    found = read_dataset_info(str(filler)).get("content_sha256")
+    try:
+        found = read_dataset_info(str(filler)).get("content_sha256")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the filler corpus of {data}, {filler}, is not there: moved? pass its place "
+                                f"(--filler)") from None
     if recorded and found != recorded:
         raise ValueError(f"filler {filler} is not the one {data} was built from (content_sha256 {found}, "
                          f"recorded {recorded})")

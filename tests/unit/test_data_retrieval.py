@@ -164,6 +164,13 @@ def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
         assert np.array_equal(loader.packed_sample(i), np.append(generator.document(i).tokens, 256))
     loader.close()
     generator.close()
+    # The filler moved away: reading the set names it and the option that gives its new place.
+    info["retrieval"]["filler"] = str(tmp_path / "moved")
+    (out / "lh_data.json").write_text(json.dumps(info))
+    with pytest.raises(FileNotFoundError, match=r"the filler corpus of .*, .*moved, is not there: moved\? pass "
+                                                r"its place \(--filler\)"):
+        dataset_generator(out, "val")
+    dataset_generator(out, "val", filler).close()
 
 
 @pytest.mark.parametrize("options, message", [
