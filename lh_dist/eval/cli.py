@@ -98,8 +98,9 @@ def _parser() -> argparse.ArgumentParser:
                               + ",".join(map(str, DEFAULT_DEPTHS)) + ")")
     passkey.add_argument("--seed", type=int, default=0, help="filler seed")
     passkey.add_argument("--batch-size", type=int, default=1, help="prompts per forward pass")
-    passkey.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json (default: the one recorded in "
-                                                           "the training dataset's lh_data.json)")
+    passkey.add_argument("--tokenizer", default=None, help="'byte' or a tokenizer.json, which must be the model's "
+                                                           "(default: the model's own: an imported model's hf/ folder, "
+                                                           "else the one the training dataset's lh_data.json records)")
 
     loss = commands.add_parser(
         "loss", parents=[common], formatter_class=_HelpFormatter, help="validation loss by position bucket",
