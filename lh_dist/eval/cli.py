@@ -241,7 +241,7 @@ def output_path(argv: list[str]) -> Path:
 
     args = parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)
-    return _json_path(args, folder, checkpoint_config(folder, [*args.overrides, f"parallel.cp_degree={args.cp}"]))
+    return _json_path(args, folder, checkpoint_config(folder, [*args.overrides, "parallel.cp_degree=1"]))  # as the runner
 
 
 def _header(runner) -> dict:

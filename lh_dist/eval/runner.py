@@ -64,8 +64,10 @@ class ModelRunner:
         self.skipped: list[str] = []  # for a run directory: its newer checkpoints passed over, and why
         self.folder = resolve_checkpoint(checkpoint, self.skipped)
         check_eval_world(cp_degree)
-        # The config is validated as evaluated: on cp_degree ranks, whatever the training run's layout.
-        cfg = checkpoint_config(self.folder, [*overrides, f"parallel.cp_degree={cp_degree}"])
+        # Loaded as for one rank, whatever the training run's layout: the weakest of the layout's rules
+        # (a Lighthouse tiling that fits some CP degree fits one rank). What this evaluation needs of the
+        # layout is checked by check_length, for the phase it evaluates in.
+        cfg = checkpoint_config(self.folder, [*overrides, "parallel.cp_degree=1"])
         # Evaluation needs neither recomputation nor compilation.
         self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, cp_degree=cp_degree, activation_checkpointing="none", compile=False))
