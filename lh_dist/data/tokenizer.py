@@ -98,6 +98,20 @@ class HFTokenizer:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
+def recorded_identity(info: dict) -> dict:
+    """The tokenizer identity a dataset's lh_data.json (`info`) records; only its vocabulary size for data
+    written before lh-data recorded the tokenizer's hash."""
+    return info.get("tokenizer_identity") or {"vocab_size": info["vocab_size"]}
+
+
+def identity_differences(identity: dict, reference: dict) -> list[str]:
+    """"key value vs value" for the tokenizer.json hash and the vocabulary size, where both identities
+    record them and they differ: empty when the ids mean the same. Which token ends a document is the
+    data's choice (lh-data --eod-token), so it is not compared."""
+    return [f"{k} {str(identity[k])[:12]} vs {str(reference[k])[:12]}" for k in ("sha256", "vocab_size")
+            if k in identity and k in reference and identity[k] != reference[k]]
+
+
 def load_tokenizer(spec: str = "byte", eod_token: str | None = None) -> ByteTokenizer | HFTokenizer:
     """`"byte"` gives the byte-level tokenizer; anything else is a path to a `tokenizer.json`, or to a
     Hugging Face folder holding one (its tokenizer_config.json then names the end-of-document token)."""

@@ -40,7 +40,7 @@ from pathlib import Path
 from lh_dist.config import ConfigError
 from lh_dist.eval.outputs import (DEFAULT_DEPTHS, DEFAULT_LOSS, DEFAULT_RETRIEVAL, loss_name, passkey_name,
                                   retrieval_name, update_index, write_json)
-from lh_dist.eval.tokenizer_check import check_tokenizer, dataset_identity, model_tokenizer
+from lh_dist.eval.tokenizer_check import check_tokenizer, model_tokenizer
 from lh_dist.parallel.device import DEVICES
 
 SPACINGS = ("linear", "log")
@@ -149,23 +149,24 @@ def _add_retrieval_parser(commands, common) -> None:
     retrieval.add_argument("--batch-size", type=int, default=1, help="documents per forward pass")
 
 
-def _tokenizer_spec(args, cfg, folder: Path) -> tuple[str, bool]:
-    """(tokenizer spec, whether it differs from the model's own: --tokenizer, else the model's)."""
-    recorded, _ = model_tokenizer(folder, cfg)
+def _tokenizer_spec(args, cfg, folder: Path) -> tuple[str, bool, dict | None]:
+    """(the prompts' tokenizer spec: --tokenizer, else the model's own; whether it differs from the model's;
+    the model's tokenizer identity, None where unknown)."""
+    recorded, identity = model_tokenizer(folder, cfg)
     if recorded is None and not args.tokenizer:
         raise ValueError(f"the training data {cfg.data.primary_path} of {folder} is gone and with it the record of "
                          f"the model's tokenizer: pass --tokenizer")
-    return args.tokenizer or recorded, bool(args.tokenizer) and args.tokenizer != recorded
+    return args.tokenizer or recorded, bool(args.tokenizer) and args.tokenizer != recorded, identity
 
 
 def _tokenizer(args, cfg, folder: Path):
     """The prompts' tokenizer; ValueError if --tokenizer names another than the model's."""
     from lh_dist.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(_tokenizer_spec(args, cfg, folder)[0])
+    spec, _, model = _tokenizer_spec(args, cfg, folder)
+    tokenizer = load_tokenizer(spec)
     if args.tokenizer:
-        check_tokenizer(f"--tokenizer {args.tokenizer}", tokenizer.identity(), model_tokenizer(folder, cfg)[1],
-                        cfg.model.vocab_size)
+        check_tokenizer(f"--tokenizer {args.tokenizer}", tokenizer.identity(), model, cfg.model.vocab_size)
     return tokenizer
 
 
@@ -223,7 +224,7 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
                               data, args.filler)
     elif args.command == "passkey":
         lengths = lengths or _passkey_lengths(args, cfg, _tokenizer(args, cfg, folder))
-        spec, differs = _tokenizer_spec(args, cfg, folder)
+        spec, differs, _ = _tokenizer_spec(args, cfg, folder)
         name = passkey_name(lengths, args.depths, args.seed, args.overrides, spec if differs else None)
     else:
         seq_len = args.seq_len if args.seq_len != cfg.data.seq_len else None
@@ -237,11 +238,12 @@ def _json_path(args, folder: Path, cfg, lengths: list[int] | None = None) -> Pat
 def output_path(argv: list[str]) -> Path:
     """The JSON file that `lh-eval <argv>` writes (its PNG has the same stem). Reads the checkpoint's
     config (and, for default passkey lengths, the dataset's tokenizer); evaluates nothing."""
-    from lh_dist.checkpoint.format import checkpoint_config, resolve_checkpoint
+    from lh_dist.checkpoint.format import resolve_checkpoint
+    from lh_dist.eval.runner import eval_config
 
     args = parse_args(argv)
     folder = resolve_checkpoint(args.checkpoint)
-    return _json_path(args, folder, checkpoint_config(folder, [*args.overrides, "parallel.cp_degree=1"]))  # as the runner
+    return _json_path(args, folder, eval_config(folder, args.overrides))
 
 
 def _header(runner) -> dict:
@@ -287,6 +289,12 @@ def _warn_untrained_lengths(runner, lengths: list[int], name: str) -> None:
               file=sys.stderr)
 
 
+def _check_data_tokenizer(args, runner, data: str, identity: dict) -> None:
+    """ValueError unless the evaluation data (--data, else the training data) uses the model's tokenizer."""
+    check_tokenizer(f"--data {data}" if args.data else f"data.path {data}", identity,
+                    model_tokenizer(runner.folder, runner.cfg)[1], runner.cfg.model.vocab_size)
+
+
 def _check_positive(args, *names: str) -> None:
     for name in names:
         if getattr(args, name) < 1:
@@ -328,6 +336,7 @@ def run_passkey(args) -> Path | None:
 def run_loss(args) -> Path | None:
     """`lh-eval loss`: the JSON written (and its PNG beside it), on the main rank; None on the others."""
     from lh_dist.data.loader import PackedLoader, read_dataset_info
+    from lh_dist.data.tokenizer import recorded_identity
     from lh_dist.eval.plotting import position_loss_plot
     from lh_dist.eval.position_loss import bucket_edges, evaluate_position_loss
 
@@ -349,8 +358,7 @@ def run_loss(args) -> Path | None:
               f"spacing leaves buckets of under one position, which are merged", file=sys.stderr)
     data = args.data or runner.cfg.data.primary_path
     info = read_dataset_info(data)
-    check_tokenizer(f"--data {data}" if args.data else f"data.path {data}", dataset_identity(info),
-                    model_tokenizer(runner.folder, runner.cfg)[1], runner.cfg.model.vocab_size)
+    _check_data_tokenizer(args, runner, data, recorded_identity(info))
     if args.bits_per_byte and info.get("tokenizer", "byte") != "byte":
         raise ValueError(f"--bits-per-byte needs the byte-level tokenizer; {data} uses {info['tokenizer']}")
     # A byte-level target is one byte, except the end-of-document token.
@@ -395,8 +403,7 @@ def run_retrieval(args) -> Path | None:
     for line in notes if runner.is_main else []:
         print(f"lh-eval retrieval: {line}", file=sys.stderr)
     generator = dataset_generator(data, "val", args.filler)
-    check_tokenizer(f"--data {data}" if args.data else f"data.path {data}", generator.tokenizer.identity(),
-                    model_tokenizer(runner.folder, runner.cfg)[1], runner.cfg.model.vocab_size)
+    _check_data_tokenizer(args, runner, data, generator.tokenizer.identity())
     for n in lengths:
         runner.check_length(n, "--lengths")
         generator.check_length(n)

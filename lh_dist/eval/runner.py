@@ -22,10 +22,17 @@ import torch.distributed as dist
 
 from lh_dist.assembly.model import PHASES, build_model, set_phase
 from lh_dist.checkpoint.format import STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint, trainer_state
-from lh_dist.config import validate_lighthouse_shape
+from lh_dist.config import TrainConfig, validate_lighthouse_shape
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
+
+
+def eval_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
+    """The config of checkpoint `folder` with `overrides`, loaded as for one rank whatever the training
+    run's layout: the weakest of the layout's rules (a Lighthouse tiling that fits some CP degree fits one
+    rank). What an evaluation needs of its own layout, `ModelRunner.check_length` checks for its phase."""
+    return checkpoint_config(folder, [*overrides, "parallel.cp_degree=1"])
 
 
 def check_eval_world(cp_degree: int) -> None:
@@ -64,10 +71,7 @@ class ModelRunner:
         self.skipped: list[str] = []  # for a run directory: its newer checkpoints passed over, and why
         self.folder = resolve_checkpoint(checkpoint, self.skipped)
         check_eval_world(cp_degree)
-        # Loaded as for one rank, whatever the training run's layout: the weakest of the layout's rules
-        # (a Lighthouse tiling that fits some CP degree fits one rank). What this evaluation needs of the
-        # layout is checked by check_length, for the phase it evaluates in.
-        cfg = checkpoint_config(self.folder, [*overrides, "parallel.cp_degree=1"])
+        cfg = eval_config(self.folder, overrides)
         # Evaluation needs neither recomputation nor compilation.
         self.cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(
             cfg.parallel, cp_degree=cp_degree, activation_checkpointing="none", compile=False))

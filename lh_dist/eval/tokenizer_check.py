@@ -11,13 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lh_dist.data.loader import read_dataset_info
+from lh_dist.data.tokenizer import identity_differences, recorded_identity
 from lh_dist.hf.mapping import HF_DIR, read_origin
-
-
-def dataset_identity(info: dict) -> dict:
-    """The tokenizer identity a dataset's lh_data.json records; only its vocabulary size for data
-    written before lh-data recorded the tokenizer's hash."""
-    return info.get("tokenizer_identity") or {"vocab_size": info["vocab_size"]}
 
 
 def model_tokenizer(folder: Path, cfg) -> tuple[str | None, dict | None]:
@@ -31,21 +26,19 @@ def model_tokenizer(folder: Path, cfg) -> tuple[str | None, dict | None]:
         info = read_dataset_info(cfg.data.primary_path)
     except (FileNotFoundError, ValueError):
         return None, None
-    return info.get("tokenizer", "byte"), dataset_identity(info)
+    return info.get("tokenizer", "byte"), recorded_identity(info)
 
 
 def check_tokenizer(what: str, identity: dict, model: dict | None, vocab_size: int) -> None:
     """ValueError (one line naming `what`) if a tokenizer's `identity` is not the model's: a vocabulary
     larger than the model's embedding (`vocab_size` rows), or, where the model's identity is known,
-    another tokenizer.json hash or vocabulary size. Which token ends a document is the data's choice
-    (lh-data --eod-token), so it is not compared."""
+    another tokenizer.json hash or vocabulary size (`identity_differences`)."""
     if identity["vocab_size"] > vocab_size:
         raise ValueError(f"{what} has a vocabulary of {identity['vocab_size']:,} tokens, more than the model's "
                          f"embedding of {vocab_size:,} rows: it was tokenized for another model")
     if model is None:
         return
-    differ = [f"{k} {str(identity[k])[:12]} vs {str(model[k])[:12]}" for k in ("sha256", "vocab_size")
-              if k in identity and k in model and identity[k] != model[k]]
+    differ = identity_differences(identity, model)
     if differ:
         raise ValueError(f"{what} uses another tokenizer than the model ({', '.join(differ)}): token ids of "
                          f"another tokenizer mean nothing to it")

@@ -19,6 +19,7 @@ from pathlib import Path
 from lh_dist.checkpoint.format import flat_config, read_manifest, resolve_checkpoint
 from lh_dist.checkpoint.run_dir import RunDirError
 from lh_dist.config import ConfigError, TrainConfig
+from lh_dist.data.tokenizer import identity_differences, recorded_identity
 from lh_dist.hf.mapping import HF_DIR, read_origin
 
 # Model fields a run started from another run's weights may set for itself (prefixes of flat names).
@@ -84,10 +85,7 @@ def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_
     model's eos), so it is not compared."""
     if origin is None:
         return
-    model = origin["tokenizer"]
-    data = info.get("tokenizer_identity") or {"vocab_size": info["vocab_size"]}
-    differ = [f"{k} {str(data[k])[:12]} vs {str(model[k])[:12]}" for k in ("sha256", "vocab_size")
-              if k in data and data[k] != model.get(k)]
+    differ = identity_differences(recorded_identity(info), origin["tokenizer"])
     if differ:
         raise ConfigError(f"{label or f'data.path: {cfg.data.path}'} was tokenized with another tokenizer than the "
                           f"model's ({', '.join(differ)}; the model's is in {run_dir / HF_DIR}): tokenize it with "

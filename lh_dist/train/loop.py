@@ -76,6 +76,7 @@ def check_split_sizes(cfg: TrainConfig, info: dict, dp: int, key: str = "data.pa
     batches of validation, on every DP rank."""
     sample = cfg.data.seq_len + 1
     per_batch = cfg.data.micro_batch * dp
+    larger_val = "retrieval --val-docs" if "retrieval" in info else "--val-tokens"  # a retrieval set counts documents
     for split, batches in (("train", 1), ("val", cfg.logging.eval_batches)):
         counts = info["splits"][split]
         samples = (counts["tokens"] + counts["documents"]) // sample  # each document ends with one EOD token
@@ -84,8 +85,8 @@ def check_split_sizes(cfg: TrainConfig, info: dict, dp: int, key: str = "data.pa
                 f"{key}: split {split!r} of {path or cfg.data.path} holds {counts['tokens']:,} tokens, "
                 f"{samples} samples of data.seq_len + 1 = {sample:,}; the run needs {batches * per_batch} "
                 f"({batches} batch(es) x micro_batch {cfg.data.micro_batch} x dp {dp})"
-                + (f"; rebuild it with a larger lh-data {'retrieval --val-docs' if 'retrieval' in info else '--val-tokens'} "
-                   f"or lower logging.eval_batches" if split == "val" else ""))
+                + (f"; rebuild it with a larger lh-data {larger_val} or lower logging.eval_batches"
+                   if split == "val" else ""))
 
 
 def retrieval_length_warning(cfg: TrainConfig, info: dict, key: str, path: str) -> str | None:
@@ -139,7 +140,6 @@ class Trainer:
             if source.info["vocab_size"] > cfg.model.vocab_size:
                 raise ConfigError(f"model.vocab_size must be >= the data's vocabulary ({source.info['vocab_size']} in "
                                   f"{source.path}), got {cfg.model.vocab_size}")
-        for source in self.sources:
             warning = retrieval_length_warning(cfg, source.info, source.key, source.path)
             if warning and os.environ.get("RANK", "0") == "0":
                 print(f"lh-train: {warning}", file=sys.stderr)
