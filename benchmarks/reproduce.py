@@ -622,6 +622,8 @@ def run_metrics(run: dict, last: int = 3) -> dict[str, float]:
     r = run["retrieval_eval"]
     if r:
         m["retrieval/mean"] = r["mean"]
+        if "token_accuracy" in r:  # results of lh_dist before value tokens were counted lack it
+            m["retrieval/value tokens right"] = r["token_accuracy"]
         for e in r["by_length"]:
             if e["queries"]:
                 m[f"retrieval/length {e['length']}"] = e["accuracy"]

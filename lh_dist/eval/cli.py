@@ -423,7 +423,8 @@ def run_retrieval(args) -> Path | None:
     retrieval_heatmap(grid["accuracy"], grid["queries"], grid["depth_edges"], lengths, grid["mean"],
                       path.with_suffix(".png"), title=_title(runner))
     print(f"retrieval mean accuracy {grid['mean']:.3f} +- {grid['mean_stderr']:.3f} over {grid['num_queries']} "
-          f"queries (chance of guessing a value {grid['chance']:.0e}); wrote {path} and .png")
+          f"queries (chance of guessing a value {grid['chance']:.0e}; value tokens right "
+          f"{grid['token_accuracy']:.3f}); wrote {path} and .png")
     return path
 
 

@@ -7,7 +7,9 @@ predict them, equals the value. Accuracy is reported by (depth of the key's stat
 fraction of the document, in equal bins; context length), by distance from statement to
 query (octaves), and overall, each with its binomial standard error sqrt(p (1 - p) / n) over
 the queries it counts. A model that guesses a value without reading it is right with
-probability 10^-digits; one that copies some stated value, 1 / keys.
+probability 10^-digits; one that copies some stated value, 1 / keys. Beside it, the share of
+value tokens predicted right (by length, by distance and overall) shows partial reading, where
+whole values are still missed: a model that only knows a value is digits gets about 1/10.
 """
 
 from __future__ import annotations
@@ -29,15 +31,16 @@ def default_lengths(seq_len: int, min_length: int, multiple: int = 2) -> list[in
 
 
 def score_documents(argmax_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    documents: Sequence[RetrievalDocument]) -> list[list[bool]]:
-    """Whether each query of each document is answered right, in one forward pass of documents of
-    one length. argmax_fn maps tokens [B, N] and positions [P] to next-token argmaxes [B, P]."""
+                    documents: Sequence[RetrievalDocument]) -> list[list[tuple[bool, ...]]]:
+    """Whether each value token of each query of each document is predicted right, in one forward
+    pass of documents of one length. argmax_fn maps tokens [B, N] and positions [P] to next-token
+    argmaxes [B, P]."""
     tokens = torch.from_numpy(np.stack([d.tokens for d in documents]))  # [B, N]
     # Position p predicts token p + 1: the answer's tokens are predicted from the one before each.
     wanted = sorted({q.answer_start + i - 1 for d in documents for q in d.queries for i in range(len(q.answer))})
     column = {p: j for j, p in enumerate(wanted)}
     predicted = argmax_fn(tokens, torch.tensor(wanted, dtype=torch.long))  # [B, P]
-    return [[all(int(predicted[b, column[q.answer_start + i - 1]]) == t for i, t in enumerate(q.answer))
+    return [[tuple(int(predicted[b, column[q.answer_start + i - 1]]) == t for i, t in enumerate(q.answer))
              for q in d.queries] for b, d in enumerate(documents)]
 
 
@@ -67,42 +70,53 @@ def retrieval_grid(argmax_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
     Returns {"depth_edges": [bins + 1] fractions, "accuracy", "stderr": [bins][lengths] (None in
     empty cells), "queries": [bins][lengths] counts, "by_length": [{length, accuracy, stderr,
-    queries}], "by_distance": [{start, end (exclusive), accuracy, stderr, queries}], "mean",
-    "mean_stderr", "num_queries", "chance" (of guessing a value)}.
+    queries, token_accuracy}], "by_distance": [{start, end (exclusive), accuracy, stderr, queries,
+    token_accuracy}], "mean", "mean_stderr", "num_queries", "token_accuracy" (share of value tokens
+    predicted right), "chance" (of guessing a value)}.
     """
     if num_docs < 1 or depth_bins < 1 or batch_size < 1:
         raise ValueError(f"num_docs, depth_bins and batch_size must be positive integers, got "
                          f"{num_docs}, {depth_bins}, {batch_size}")
-    records = []  # (length index, depth, distance, correct) per query
+    records = []  # (length index, depth, distance, correct, share of value tokens right) per query
     start = time.monotonic()
     if log is not None:
         log(f"retrieval: {num_docs} documents x {len(lengths)} lengths, {generator.settings.queries} queries "
             f"each, {num_docs * sum(lengths):,} tokens")
     for j, length in enumerate(lengths):
-        correct_here = []
+        correct_here, share_here = [], []
         for first in range(0, num_docs, batch_size):
             documents = [generator.document(i, length) for i in range(first, min(first + batch_size, num_docs))]
-            for document, correct in zip(documents, score_documents(argmax_fn, documents)):
-                for query, ok in zip(document.queries, correct):
-                    records.append((j, query.statement_start / length, query.distance, ok))
-                correct_here += correct
+            for document, tokens_right in zip(documents, score_documents(argmax_fn, documents)):
+                for query, right in zip(document.queries, tokens_right):
+                    records.append((j, query.statement_start / length, query.distance, all(right),
+                                    sum(right) / len(right)))
+                    correct_here.append(all(right))
+                    share_here.append(sum(right) / len(right))
         if log is not None:
-            log(f"retrieval length {length:,}: accuracy {np.mean(correct_here):.3f} over {len(correct_here)} "
-                f"queries, {time.monotonic() - start:.0f}s so far")
+            log(f"retrieval length {length:,}: accuracy {np.mean(correct_here):.3f} (value tokens "
+                f"{np.mean(share_here):.3f}) over {len(correct_here)} queries, {time.monotonic() - start:.0f}s so far")
 
-    length_index, depth, distance, correct = (np.array(column) for column in zip(*records))
+    length_index, depth, distance, correct, token_share = (np.array(column) for column in zip(*records))
+
+    def token_accuracy(mask: np.ndarray) -> float:
+        """Share of value tokens right over the queries of `mask` (their values are equally long)."""
+        return float(token_share[mask].mean()) if mask.any() else math.nan
+
     edges = np.linspace(0.0, 1.0, depth_bins + 1)
     depth_bin = np.minimum(np.searchsorted(edges, depth, side="right") - 1, depth_bins - 1)
     cells = [[_accuracy(correct[(depth_bin == i) & (length_index == j)]) for j in range(len(lengths))]
              for i in range(depth_bins)]
-    by_length = [dict(zip(("accuracy", "stderr", "queries"), _accuracy(correct[length_index == j])), length=n)
-                 for j, n in enumerate(lengths)]
+    by_length = [dict(zip(("accuracy", "stderr", "queries"), _accuracy(correct[length_index == j])), length=n,
+                      token_accuracy=token_accuracy(length_index == j)) for j, n in enumerate(lengths)]
     d_edges = distance_edges(max(lengths), int(distance.min()))
-    by_distance = [dict(zip(("accuracy", "stderr", "queries"), _accuracy(correct[(distance >= lo) & (distance < hi)])),
-                        start=lo, end=hi) for lo, hi in zip(d_edges, d_edges[1:])]
+    octaves = list(zip(d_edges, d_edges[1:]))
+    in_octave = [(distance >= lo) & (distance < hi) for lo, hi in octaves]
+    by_distance = [dict(zip(("accuracy", "stderr", "queries"), _accuracy(correct[mask])), start=lo, end=hi,
+                        token_accuracy=token_accuracy(mask)) for (lo, hi), mask in zip(octaves, in_octave)]
     mean, mean_stderr, total = _accuracy(correct)
     return {"depth_edges": edges.tolist(),
             "accuracy": [[c[0] for c in row] for row in cells], "stderr": [[c[1] for c in row] for row in cells],
             "queries": [[c[2] for c in row] for row in cells], "by_length": by_length, "by_distance": by_distance,
             "mean": mean, "mean_stderr": mean_stderr, "num_queries": total,
+            "token_accuracy": token_accuracy(np.ones(total, dtype=bool)),
             "chance": 10.0 ** -generator.settings.value_digits}

@@ -54,6 +54,7 @@ def test_a_model_that_reads_the_statement_scores_one(generator):
     assert queries.shape == (4, 2) and queries.sum(axis=0).tolist() == [20, 20]
     assert all(a == 1.0 if n else math.isnan(a) for a, n in zip(np.ravel(grid["accuracy"]), queries.ravel()))
     assert [r["accuracy"] for r in grid["by_length"]] == [1.0, 1.0]
+    assert grid["token_accuracy"] == 1.0 and [r["token_accuracy"] for r in grid["by_length"]] == [1.0, 1.0]
     assert sum(r["queries"] for r in grid["by_distance"]) == 40
     assert grid["depth_edges"] == [0.0, 0.25, 0.5, 0.75, 1.0] and grid["chance"] == pytest.approx(0.01)
 
@@ -69,6 +70,18 @@ def test_a_constant_model_scores_chance(stdlib_dataset):
     assert grid["mean"] == pytest.approx(values.count("7") / 320, abs=1e-12)
     assert abs(grid["mean"] - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 320)
     assert grid["mean_stderr"] == pytest.approx(math.sqrt(grid["mean"] * (1 - grid["mean"]) / 320))
+
+
+def test_value_tokens_right_count_the_digits_a_constant_model_hits(stdlib_dataset):
+    # Two-digit values: a query is right only when both digits are 7, but every 7 counts as a value token right.
+    settings = RetrievalSettings(doc_tokens=1024, keys=8, queries=8, min_gap=16, value_digits=2, seed=2)
+    generator = RetrievalGenerator(settings, stdlib_dataset, "val")
+    grid = retrieval_grid(constant("7"), generator, [1024], num_docs=20, batch_size=4, log=None)
+    values = [q.value for i in range(20) for q in generator.document(i, 1024).queries]
+    generator.close()
+    assert grid["mean"] == pytest.approx(values.count("77") / len(values), abs=1e-12)
+    assert grid["token_accuracy"] == pytest.approx("".join(values).count("7") / (2 * len(values)), abs=1e-12)
+    assert grid["token_accuracy"] > grid["mean"]
 
 
 def test_a_model_that_sees_256_tokens_fails_beyond_them(generator):
@@ -88,7 +101,7 @@ def test_score_documents_batches_documents_with_different_answer_positions(gener
         positions_seen.append(positions)
         return reader()(tokens, positions)
 
-    assert score_documents(argmax, documents) == [[True] * 4] * 3
+    assert score_documents(argmax, documents) == [[(True, True)] * 4] * 3  # two value tokens per query
     wanted = {q.answer_start + i - 1 for d in documents for q in d.queries for i in range(len(q.answer))}
     assert positions_seen[0].tolist() == sorted(wanted)
 
