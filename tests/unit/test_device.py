@@ -142,7 +142,7 @@ def _no_allocator_setting(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_lh_train_and_lh_eval_set_the_allocator_first(monkeypatch, tmp_path, capsys):
+def test_lh_train_and_lh_eval_set_the_allocator_first(monkeypatch, tmp_path):
     from lh_dist.eval.cli import main as lh_eval
     from lh_dist.train.cli import main as lh_train
 
@@ -158,4 +158,3 @@ def test_lh_train_and_lh_eval_set_the_allocator_first(monkeypatch, tmp_path, cap
     assert lh_eval(["loss", str(tmp_path / "missing")]) == 2
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
     assert "PYTORCH_ALLOC_CONF" not in os.environ
-    capsys.readouterr()
