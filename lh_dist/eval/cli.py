@@ -41,7 +41,7 @@ from lh_dist.config import ConfigError
 from lh_dist.eval.outputs import (DEFAULT_DEPTHS, DEFAULT_LOSS, DEFAULT_RETRIEVAL, loss_name, passkey_name,
                                   retrieval_name, update_index, write_json)
 from lh_dist.eval.tokenizer_check import check_tokenizer, model_tokenizer
-from lh_dist.parallel.device import DEVICES
+from lh_dist.parallel.device import DEVICES, use_expandable_segments
 
 SPACINGS = ("linear", "log")
 
@@ -443,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """`lh-eval`; 0 on success, 2 (one line on stderr) for a bad argument, config or checkpoint."""
+    use_expandable_segments()  # before CUDA starts: long sequences fragment the default allocator
     args = parse_args(argv)
     try:
         {"passkey": run_passkey, "loss": run_loss, "retrieval": run_retrieval}[args.command](args)

@@ -8,17 +8,24 @@ the same one-line error instead of a crash inside NCCL on some of them.
 
 `default_ranks_per_node` is how many ranks a node starts when nobody says (`lh-train
 --ranks-per-node`, which launch/run.sh asks): one per visible GPU, or 2 CPU ranks.
+
+`use_expandable_segments` is the CUDA memory allocator setting that lh-train and lh-eval start with.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 
 import torch
 
 from lh_dist.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
+# Where torch reads its allocator settings: PYTORCH_ALLOC_CONF and the older names it still reads
+# (torch 2.14 prefers PYTORCH_CUDA_ALLOC_CONF when both are set). A user's setting in any of them stands.
+ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+EXPANDABLE_SEGMENTS = "expandable_segments:True"
 # Ranks per node without GPUs: enough for context parallelism (CP 2) on CPU.
 CPU_RANKS = 2
 
@@ -26,6 +33,25 @@ CPU_RANKS = 2
 def _setting(option: str, value: str) -> str:
     """How the user writes `option` = `value`: a command-line flag or a config override."""
     return f"{option} {value}" if option.startswith("-") else f"{option}={value}"
+
+
+def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """Set PYTORCH_ALLOC_CONF=expandable_segments:True in `environ` unless one of ALLOC_CONF_VARS is
+    already set (the user's setting stands); True if it was set here.
+
+    torch reads the variable once, when CUDA starts in the process (the device is set, or the first
+    tensor made), so this must run before that: the command-line tools call it first thing.
+    Why: a long sequence allocates blocks of many GiB whose sizes differ between forward and backward
+    (a block's activations, their gradients, the recomputed block, the attention's workspaces). The
+    default allocator takes each such block from the GPU as a segment of its own and can split a
+    free segment but never join two: at 2,097,152 tokens a step failed to find 6 GiB while 32 GiB
+    were reserved but free, in pieces. Expandable segments grow one segment per stream by mapping
+    more memory at its end, so freed pieces stay joined to their neighbours.
+    """
+    if any(name in environ for name in ALLOC_CONF_VARS):
+        return False
+    environ["PYTORCH_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    return True
 
 
 def choose_device(requested: str, local_rank: int, local_ranks: int, num_gpus: int, *,

@@ -1,4 +1,4 @@
-"""Starting torch.distributed, from torchrun's environment or alone."""
+"""Starting torch.distributed, from torchrun's environment or alone, and ending it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import socket
 
 import torch
+import torch.distributed as dist
 
 
 def free_port() -> int:
@@ -52,3 +53,22 @@ def init_distributed(device: torch.device) -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
     deepspeed.init_distributed(dist_backend=backend_for(device))
+
+
+def close_distributed(clean: bool) -> None:
+    """End torch.distributed in this process, if it was started.
+
+    clean: every rank reached the same ending (training finished, or stopped on a signal that the
+    ranks agreed on). Then the process groups are destroyed, as torch asks of a normal exit (NCCL
+    otherwise warns that destroy_process_group() was not called); destroying waits for this rank's
+    collectives in flight, which its peers join. After a failure on this rank, the peers may never
+    join one, so nothing may wait: NCCL groups are aborted (what torch does at exit to a group
+    nobody destroyed, without its warning); gloo groups are left to the exit, since aborting one
+    waits for its collectives as destroying does, and gloo does not warn.
+    """
+    if not dist.is_initialized():
+        return
+    if clean:
+        dist.destroy_process_group()
+    elif dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()

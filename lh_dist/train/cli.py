@@ -22,6 +22,7 @@ import sys
 import yaml
 
 from lh_dist.config import ConfigError, TrainConfig, load_config
+from lh_dist.parallel.device import use_expandable_segments
 
 
 def plan_run(cfg: TrainConfig, world_size: int) -> dict:
@@ -88,6 +89,7 @@ def _fail(kind: str, error: Exception) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`lh-train`: the trainer's exit status (0, or 75 after a stop signal), 2 for a user error (one line)."""
+    use_expandable_segments()  # before CUDA starts: long sequences fragment the default allocator
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", metavar="YAML", help="run file, e.g. configs/tiny-cpu.yaml (default: the "
@@ -167,19 +169,25 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("config error", e)
 
     from lh_dist.data.loader import CorruptDataError
+    from lh_dist.parallel.distributed import close_distributed
     from lh_dist.train.loop import Trainer
     from lh_dist.checkpoint.run_dir import RunDirError
 
+    ended_together = False  # every rank returned from the trainer: finished, or stopped on a signal
     try:
         trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite, rewind=args.rewind,
                           init_from=args.init_from, accept_changed_data=args.accept_changed_data)
-        return trainer.run()
+        code = trainer.run()
+        ended_together = True
+        return code
     except ConfigError as e:
         return _fail("config error", e)
     except RunDirError as e:
         return _fail("error", e)
     except CorruptDataError as e:
         return _fail("data error", e)
+    finally:
+        close_distributed(clean=ended_together)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Which device each rank gets: the rule with made-up GPU counts, then the rule where users meet it
 (lh-train, lh-eval). tests/integration/test_device_launch.py meets it in launch/run.sh and
-launch/quickstart.sh."""
+launch/quickstart.sh. Last, the CUDA allocator setting both tools start with."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.config import ConfigError
-from lh_dist.parallel.device import CPU_RANKS, choose_device, default_ranks_per_node, local_device
+from lh_dist.parallel.device import (ALLOC_CONF_VARS, CPU_RANKS, EXPANDABLE_SEGMENTS, choose_device,
+                                     default_ranks_per_node, local_device, use_expandable_segments)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -120,3 +122,39 @@ def test_lh_eval_uses_the_same_rule(monkeypatch, capsys, tmp_path):
     # The device is decided first, before the checkpoint is even looked for.
     assert main(["passkey", str(tmp_path / "missing"), "--cp", "2"]) == 2
     assert "2 ranks on this node but 1 visible GPU" in capsys.readouterr().err
+
+
+def test_expandable_segments_are_set_when_nobody_chose():
+    environ = {"PATH": "/usr/bin"}
+    assert use_expandable_segments(environ)
+    assert environ == {"PATH": "/usr/bin", "PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+
+
+@pytest.mark.parametrize("name", ALLOC_CONF_VARS)
+def test_a_users_allocator_setting_stands(name):
+    environ = {name: "max_split_size_mb:512"}
+    assert not use_expandable_segments(environ)
+    assert environ == {name: "max_split_size_mb:512"}  # not changed, and no second variable beside it
+
+
+def _no_allocator_setting(monkeypatch):
+    for name in ALLOC_CONF_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_lh_train_and_lh_eval_set_the_allocator_first(monkeypatch, tmp_path):
+    from lh_dist.eval.cli import main as lh_eval
+    from lh_dist.train.cli import main as lh_train
+
+    _no_allocator_setting(monkeypatch)
+    assert lh_train(["--config", str(REPO / "configs/tiny-cpu.yaml"), "--print-config"]) == 0
+    assert os.environ["PYTORCH_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
+    _no_allocator_setting(monkeypatch)
+    assert lh_eval(["loss", str(tmp_path / "missing")]) == 2  # set before the checkpoint is looked for
+    assert os.environ["PYTORCH_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
+    _no_allocator_setting(monkeypatch)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert lh_train(["--config", str(REPO / "configs/tiny-cpu.yaml"), "--print-config"]) == 0
+    assert lh_eval(["loss", str(tmp_path / "missing")]) == 2
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    assert "PYTORCH_ALLOC_CONF" not in os.environ

@@ -1,0 +1,34 @@
+"""Ending torch.distributed: destroyed when every rank ended together, aborted (NCCL) or left to the
+exit (gloo) after a failure. One rank of gloo in the test process, joined through an in-memory store."""
+
+import pytest
+import torch.distributed as dist
+
+from lh_dist.parallel.distributed import close_distributed
+
+
+@pytest.fixture
+def world_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.new_group(backend="gloo")  # a second group, as the trainer's stop-signal group
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_clean_ending_destroys_every_group(world_of_one):
+    close_distributed(clean=True)
+    assert not dist.is_initialized()
+    close_distributed(clean=True)  # nothing left to end: no error
+
+
+def test_after_a_failure_gloo_is_left_to_the_exit(world_of_one):
+    close_distributed(clean=False)
+    assert dist.is_initialized()
+
+
+def test_after_a_failure_nccl_is_aborted(world_of_one, monkeypatch):
+    # torch's abort call, made on the gloo group standing in for NCCL: it ends every group without waiting.
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    close_distributed(clean=False)
+    assert not dist.is_initialized()
