@@ -22,9 +22,10 @@ import torch
 from lh_dist.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-# Where torch reads its allocator settings: PYTORCH_ALLOC_CONF and the older names it still reads
-# (torch 2.14 prefers PYTORCH_CUDA_ALLOC_CONF when both are set). A user's setting in any of them stands.
-ALLOC_CONF_VARS = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF")
+# Where torch reads its CUDA allocator settings, first found first: PYTORCH_CUDA_ALLOC_CONF, which every
+# torch version reads, then (on ROCm) PYTORCH_HIP_ALLOC_CONF, then the newer PYTORCH_ALLOC_CONF.
+# A user's setting in any of them stands.
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_HIP_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 EXPANDABLE_SEGMENTS = "expandable_segments:True"
 # Ranks per node without GPUs: enough for context parallelism (CP 2) on CPU.
 CPU_RANKS = 2
@@ -36,7 +37,7 @@ def _setting(option: str, value: str) -> str:
 
 
 def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> bool:
-    """Set PYTORCH_ALLOC_CONF=expandable_segments:True in `environ` unless one of ALLOC_CONF_VARS is
+    """Set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in `environ` unless one of ALLOC_CONF_VARS is
     already set (the user's setting stands); True if it was set here.
 
     torch reads the variable once, when CUDA starts in the process (the device is set, or the first
@@ -50,7 +51,7 @@ def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> b
     """
     if any(name in environ for name in ALLOC_CONF_VARS):
         return False
-    environ["PYTORCH_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
+    environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE_SEGMENTS
     return True
 
 

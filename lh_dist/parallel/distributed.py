@@ -70,5 +70,5 @@ def close_distributed(clean: bool) -> None:
         return
     if clean:
         dist.destroy_process_group()
-    elif dist.get_backend() == "nccl":
-        dist.distributed_c10d._abort_process_group()
+    elif dist.get_backend() == "nccl" and hasattr(dist.distributed_c10d, "_abort_process_group"):
+        dist.distributed_c10d._abort_process_group()  # torch's own teardown at exit; not public API

@@ -127,7 +127,7 @@ def test_lh_eval_uses_the_same_rule(monkeypatch, capsys, tmp_path):
 def test_expandable_segments_are_set_when_nobody_chose():
     environ = {"PATH": "/usr/bin"}
     assert use_expandable_segments(environ)
-    assert environ == {"PATH": "/usr/bin", "PYTORCH_ALLOC_CONF": "expandable_segments:True"}
+    assert environ == {"PATH": "/usr/bin", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
 @pytest.mark.parametrize("name", ALLOC_CONF_VARS)
@@ -148,13 +148,13 @@ def test_lh_train_and_lh_eval_set_the_allocator_first(monkeypatch, tmp_path):
 
     _no_allocator_setting(monkeypatch)
     assert lh_train(["--config", str(REPO / "configs/tiny-cpu.yaml"), "--print-config"]) == 0
-    assert os.environ["PYTORCH_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
     _no_allocator_setting(monkeypatch)
     assert lh_eval(["loss", str(tmp_path / "missing")]) == 2  # set before the checkpoint is looked for
-    assert os.environ["PYTORCH_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == EXPANDABLE_SEGMENTS
     _no_allocator_setting(monkeypatch)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:512")
     assert lh_train(["--config", str(REPO / "configs/tiny-cpu.yaml"), "--print-config"]) == 0
     assert lh_eval(["loss", str(tmp_path / "missing")]) == 2
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
-    assert "PYTORCH_ALLOC_CONF" not in os.environ
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:512"
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
