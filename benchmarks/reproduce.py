@@ -58,6 +58,8 @@ REPORT_V2 = ROOT / "benchmarks" / "results" / "reproduction_v2.md"
 CLOSE = 0.02  # "back within 0.02 nats of dense"
 # The names of a mixture config's two sources.
 CODE, RETRIEVAL = "code", "retrieval"
+# lh-data retrieval's defaults of the settings that its older datasets do not record.
+RETRIEVAL_DEFAULTS = {"query_form": "assert", "queries_per_key": 1}
 
 
 def _log(message: str) -> None:
@@ -136,20 +138,32 @@ def ensure_data(args) -> dict:
 
 def ensure_retrieval(args, filler: Path) -> dict:
     """Build the retrieval set (documents of data.seq_len tokens, `filler` the code corpus) unless it
-    exists; returns its info. One built for another length is refused."""
+    exists; returns its info. One built for another length, or with other --retrieval-* document
+    settings, is refused."""
     path, seq_len = _retrieval_path(args), int(_config(args)["data"]["seq_len"])
     info_file = path / "lh_data.json"
+    wanted = {"keys": args.retrieval_keys, "queries": args.retrieval_queries,
+              "query_form": args.retrieval_query_form, "queries_per_key": args.retrieval_queries_per_key}
     if not info_file.is_file():
         _run([sys.executable, "-m", "lh_dist.data.cli", "retrieval", "--out", str(path), "--overwrite",
               "--filler", str(filler), "--doc-tokens", str(seq_len), "--train-docs", str(args.retrieval_train_docs),
               "--val-docs", str(args.retrieval_val_docs), "--keys", str(args.retrieval_keys),
-              "--queries", str(args.retrieval_queries)])
+              "--queries", str(args.retrieval_queries), "--query-form", args.retrieval_query_form,
+              "--queries-per-key", str(args.retrieval_queries_per_key)])
     else:
         _log(f"data: {path} exists, not rebuilt")
     info = json.loads(info_file.read_text())
-    if info["retrieval"]["doc_tokens"] != seq_len:
-        sys.exit(f"reproduce: {path} holds documents of {info['retrieval']['doc_tokens']} tokens, the config's "
+    recorded = info["retrieval"]
+    if recorded["doc_tokens"] != seq_len:
+        sys.exit(f"reproduce: {path} holds documents of {recorded['doc_tokens']} tokens, the config's "
                  f"data.seq_len is {seq_len}: remove it or pass another --retrieval-data")
+    # A set written before query_form and queries_per_key were recorded has their defaults.
+    built = {name: recorded.get(name, RETRIEVAL_DEFAULTS.get(name)) for name in wanted}
+    if built != wanted:
+        differ = ", ".join(f"{name} {built[name]} (asked {wanted[name]})" for name in wanted
+                           if built[name] != wanted[name])
+        sys.exit(f"reproduce: {path} was built with other settings: {differ}; remove it or pass another "
+                 "--retrieval-data")
     return info
 
 
@@ -843,6 +857,14 @@ def _spread_cell(s: dict | None, spec: str) -> str:
     return f"{s['mean']:{spec}} ± {s['sd']:{spec}} ({s['min']:{spec}}–{s['max']:{spec}})"
 
 
+def _query_options(settings: dict) -> str:
+    """The retrieval set's query form and queries per key in words, empty for the defaults."""
+    form, per_key = (settings.get(k, RETRIEVAL_DEFAULTS[k]) for k in ("query_form", "queries_per_key"))
+    words = ([f"each queried key asked {per_key} times"] if per_key != 1 else []) + (
+        ["queries restating their statements"] if form == "restate" else [])
+    return f" ({', '.join(words)})" if words else ""
+
+
 def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, diffs: dict, notes: str,
                  plots: list[str]) -> str:
     runs = [r for group in arms.values() for r in group]
@@ -869,7 +891,7 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
         lines.append(
             f"Retrieval set (`lh-data retrieval`, filler from the code corpus): {rd['splits']['train']['documents']:,} "
             f"train and {rd['splits']['val']['documents']:,} held-out documents of {st['doc_tokens']:,} tokens, "
-            f"{st['keys']} key/value statements and {st['queries']} queries each; content SHA-256 "
+            f"{st['keys']} key/value statements and {st['queries']} queries each{_query_options(st)}; content SHA-256 "
             f"`{rd['content_sha256']}`. Mixture weight of the retrieval set: {', '.join(f'{w:g}' for w in weights)}.")
     lines += ["", "Runs: " + "; ".join(f"**{a}** seeds {', '.join(str(r['seed']) for r in g)}" for a, g in arms.items())
               + ". The arm is the share of the steps trained with Lighthouse before the switch to dense.", ""]
@@ -920,7 +942,8 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
 
 # ---- command line ---------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of the data, train and report commands."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default: configs/repro-64k-v2.yaml)")
@@ -941,7 +964,12 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--retrieval-val-docs", type=int, default=32,
                         help="held-out documents of the retrieval set (default: 32)")
     common.add_argument("--retrieval-keys", type=int, default=32, help="statements per document (default: 32)")
-    common.add_argument("--retrieval-queries", type=int, default=16, help="queries per document (default: 16)")
+    common.add_argument("--retrieval-queries", type=int, default=16, help="keys queried per document (default: 16)")
+    common.add_argument("--retrieval-query-form", choices=("assert", "restate"), default="assert",
+                        help="lh-data retrieval --query-form: 'restate' repeats the statement as the query "
+                             "(default: assert)")
+    common.add_argument("--retrieval-queries-per-key", type=int, default=1,
+                        help="lh-data retrieval --queries-per-key: queries of each queried key (default: 1)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data", parents=[common], help="build the code corpus (and the retrieval set) if missing")
     tr = commands.add_parser("train", parents=[common], help="one training, its evaluations and its results folder")
@@ -974,6 +1002,11 @@ def main(argv: list[str] | None = None) -> int:
                                    "benchmarks/results/reproduction_v2.md, or reproduction.md for runs recorded "
                                    "without a seed)")
     rep.add_argument("--notes", help="a markdown file of observations to include in the report")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     # Overrides may come after options, where argparse no longer fills the positional list.
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command != "train"]

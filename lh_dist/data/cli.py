@@ -81,7 +81,10 @@ def _add_retrieval_parser(sources) -> None:
                     "train,\nits val split for val) with statements  keys[\"kv-3f9a2c\"] = \"481516\"  inserted at "
                     "random\ndepths and, later, queries  assert keys[\"kv-3f9a2c\"] == \"481516\"  about some of "
                     "them (the\nfiller tokens between the two log-uniform in [--min-gap, document]; the other keys "
-                    "are\ndistractors). The tokenizer is the filler's. Train with data.seq_len = --doc-tokens\n"
+                    "are\ndistractors). --query-form restate makes a query its statement again and "
+                    "--queries-per-key N\nasks each queried key N times (distances drawn alike, sorted), so "
+                    "that copying reaches\nthe answers. The tokenizer is the filler's. Train with data.seq_len = "
+                    "--doc-tokens\n"
                     "so that each sample is one document; lh-eval retrieval scores the queries' values.",
         epilog="example:\n  lh-data retrieval --out runs/data/retrieval-64k --filler runs/data/code "
                "--doc-tokens 65536 --train-docs 20000")
@@ -93,10 +96,17 @@ def _add_retrieval_parser(sources) -> None:
     retrieval.add_argument("--val-docs", type=_size, default=32, help="documents in the val split (default: 32)")
     retrieval.add_argument("--keys", type=_size, default=32, help="statements per document (default: 32)")
     retrieval.add_argument("--queries", type=_size, default=16,
-                           help="queries per document, each about another key; at most --keys (default: 16)")
+                           help="keys queried per document; at most --keys (default: 16)")
     retrieval.add_argument("--min-gap", type=_size, default=64,
                            help="fewest filler tokens between a statement and its query (default: 64)")
     retrieval.add_argument("--value-digits", type=_size, default=6, help="digits of a value (default: 6)")
+    # Checked by RetrievalSettings, so that a bad value is one line like the other settings' errors.
+    retrieval.add_argument("--query-form", default="assert", metavar="{assert,restate}",
+                           help="how a query reads: 'assert' (assert keys[k] == v) or 'restate' (its statement "
+                                "again, token for token) (default: assert)")
+    retrieval.add_argument("--queries-per-key", type=int, default=1,
+                           help="queries of each queried key, at distances drawn alike and sorted; the document "
+                                "holds --queries times this many (default: 1)")
     retrieval.add_argument("--seed", type=int, default=0, help="seed of the documents (default: 0)")
     retrieval.add_argument("--shard-size", default="64mb", help="largest shard size (default: 64mb)")
     retrieval.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
@@ -107,7 +117,8 @@ def _retrieval(args) -> int:
 
     try:
         settings = RetrievalSettings(doc_tokens=args.doc_tokens, keys=args.keys, queries=args.queries,
-                                     min_gap=args.min_gap, value_digits=args.value_digits, seed=args.seed)
+                                     min_gap=args.min_gap, value_digits=args.value_digits, seed=args.seed,
+                                     query_form=args.query_form, queries_per_key=args.queries_per_key)
         write_retrieval_dataset(args.out, args.filler, settings, train_docs=args.train_docs,
                                 val_docs=args.val_docs, overwrite=args.overwrite,
                                 shard_size=int(args.shard_size) if args.shard_size.isdigit() else args.shard_size)

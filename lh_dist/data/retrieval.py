@@ -5,16 +5,20 @@ token stream) with `keys` statements and `queries` queries inserted between its
 tokens. In token space each is the concatenation of separately encoded pieces:
 
     statement:  \\nkeys["kv-3f9a2c"] = "481516"\\n
-    query:      \\nassert keys["kv-3f9a2c"] == "481516"\\n
+    query:      \\nassert keys["kv-3f9a2c"] == "481516"\\n      (query_form "assert")
+                \\nkeys["kv-3f9a2c"] = "481516"\\n             (query_form "restate")
 
 Encoding piece by piece makes the key and the value the same token ids in a statement and
 in its query, whatever the tokenizer merges; the pieces are cut at places where byte-level
 BPE pre-tokenizers (GPT-2's, Llama 3's, digit-splitting ones) cut anyway, so for those the
 ids also equal the encoding of the whole text (`template_is_canonical` checks a tokenizer).
-The first `queries` keys are queried, once each; the others are distractors, stated and
-never asked. A query comes after its statement, the filler tokens between them (the gap)
-drawn log-uniformly from [min_gap, filler length], so that every octave of distance, the
-longest included, holds as many queries. Statements of distractors sit uniformly at random.
+A restated query repeats its statement token for token, so that copying answers it.
+The first `queries` keys are queried, `queries_per_key` times each; the others are distractors,
+stated and never asked. A query comes after its statement, the filler tokens between them (the
+gap) drawn log-uniformly from [min_gap, filler length], so that every octave of distance, the
+longest included, holds as many queries; a key's several gaps are drawn alike and sorted, so
+that each of its later queries also follows an earlier, nearer query of the key. Distances are
+still measured from the statement. Statements of distractors sit uniformly at random.
 Each item then moves to the nearest line start of the filler within MAX_SNAP tokens
 (statements back, queries forward: gaps only grow), so that it reads as a line of code.
 
@@ -45,6 +49,8 @@ from lh_dist.data.tokenizer import load_tokenizer
 
 STATEMENT = ('\nkeys["', "{key}", '"] = "', "{value}", '"\n')
 QUERY = ('\nassert keys["', "{key}", '"] == "', "{value}", '"\n')
+# The templates of a query, by RetrievalSettings.query_form.
+QUERY_FORMS = {"assert": QUERY, "restate": STATEMENT}
 KEY_PREFIX = "kv-"
 KEY_HEX_DIGITS = 6
 # Seed streams of the splits: a document's generator is seeded with [seed, stream, length, index].
@@ -65,15 +71,19 @@ class RetrievalSettings:
     keys: int = 32
     """Statements per document, queried or not."""
     queries: int = 16
-    """Queries per document (each about a different key); keys - queries are distractors."""
+    """Keys queried per document; keys - queries are distractors."""
     min_gap: int = 64
     """Fewest filler tokens between a statement and its query."""
     value_digits: int = 6
     """Decimal digits of a value."""
     seed: int = 0
+    query_form: str = "assert"
+    """How a query reads: "assert" (`assert keys[k] == v`) or "restate" (its statement again)."""
+    queries_per_key: int = 1
+    """Queries of each queried key, at independently drawn distances from its statement."""
 
     def __post_init__(self):
-        for name in ("doc_tokens", "keys", "queries", "min_gap", "value_digits"):
+        for name in ("doc_tokens", "keys", "queries", "min_gap", "value_digits", "queries_per_key"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.queries > self.keys:
@@ -82,6 +92,18 @@ class RetrievalSettings:
             raise ValueError(f"value_digits must be at most 18, got {self.value_digits}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if self.query_form not in QUERY_FORMS:
+            raise ValueError(f"query_form must be one of {', '.join(QUERY_FORMS)}, got {self.query_form!r}")
+
+    @property
+    def query_pieces(self) -> tuple[str, ...]:
+        """The template of a query of this form."""
+        return QUERY_FORMS[self.query_form]
+
+    @property
+    def num_queries(self) -> int:
+        """Queries per document: queries * queries_per_key."""
+        return self.queries * self.queries_per_key
 
     @classmethod
     def from_info(cls, info: dict) -> RetrievalSettings:
@@ -93,7 +115,9 @@ class RetrievalSettings:
         if recorded.get("version") != RETRIEVAL_VERSION:
             raise ValueError(f"the dataset's retrieval version is {recorded.get('version')!r}; this lh_dist "
                              f"builds version {RETRIEVAL_VERSION} (rebuild it with lh-data retrieval)")
-        return cls(**{f.name: recorded[f.name] for f in dataclasses.fields(cls)})
+        # Fields added since (query_form, queries_per_key) are absent from older datasets, whose
+        # documents are the ones their defaults build.
+        return cls(**{f.name: recorded[f.name] for f in dataclasses.fields(cls) if f.name in recorded})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,8 +183,8 @@ def min_document_length(settings: RetrievalSettings, tokenizer) -> int:
     estimated with a sample key (a tokenizer that encodes some keys longer needs a few more)."""
     key, value = KEY_PREFIX + "f" * KEY_HEX_DIGITS, "9" * settings.value_digits
     statement = len(encode_item(tokenizer, STATEMENT, key, value)[0])
-    query = len(encode_item(tokenizer, QUERY, key, value)[0])
-    return settings.keys * statement + settings.queries * query + settings.min_gap
+    query = len(encode_item(tokenizer, settings.query_pieces, key, value)[0])
+    return settings.keys * statement + settings.num_queries * query + settings.min_gap
 
 
 class FillerStream:
@@ -231,7 +255,7 @@ class RetrievalGenerator:
         more filler than this split holds (`filler` tokens)."""
         s = self.settings
         if length < needed:
-            raise ValueError(f"a document of {length:,} tokens cannot hold {s.keys} statements, {s.queries} "
+            raise ValueError(f"a document of {length:,} tokens cannot hold {s.keys} statements, {s.num_queries} "
                              f"queries and a gap of {s.min_gap} tokens (at least {needed:,} tokens are needed)")
         if filler > self.filler.num_tokens:
             raise ValueError(f"filler {self.filler.path} split {self.split!r} has {self.filler.num_tokens:,} "
@@ -245,24 +269,28 @@ class RetrievalGenerator:
         keys = _distinct_keys(rng, s.keys)
         values = ["".join(map(str, digits)) for digits in rng.integers(0, 10, size=(s.keys, s.value_digits))]
         statements = [encode_item(self.tokenizer, STATEMENT, k, v) for k, v in zip(keys, values)]
-        queries = [encode_item(self.tokenizer, QUERY, k, v) for k, v in zip(keys[:s.queries], values)]
-        num_filler = length - sum(len(ids) for ids, _, _ in statements + queries)
+        queries = [encode_item(self.tokenizer, s.query_pieces, k, v) for k, v in zip(keys[:s.queries], values)]
+        num_filler = length - sum(len(ids) for ids, _, _ in statements) - s.queries_per_key * sum(
+            len(ids) for ids, _, _ in queries)
         self._check_fits(length, needed=length - num_filler + s.min_gap, filler=num_filler)
 
         # Offsets into the filler: an item at offset a goes between filler tokens a - 1 and a.
-        gaps = np.exp(rng.uniform(math.log(s.min_gap), math.log(num_filler + 1), size=s.queries))
-        gaps = np.minimum(gaps.astype(np.int64), num_filler)
+        # The draws of one query per key are those of [queries] gaps, so such documents stay as they were.
+        gaps = np.exp(rng.uniform(math.log(s.min_gap), math.log(num_filler + 1),
+                                  size=(s.queries, s.queries_per_key)))
+        gaps = np.sort(np.minimum(gaps.astype(np.int64), num_filler), axis=1)  # [queries, queries_per_key]
         statement_at = rng.integers(0, num_filler + 1, size=s.keys)
-        statement_at[:s.queries] = rng.integers(0, num_filler - gaps + 1)
+        statement_at[:s.queries] = rng.integers(0, num_filler - gaps[:, -1] + 1)
         window = self.filler.window(int(rng.integers(0, self.filler.num_tokens - num_filler + 1)), num_filler)
         # The ends of the window count as line starts: its first and last lines may be cut.
         line_starts = np.unique(np.concatenate([[0], np.flatnonzero(self._line_ends[window]) + 1, [num_filler]]))
-        query_at = _snap(line_starts, statement_at[:s.queries] + gaps, forward=True)
+        query_at = _snap(line_starts, (statement_at[:s.queries, None] + gaps).ravel(), forward=True)
         statement_at = _snap(line_starts, statement_at, forward=False)
 
-        # At equal offsets statements come first, then queries, each in key order.
+        # At equal offsets statements come first, then queries, each in key order; query j is about key
+        # j // queries_per_key.
         items = sorted([(int(a), 0, i) for i, a in enumerate(statement_at)] +
-                       [(int(a), 1, i) for i, a in enumerate(query_at)])
+                       [(int(a), 1, j // s.queries_per_key) for j, a in enumerate(query_at)])
         pieces, filled, position = [], 0, 0
         found_statements: dict[int, Statement] = {}
         found_queries = []
@@ -382,12 +410,12 @@ def _write(out, filler, filler_info, settings, generators, counts, shard_size, l
         "content_sha256": hashlib.sha256((writers["train"].digest.hexdigest()
                                           + writers["val"].digest.hexdigest()).encode()).hexdigest(),
         "retrieval": dataclasses.asdict(settings) | {
-            "version": RETRIEVAL_VERSION, "statement": "".join(STATEMENT), "query": "".join(QUERY),
+            "version": RETRIEVAL_VERSION, "statement": "".join(STATEMENT), "query": "".join(settings.query_pieces),
             "filler": str(filler), "filler_content_sha256": filler_info.get("content_sha256")},
     }
     (out / DATASET_INFO).write_text(json.dumps(info, indent=2) + "\n")
     log(f"lh-data: wrote {out}: train {counts['train']} / val {counts['val']} documents of "
-        f"{settings.doc_tokens:,} tokens ({settings.keys} keys, {settings.queries} queries each), "
+        f"{settings.doc_tokens:,} tokens ({settings.keys} keys, {settings.num_queries} queries each), "
         f"{time.monotonic() - start:.1f}s")
     return info
 

@@ -80,7 +80,7 @@ def retrieval_grid(argmax_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tenso
     records = []  # (length index, depth, distance, correct, share of value tokens right) per query
     start = time.monotonic()
     if log is not None:
-        log(f"retrieval: {num_docs} documents x {len(lengths)} lengths, {generator.settings.queries} queries "
+        log(f"retrieval: {num_docs} documents x {len(lengths)} lengths, {generator.settings.num_queries} queries "
             f"each, {num_docs * sum(lengths):,} tokens")
     for j, length in enumerate(lengths):
         correct_here, share_here = [], []

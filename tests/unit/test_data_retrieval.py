@@ -1,6 +1,9 @@
 """`lh-data retrieval`: every query's answer stated earlier at the recorded place, exact lengths,
-determinism, filler of train and val kept apart, and one-line errors."""
+determinism (the default settings' documents pinned), filler of train and val kept apart, both query
+forms and several queries per key, and one-line errors."""
 
+import dataclasses
+import hashlib
 import json
 import re
 
@@ -9,13 +12,15 @@ import pytest
 
 from lh_dist.data.cli import main
 from lh_dist.data.loader import PackedLoader
-from lh_dist.data.retrieval import (QUERY, STATEMENT, RetrievalGenerator, RetrievalSettings, dataset_generator,
-                                    encode_item, template_is_canonical)
+from lh_dist.data.retrieval import (QUERY, QUERY_FORMS, STATEMENT, RetrievalGenerator, RetrievalSettings,
+                                    dataset_generator, encode_item, min_document_length, template_is_canonical)
 from lh_dist.data.shards import write_dataset
 from lh_dist.data.tokenizer import ByteTokenizer, load_tokenizer
 
 TOK = ByteTokenizer()
 SETTINGS = RetrievalSettings(doc_tokens=1024, keys=6, queries=4, min_gap=16, value_digits=3, seed=5)
+RESTATE3 = dataclasses.replace(SETTINGS, query_form="restate", queries_per_key=3)
+ASSERT2 = dataclasses.replace(SETTINGS, queries_per_key=2)
 TAG = re.compile(r"# tag(\d+)\n")  # whole lines: a window may cut the first and the last
 
 
@@ -41,15 +46,18 @@ def _item_text(pieces, key, value):
     return "".join(key if p == "{key}" else value if p == "{value}" else p for p in pieces)
 
 
+@pytest.mark.parametrize("settings", [SETTINGS, RESTATE3, ASSERT2], ids=["assert", "restate3", "assert2"])
 @pytest.mark.parametrize("length", [1024, 700, 3000])
-def test_queries_follow_their_statements_at_the_recorded_positions(filler, length):
-    generator = RetrievalGenerator(SETTINGS, filler, "train")
+def test_queries_follow_their_statements_at_the_recorded_positions(filler, length, settings):
+    generator = RetrievalGenerator(settings, filler, "train")
+    per_key = settings.queries_per_key
     for index in range(5):
         document = generator.document(index, length)
         tokens = document.tokens
         assert tokens.shape == (length,) and tokens.dtype == np.int64 and TOK.eod_id not in tokens
         assert len(document.statements) == 6 and sum(s.queried for s in document.statements) == 4
-        assert len({s.key for s in document.statements}) == 6 and len(document.queries) == 4
+        assert len({s.key for s in document.statements}) == 6 and len(document.queries) == 4 * per_key
+        assert [q.start for q in document.queries] == sorted(q.start for q in document.queries)
         for s in document.statements:
             text = _item_text(STATEMENT, s.key, s.value)
             assert TOK.decode(tokens[s.start:s.start + len(text)]) == text
@@ -58,13 +66,56 @@ def test_queries_follow_their_statements_at_the_recorded_positions(filler, lengt
         for q in document.queries:
             stated = statements[q.key]
             assert stated.queried and stated.start == q.statement_start and q.value == stated.value
-            text = _item_text(QUERY, q.key, q.value)
+            text = _item_text(QUERY_FORMS[settings.query_form], q.key, q.value)
             assert TOK.decode(tokens[q.start:q.start + len(text)]) == text
+            if settings.query_form == "restate":  # the statement again, token for token
+                n = len(text)
+                assert np.array_equal(tokens[q.start:q.start + n], tokens[stated.start:stated.start + n])
             # The answer's ids are the stated value's ids, and at least min_gap filler tokens lie between.
             answer = tokens[q.answer_start:q.answer_start + len(q.answer)]
             assert tuple(answer) == q.answer == tuple(tokens[stated.value_start:stated.value_start + len(q.answer)])
-            assert q.start - (stated.start + len(_item_text(STATEMENT, q.key, q.value))) >= SETTINGS.min_gap
+            assert q.start - (stated.start + len(_item_text(STATEMENT, q.key, q.value))) >= settings.min_gap
+        # Each queried key is asked queries_per_key times; the distance is from the statement, so that a
+        # later query's distance is larger than the earlier ones' of its key.
+        for key in {q.key for q in document.queries}:
+            distances = [q.distance for q in document.queries if q.key == key]
+            assert len(distances) == per_key and distances == sorted(distances) and distances[0] > 0
     generator.close()
+
+
+# sha256 of the little-endian int64 tokens of documents (split, index, length) of SETTINGS, computed by the
+# generator before query_form and queries_per_key existed: the defaults must build the same documents.
+PINNED = {
+    ("train", 0, 1024): "5775f0f4d48ba39679288a2322fcb099914cf4f00aaaeb5a8152ee69f9904545",
+    ("train", 1, 1024): "1da486a6ac8f177eab4d3c6a1b5dd1f9ad8dd3564b4198975a1266a80b939a1a",
+    ("train", 2, 3000): "16869f634c5c47445da73004ceb4d590c7ae5c5b8f14cb875d925c7984ea00aa",
+    ("val", 0, 1024): "dc0dbafed1a35ac9753e32a565947e5d5721fdeeacaf81faa80eb8991ad3100c",
+    ("val", 1, 1024): "a2fc95778e8fa6f47fe676bd3d4747256bb7e24017e424df432d401c3f83cbcd",
+    ("val", 2, 3000): "a0f501d29da844498ae3a91aaa8c2673fe9055aad2d84fef85a6edfc1301a4a7",
+}
+
+
+def test_default_settings_build_the_documents_pinned_before_the_query_options(filler):
+    for split in ("train", "val"):
+        generator = RetrievalGenerator(SETTINGS, filler, split)
+        for (s, index, length), digest in PINNED.items():
+            if s == split:
+                tokens = generator.document(index, length).tokens.astype("<i8")
+                assert hashlib.sha256(tokens.tobytes()).hexdigest() == digest, (split, index, length)
+        generator.close()
+
+
+def test_settings_recorded_before_the_query_options_read_as_the_defaults():
+    recorded = {k: v for k, v in dataclasses.asdict(SETTINGS).items() if k not in ("query_form", "queries_per_key")}
+    settings = RetrievalSettings.from_info({"retrieval": recorded | {"version": 1}})
+    assert settings == SETTINGS and (settings.query_form, settings.queries_per_key) == ("assert", 1)
+
+
+def test_several_queries_per_key_lengthen_the_shortest_document():
+    # In bytes a statement is 1 + 6 + 9 (key) + 6 + 3 (value) + 2 = 27 and an assert query 35: six statements,
+    # 4 * 3 restated queries and the gap, against six statements, four assert queries and the gap.
+    assert min_document_length(RESTATE3, TOK) == 6 * 27 + 12 * 27 + 16
+    assert min_document_length(SETTINGS, TOK) == 6 * 27 + 4 * 35 + 16
 
 
 def test_distances_cover_every_octave(filler):
@@ -157,6 +208,7 @@ def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
     recorded = info["retrieval"]
     assert RetrievalSettings.from_info(info) == SETTINGS and recorded["filler"] == str(filler.resolve())
     assert recorded["statement"] == _item_text(STATEMENT, "{key}", "{value}")
+    assert (recorded["query_form"], recorded["queries_per_key"]) == ("assert", 1)
     # A loader at seq_len = doc-tokens gives one whole document per sample, then its end-of-document token.
     loader = PackedLoader(str(out), "val", seq_len=1024, micro_batch=1, dp_rank=0, dp_degree=1, seed=0)
     generator = dataset_generator(out, "val")
@@ -173,12 +225,32 @@ def test_cli_writes_the_documents_one_per_training_sample(filler, tmp_path):
     dataset_generator(out, "val", filler).close()
 
 
+def test_cli_records_the_query_options_and_evaluation_rebuilds_the_documents(filler, tmp_path):
+    out = tmp_path / "restated"
+    assert main(["retrieval", "--out", str(out), "--filler", str(filler), "--doc-tokens", "1024",
+                 "--train-docs", "2", "--val-docs", "2", "--keys", "6", "--queries", "4", "--min-gap", "16",
+                 "--value-digits", "3", "--seed", "5", "--query-form", "restate", "--queries-per-key", "3"]) == 0
+    info = json.loads((out / "lh_data.json").read_text())
+    assert RetrievalSettings.from_info(info) == RESTATE3
+    assert info["retrieval"]["query"] == info["retrieval"]["statement"]
+    loader = PackedLoader(str(out), "val", seq_len=1024, micro_batch=1, dp_rank=0, dp_degree=1, seed=0)
+    generator = dataset_generator(out, "val")
+    assert len(generator.document(1).queries) == 12
+    assert np.array_equal(loader.packed_sample(1), np.append(generator.document(1).tokens, 256))
+    loader.close()
+    generator.close()
+
+
 @pytest.mark.parametrize("options, message", [
     (["--doc-tokens", "20000"],
      "split 'val' has 16,384 tokens, fewer than the 20,000 that a 20,000-token document needs"),
     (["--doc-tokens", "300"], "a document of 300 tokens cannot hold 32 statements, 16 queries and a gap of 64"),
     (["--keys", "4"], "queries must not exceed keys (one query per key), got 16 > 4"),
     (["--filler", "MISSING"], "filler dataset not found"),
+    (["--query-form", "ask"], "query_form must be one of assert, restate, got 'ask'"),
+    (["--queries-per-key", "0"], "queries_per_key must be a positive integer, got 0"),
+    (["--doc-tokens", "1400", "--queries-per-key", "2"],
+     "a document of 1,400 tokens cannot hold 32 statements, 32 queries and a gap of 64"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(filler, tmp_path, capsys, options, message):
     out = tmp_path / "out"

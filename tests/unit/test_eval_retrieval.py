@@ -14,7 +14,8 @@ from lh_dist.eval.outputs import retrieval_name
 from lh_dist.eval.retrieval import default_lengths, distance_edges, retrieval_grid, score_documents
 
 TOK = ByteTokenizer()
-OPEN_QUERY = re.compile(r'assert keys\["(kv-[0-9a-f]{6})"\] == "(\d*)$')
+# An open query of either form: "assert keys[k] == v" or a restated "keys[k] = v", its value cut short.
+OPEN_QUERY = re.compile(r'\n(?:assert )?keys\["(kv-[0-9a-f]{6})"\] ==? "(\d*)$')
 
 
 def reader(window: int | None = None):
@@ -59,17 +60,41 @@ def test_a_model_that_reads_the_statement_scores_one(generator):
     assert grid["depth_edges"] == [0.0, 0.25, 0.5, 0.75, 1.0] and grid["chance"] == pytest.approx(0.01)
 
 
-def test_a_constant_model_scores_chance(stdlib_dataset):
-    settings = RetrievalSettings(doc_tokens=1024, keys=8, queries=8, min_gap=16, value_digits=1, seed=1)
+@pytest.mark.parametrize("form, per_key", [("restate", 3), ("assert", 2)])
+def test_a_reader_scores_one_on_restated_and_repeated_queries(stdlib_dataset, form, per_key):
+    settings = RetrievalSettings(doc_tokens=1024, keys=6, queries=4, min_gap=16, value_digits=2,
+                                 query_form=form, queries_per_key=per_key)
+    generator = RetrievalGenerator(settings, stdlib_dataset, "val")
+    documents = [generator.document(i, 1024) for i in range(4)]
+    grid = retrieval_grid(reader(), generator, [800, 1024], num_docs=4, batch_size=2, log=None)
+    generator.close()
+    assert grid["mean"] == 1.0 and grid["num_queries"] == 2 * 4 * 4 * per_key
+    # The scored positions are the value tokens of each query, whatever its form: the tokens there are the value.
+    for d in documents:
+        for q in d.queries:
+            assert TOK.decode(d.tokens[q.answer_start:q.answer_start + len(q.answer)]) == q.value
+            prefix = TOK.decode(d.tokens[q.start:q.answer_start])
+            assert prefix == (f'\nkeys["{q.key}"] = "' if form == "restate" else f'\nassert keys["{q.key}"] == "')
+    # Distances stay those from the statement: the by-distance table counts every query once.
+    assert sum(r["queries"] for r in grid["by_distance"]) == grid["num_queries"]
+
+
+@pytest.mark.parametrize("form, per_key", [("assert", 1), ("restate", 2)])
+def test_a_constant_model_scores_chance(stdlib_dataset, form, per_key):
+    settings = RetrievalSettings(doc_tokens=1024, keys=8, queries=8, min_gap=16, value_digits=1, seed=1,
+                                 query_form=form, queries_per_key=per_key)
     generator = RetrievalGenerator(settings, stdlib_dataset, "val")
     grid = retrieval_grid(constant("7"), generator, [1024], num_docs=40, batch_size=8, log=None)
     values = [q.value for i in range(40) for q in generator.document(i, 1024).queries]
     generator.close()
-    # Exactly the queries whose one-digit value is 7, which for uniform digits is 1 in 10: within four
-    # binomial standard errors (sqrt(0.1 * 0.9 / 320) = 0.017) of 0.1.
-    assert grid["mean"] == pytest.approx(values.count("7") / 320, abs=1e-12)
+    n = 320 * per_key
+    assert len(values) == n == grid["num_queries"]
+    # Exactly the queries whose one-digit value is 7, which for uniform digits is 1 in 10. The 320 keys are
+    # independent draws (a key's repeats share its value, which only widens the spread): within four binomial
+    # standard errors over the keys (sqrt(0.1 * 0.9 / 320) = 0.017) of 0.1.
+    assert grid["mean"] == pytest.approx(values.count("7") / n, abs=1e-12)
     assert abs(grid["mean"] - 0.1) < 4 * math.sqrt(0.1 * 0.9 / 320)
-    assert grid["mean_stderr"] == pytest.approx(math.sqrt(grid["mean"] * (1 - grid["mean"]) / 320))
+    assert grid["mean_stderr"] == pytest.approx(math.sqrt(grid["mean"] * (1 - grid["mean"]) / n))
 
 
 def test_value_tokens_right_count_the_digits_a_constant_model_hits(stdlib_dataset):
