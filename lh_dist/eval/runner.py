@@ -49,9 +49,9 @@ def init_eval_distributed(cp_degree: int, device: torch.device) -> tuple:
     """(cp_group, cp_rank, initialized_here): (None, 0, False) on one device, else the whole world
     as the CP group, initializing torch.distributed if nobody has yet.
 
-    Evaluation has no data parallelism: all ranks work on the same prompt or batch.
+    Evaluation has no data parallelism: all ranks work on the same prompt or batch. The world's size
+    is the caller's to check first (`check_eval_world`), before it loads anything.
     """
-    check_eval_world(cp_degree)
     if cp_degree == 1:
         return None, 0, False
     initialized_here = not dist.is_initialized()
