@@ -274,8 +274,9 @@ def _pairs(args, series: str, n: int) -> float | None:
 
 
 def analyse(args, rows: list[dict]) -> dict:
-    """Fits (a N + b P(N) per series), dense extrapolated over the grid and 1M, the crossovers
-    and the ratio at 1M, from the measured rows."""
+    """Fits (a N + b P(N) per series), dense extrapolated over the grid, 1M and every N measured
+    in any run (so that a run over part of the grid keeps the others' rows), the crossovers and
+    the ratio at 1M, from the measured rows."""
     out = {"fits": {}, "extrapolated": [], "crossover": {}, "ratio_at_1m": {}}
     for series in sorted({r["series"] for r in rows}):
         points = [(r["n"], r["step_s"], _pairs(args, series, r["n"])) for r in ok_rows(rows, series)]
@@ -285,7 +286,7 @@ def analyse(args, rows: list[dict]) -> dict:
     dense = ok_rows(rows, "dense")
     measured = {r["n"]: r["step_s"] for r in dense}
     if "dense" in out["fits"]:
-        for n in sorted(set(args.seq_lens) | {MILLION}):
+        for n in sorted(set(args.seq_lens) | {r["n"] for r in rows} | {MILLION}):
             if n > max(measured):
                 t = fitted(out["fits"]["dense"], n)
                 out["extrapolated"].append({"series": "dense", "n": n, "step_s": t, "tokens_per_s": n / t})

@@ -87,6 +87,17 @@ def test_dense_is_extrapolated_from_its_fit_and_compared_at_1m():
     assert cross["bound"] == "between" and 524288 < cross["n"] < m
 
 
+def test_a_run_over_part_of_the_grid_keeps_the_extrapolation_to_every_measured_n():
+    # An earlier run measured Lighthouse at 2M; a later one over N <= 1M only (--seq-lens) must
+    # still compare 2M against dense's fit, not drop that row from the report.
+    a, b = 2e-6, 4e-12
+    rows = [_row("dense", n, a * n + b * n * n) for n in GRID[:4]]
+    rows += [_row("lighthouse-1m", n, 0.5 + 5e-6 * n) for n in GRID[3:]]
+    args = scaling.parse_args(["--device", "cpu", "--seq-lens", ",".join(map(str, GRID[:3]))])
+    analysis = scaling.analyse(args, rows)
+    assert [r["n"] for r in analysis["extrapolated"]] == GRID[4:]
+
+
 def test_cp_step_counts_what_each_exchange_sends():
     cfg = load_config(REPO / "configs/paper-270m-1m.yaml")
     net = scaling.Interconnect()
