@@ -45,6 +45,7 @@ from lh_dist.checkpoint.format import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, P
 from lh_dist.checkpoint.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.data.sources import DataSource, compare_data, configured_sources, data_identity
+from lh_dist.parallel.comm import barrier
 
 REPLACED, DELETING = ".replaced-", ".deleting-"
 # First checkpoint of a run, before any was measured: fp32 weights and AdamW's two moments
@@ -332,7 +333,7 @@ class Checkpointer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         if dist.is_initialized():
-            dist.barrier()
+            barrier()
         try:
             engine.save(partial)
             tmp = partial / f"trainer_rank_{self.rank:05d}.pt.tmp"
@@ -350,7 +351,7 @@ class Checkpointer:
                               f"files were removed") from None
         # The barrier of the protocol: every rank has written and flushed its files.
         if dist.is_initialized():
-            dist.barrier()
+            barrier()
         # A rank sees its own files at least, so the union of the listings names them all, even where
         # a shared file system shows a directory's new entries late.
         listing = sorted(p.name for p in partial.iterdir() if p.is_file())
@@ -364,7 +365,7 @@ class Checkpointer:
             self._rotate(step)
             self.last_bytes = sum(f["bytes"] for f in files.values())
         if dist.is_initialized():
-            dist.barrier()
+            barrier()
         return final
 
     def _write_manifest(self, partial: Path, step: int, trainer_state: dict, files: dict) -> None:

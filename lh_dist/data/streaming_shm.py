@@ -25,6 +25,8 @@ import warnings
 
 import torch
 
+from lh_dist.parallel.comm import barrier
+
 LOCK_PATH = os.path.join(tempfile.gettempdir(), "lh_dist_streaming_shm.lock")
 # How long a process waits for the lock before going on without it: far longer than an opening
 # takes, and a bound on the wait when two multi-node jobs hold each other's nodes' locks.
@@ -125,11 +127,11 @@ def open_streaming_dataset(**kwargs):
     if joined:
         # No rank of the job is still freeing a dataset: it would wait for the lock that its leader
         # holds while the leader waits for it in a barrier.
-        torch.distributed.barrier()
+        barrier()
     with _machine_lock() if World.detect().is_local_leader else contextlib.nullcontext(), \
             _exit_handlers_registered() as registered:
         if joined:
-            torch.distributed.barrier()  # the other ranks of the node look for the prefix under the lock too
+            barrier()  # the other ranks of the node look for the prefix under the lock too
         dataset = StreamingDataset(**kwargs)
     kept = _shared_memories(dataset)
     _close_search_handles(registered, kept)

@@ -1,5 +1,6 @@
-"""Point-to-point ring transfers within a process group, and the ways Lighthouse under CP exchanges
-the gathered K/V between ranks (`EXCHANGES`, which lighthouse_cp implements)."""
+"""Point-to-point ring transfers within a process group, the ways Lighthouse under CP exchanges
+the gathered K/V between ranks (`EXCHANGES`, which lighthouse_cp implements), and the barrier
+every module uses."""
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,15 @@ def group_coords(group) -> tuple[int, int]:
     if rank < 0:
         raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of the group it was given")
     return dist.get_world_size(group), rank
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group. Under NCCL the barrier runs on this rank's GPU,
+    named, since torch warns each time it has to guess which device that is."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
 
 
 class PendingRecv:

@@ -1,9 +1,11 @@
-"""Ending torch.distributed: destroyed when every rank ended together, aborted (NCCL) or left to the
+"""The barrier, and ending torch.distributed: destroyed when every rank ended together, aborted (NCCL) or left to the
 exit (gloo) after a failure. One rank of gloo in the test process, joined through an in-memory store."""
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from lh_dist.parallel.comm import barrier
 from lh_dist.parallel.distributed import close_distributed
 
 
@@ -32,3 +34,13 @@ def test_after_a_failure_nccl_is_aborted(world_of_one, monkeypatch):
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
     close_distributed(clean=False)
     assert not dist.is_initialized()
+
+
+def test_the_barrier_names_this_ranks_gpu_under_nccl(world_of_one, monkeypatch):
+    barrier()  # gloo: a plain barrier of the one rank returns
+    calls = []
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(dist, "barrier", lambda **kwargs: calls.append(kwargs))
+    barrier()
+    assert calls == [{"device_ids": [3]}]
