@@ -963,13 +963,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="train documents of the retrieval set (default: 1000)")
     common.add_argument("--retrieval-val-docs", type=int, default=32,
                         help="held-out documents of the retrieval set (default: 32)")
-    common.add_argument("--retrieval-keys", type=int, default=32, help="statements per document (default: 32)")
-    common.add_argument("--retrieval-queries", type=int, default=16, help="keys queried per document (default: 16)")
-    common.add_argument("--retrieval-query-form", choices=("assert", "restate"), default="assert",
+    # The defaults are the recipe's (benchmarks/results/reproduction_v2_pilots.md says how they were chosen).
+    common.add_argument("--retrieval-keys", type=int, default=128, help="statements per document (default: 128)")
+    common.add_argument("--retrieval-queries", type=int, default=64, help="keys queried per document (default: 64)")
+    common.add_argument("--retrieval-query-form", choices=("assert", "restate"), default="restate",
                         help="lh-data retrieval --query-form: 'restate' repeats the statement as the query "
-                             "(default: assert)")
-    common.add_argument("--retrieval-queries-per-key", type=int, default=1,
-                        help="lh-data retrieval --queries-per-key: queries of each queried key (default: 1)")
+                             "(default: restate)")
+    common.add_argument("--retrieval-queries-per-key", type=int, default=4,
+                        help="lh-data retrieval --queries-per-key: queries of each queried key (default: 4)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("data", parents=[common], help="build the code corpus (and the retrieval set) if missing")
     tr = commands.add_parser("train", parents=[common], help="one training, its evaluations and its results folder")
@@ -978,8 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="share of the steps trained with Lighthouse before the switch to dense (0: dense run)")
     tr.add_argument("--seed", type=int, help="the run's seed: initial weights, data order, mixture draws "
                                              "(default: the config's seed)")
-    tr.add_argument("--retrieval-weight", type=float, default=0.25,
-                    help="mixture weight of the retrieval set, the code corpus getting the rest (default: 0.25)")
+    tr.add_argument("--retrieval-weight", type=float, default=0.5,
+                    help="mixture weight of the retrieval set, the code corpus getting the rest (default: 0.5)")
     tr.add_argument("--steps", type=int, help="training steps (default: the config's schedule.steps)")
     tr.add_argument("--retrieval-docs", type=int, default=16, help="held-out documents per length of lh-eval "
                                                                    "retrieval (default: 16)")

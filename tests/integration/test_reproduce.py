@@ -66,7 +66,8 @@ def test_reproduce_two_seeds_per_arm_and_report(tmp_path, monkeypatch):
         {"path": str(data), "weight": 0.5, "name": "code"}, {"path": str(retrieval), "weight": 0.5,
                                                               "name": "retrieval"}]}}))
     _corpus(tmp_path / "src")
-    # Retrieval documents of seq_len tokens: 4 statements and 2 queries (about 200 tokens) in 1,024; 8 train
+    # Retrieval documents of seq_len tokens: 4 statements and 2 keys queried 4 times each (the defaults: queries
+    # restate their statements; about 360 tokens) in 1,024; 8 train
     # documents (the 8 steps draw about 4), 2 held out (one validation batch of 1,025 tokens).
     common = ["--config", config, "--data-roots", tmp_path / "src", "--min-doc-tokens", 2000, "--val-tokens", 8000,
               "--retrieval-train-docs", 8, "--retrieval-val-docs", 2, "--retrieval-keys", 4, "--retrieval-queries", 2]

@@ -42,8 +42,9 @@ def test_a_missing_set_is_built_with_the_query_options(tmp_path, monkeypatch):
         return 0.0
 
     monkeypatch.setattr(reproduce, "_run", run)
-    reproduce.ensure_retrieval(_args(tmp_path, "--retrieval-query-form", "restate",
-                                     "--retrieval-queries-per-key", "3"), tmp_path / "code")
+    reproduce.ensure_retrieval(_args(tmp_path, "--retrieval-keys", "32", "--retrieval-queries", "16",
+                                     "--retrieval-query-form", "restate", "--retrieval-queries-per-key", "3"),
+                               tmp_path / "code")
     command = commands[0]
     assert command[command.index("--query-form") + 1] == "restate"
     assert command[command.index("--queries-per-key") + 1] == "3"
@@ -51,7 +52,10 @@ def test_a_missing_set_is_built_with_the_query_options(tmp_path, monkeypatch):
 
 def test_a_set_written_before_the_query_options_is_reused_with_the_defaults(tmp_path, capsys):
     _write_set(tmp_path, OLD_RECORD)
-    assert reproduce.ensure_retrieval(_args(tmp_path), tmp_path / "code")["retrieval"] == OLD_RECORD
+    # The generator's defaults (assert, one query per key) asked for explicitly: reproduce.py's own differ.
+    old = ["--retrieval-keys", "32", "--retrieval-queries", "16", "--retrieval-query-form", "assert",
+           "--retrieval-queries-per-key", "1"]
+    assert reproduce.ensure_retrieval(_args(tmp_path, *old), tmp_path / "code")["retrieval"] == OLD_RECORD
     assert "not rebuilt" in capsys.readouterr().out
 
 
