@@ -1,5 +1,6 @@
-"""The barrier, and ending torch.distributed: destroyed when every rank ended together, aborted (NCCL) or left to the
-exit (gloo) after a failure. One rank of gloo in the test process, joined through an in-memory store."""
+"""The barrier, and ending torch.distributed: destroyed when every rank ended together, aborted
+(NCCL) or left to the exit (gloo) after a failure. One rank of gloo in the test process, joined
+through an in-memory store."""
 
 import pytest
 import torch
