@@ -33,6 +33,7 @@ The retrieval set is `lh-data retrieval` documents of seq_len tokens whose fille
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -49,6 +50,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lh_dist.data.retrieval import RetrievalSettings
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = ROOT / "configs" / "repro-64k-v2.yaml"
 DEFAULT_RESULTS = ROOT / "runs" / "reproduce-v2" / "results"
@@ -58,8 +61,8 @@ REPORT_V2 = ROOT / "benchmarks" / "results" / "reproduction_v2.md"
 CLOSE = 0.02  # "back within 0.02 nats of dense"
 # The names of a mixture config's two sources.
 CODE, RETRIEVAL = "code", "retrieval"
-# lh-data retrieval's defaults of the settings that its older datasets do not record.
-RETRIEVAL_DEFAULTS = {"query_form": "assert", "queries_per_key": 1}
+# lh-data retrieval's defaults, which hold for the settings its older datasets do not record.
+RETRIEVAL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(RetrievalSettings)}
 
 
 def _log(message: str) -> None:
