@@ -611,11 +611,18 @@ GROUPS = {
                  "\"all sources\" weights them as in training)", ".4f"),
     "position_loss": ("Loss by position, code corpus, dense attention (nats/token; octave buckets of the final "
                       "`lh-eval loss`)", ".4f"),
+    "context_gain": ("Gain from far context, code corpus: the loss in the last position bucket minus the loss in "
+                     "the first (nats/token; below zero: the far context lowers the loss)", ".4f"),
+    "switch": ("The switch to dense: the losses around the step where the Lighthouse runs switch, dense runs "
+               "at the same steps (nats/token; validation: all sources)", ".3f"),
     "retrieval": ("Retrieval accuracy, held-out documents of the retrieval set (`lh-eval retrieval`)", ".3f"),
     "passkey": ("Pass-key accuracy (`lh-eval passkey`, chance 0.1)", ".3f"),
     "wall": ("Wall-clock of `lh-train` (minutes, startup included)", ".2f"),
     "stability": ("Largest rise of the validation loss between neighbouring evaluations of one phase (nats)", ".3f"),
 }
+
+
+SWITCH_WINDOW = 5  # logged training losses on each side of the switch
 
 
 def _largest_rise(val: list[list[float]], lighthouse_steps: int) -> float:
@@ -625,17 +632,40 @@ def _largest_rise(val: list[list[float]], lighthouse_steps: int) -> float:
     return max([0.0, *rises])
 
 
-def run_metrics(run: dict, last: int = 3) -> dict[str, float]:
+def switch_metrics(run: dict, switch_step: int) -> dict[str, float]:
+    """The losses around `switch_step` (the last step of the Lighthouse phase): the validation loss at the last
+    evaluation up to it and at the first after it, their difference, the last evaluation minus the one before the
+    switch, and the mean training loss of the SWITCH_WINDOW logged steps after it minus the SWITCH_WINDOW before.
+    Of a dense run, the same numbers at the same steps; empty when no evaluation lies on one side."""
+    val = _series(run, "val/loss")  # [[step, wall, value]]
+    before = [v for step, _, v in val if step <= switch_step]
+    after = [v for step, _, v in val if step > switch_step]
+    if not before or not after:
+        return {}
+    train = _series(run, "train/loss")
+    train_before = [v for step, _, v in train if step <= switch_step][-SWITCH_WINDOW:]
+    train_after = [v for step, _, v in train if step > switch_step][:SWITCH_WINDOW]
+    m = {"switch/val before": before[-1], "switch/val after": after[0], "switch/val jump": after[0] - before[-1],
+         "switch/val end minus before": val[-1][2] - before[-1]}
+    if train_before and train_after:
+        m["switch/train jump"] = statistics.fmean(train_after) - statistics.fmean(train_before)
+    return m
+
+
+def run_metrics(run: dict, switch_step: int | None = None, last: int = 3) -> dict[str, float]:
     """One run's numbers, keyed "<group>/<label>" (GROUPS): final validation loss per source, loss per
-    position bucket, retrieval accuracy overall, by length and by depth, pass-key, wall-clock, stability."""
+    position bucket and the gain from far context, retrieval accuracy overall, by length and by depth,
+    pass-key, wall-clock, stability, and the losses around `switch_step` (switch_metrics) when given."""
     scalars = run["scalars"]
     sources = [tag.split("/")[1] for tag in scalars if tag.startswith("val/") and tag.endswith("/loss")
                and tag.count("/") == 2]
     m = {}
     for key, tag in [("val_loss/mixture", "val/loss"), *((f"val_loss/{s}", f"val/{s}/loss") for s in sorted(sources))]:
         m[key] = statistics.fmean(v for _, _, v in _series(run, tag)[-last:])
-    for b in run["loss_eval"]["buckets"]:
+    buckets = run["loss_eval"]["buckets"]
+    for b in buckets:
         m[f"position_loss/{b['start']}-{b['end']}"] = b["loss"]
+    m["context_gain/last bucket minus first"] = buckets[-1]["loss"] - buckets[0]["loss"]
     r = run["retrieval_eval"]
     if r:
         m["retrieval/mean"] = r["mean"]
@@ -653,6 +683,8 @@ def run_metrics(run: dict, last: int = 3) -> dict[str, float]:
     m["passkey/mean"] = run["passkey_eval"]["mean"]
     m["wall/train"] = run["wall_s"]["train"] / 60
     m["stability/largest rise"] = _largest_rise(_series(run, "val/loss"), run["lighthouse_steps"])
+    if switch_step:
+        m |= switch_metrics(run, switch_step)
     return m
 
 
@@ -666,7 +698,13 @@ def _label(key: str) -> str:
     if label.startswith("depth "):
         lo, hi = label.split()[1].split("-")
         return f"depth {float(lo):.0%}–{float(hi):.0%}"
-    return {"mixture": "all sources (weighted)"}.get(label, label)
+    return {"mixture": "all sources (weighted)",
+            "val before": "validation, last evaluation before the switch",
+            "val after": "validation, first evaluation after it",
+            "val jump": "validation jump (after minus before)",
+            "val end minus before": "validation, last evaluation minus the one before the switch",
+            "train jump": f"training, mean of {SWITCH_WINDOW} logged steps after minus {SWITCH_WINDOW} before"
+            }.get(label, label)
 
 
 @functools.lru_cache
@@ -754,6 +792,50 @@ def retrieval_verdict(arm: str, d: dict | None, dense_mean: float | None, kind: 
     return text
 
 
+def loss_verdict(arm: str, d: dict, kind: str, wall_ratio: float) -> str:
+    """The sentence on the final validation loss over all sources, from its difference and interval."""
+    if d["lo"] is None:
+        where = "above" if d["diff"] > 0 else "below"
+        text = f"{d['diff']:+.4f} ({kind}): {arm} ends {where} dense on this one comparison"
+    else:
+        where = ("worse than dense: the interval lies above zero" if d["lo"] > 0 else
+                 "better than dense: the interval lies below zero" if d["hi"] < 0 else
+                 "level with dense within the interval, which contains zero")
+        text = f"{_with_interval(d, '.4f')} ({kind}): {arm} ends {where}"
+    return (f"The final validation loss ({arm} minus dense, all sources) is {text}; training took {wall_ratio:.2f} "
+            "of dense's wall-clock (means over seeds).")
+
+
+def context_verdict(arm: str, d: dict | None, kind: str) -> str | None:
+    """The sentence on the use of far context: the arms' difference in (last position bucket minus first)."""
+    if d is None or d["diff"] is None:
+        return None
+    head = (f"Use of far context (the code corpus's loss in the last position bucket minus the first, {arm} minus "
+            f"dense) differs by {_with_interval(d, '.4f').removesuffix(' (no interval)')}")
+    if d["lo"] is None:
+        return f"{head}, with no interval (one seed per arm): not decided."
+    if d["lo"] > 0:
+        return f"{head} ({kind}): {arm} gains less from far context than dense."
+    if d["hi"] < 0:
+        return f"{head} ({kind}): {arm} gains more from far context than dense."
+    return (f"{head} ({kind}): no difference is detected; a deficit of more than {max(0.0, d['hi']):.4f} "
+            "nats is excluded at 95%.")
+
+
+def switch_verdict(arm: str, spreads: dict) -> str | None:
+    """The sentence on the switch to dense: the jump, and where the run ends against its loss before it."""
+    lh, dense = spreads[arm], spreads["dense"]
+    if "switch/val jump" not in lh:
+        return None
+    text = (f"At the switch to dense, {arm}'s validation loss jumped by {lh['switch/val jump']['mean']:+.3f}"
+            + (f" (its training loss by {lh['switch/train jump']['mean']:+.3f})" if "switch/train jump" in lh else "")
+            + f"; its last evaluation is {lh['switch/val end minus before']['mean']:+.3f} against its last "
+            "evaluation before the switch")
+    if "switch/val end minus before" in dense:
+        text += f", where dense moved by {dense['switch/val end minus before']['mean']:+.3f} over the same steps"
+    return text + " (means over seeds)."
+
+
 def _check_comparable(arms: dict[str, list[dict]]) -> None:
     runs = [r for group in arms.values() for r in group]
     for what, get in (("code corpus", lambda r: r["data"]["content_sha256"]),
@@ -780,8 +862,11 @@ def report_v2(runs: list[dict], out_md: Path, notes_file: str | None = None) -> 
         sys.exit(f"reproduce: no dense run (--lighthouse-fraction 0) among {sorted(arms)}")
     arms = {"dense": arms.pop("dense"), **arms}
     _check_comparable(arms)
+    # Dense runs are measured around the Lighthouse runs' switch when they all switch at one step.
+    switches = {r["lighthouse_steps"] for r in runs if r["lighthouse_steps"]}
+    common_switch = next(iter(switches)) if len(switches) == 1 else None
     for run in runs:
-        run["metrics"] = run_metrics(run)
+        run["metrics"] = run_metrics(run, run["lighthouse_steps"] or common_switch)
     keys = list(dict.fromkeys(k for g in GROUPS for r in runs for k in r["metrics"] if k.startswith(g + "/")))
     by_seed = {arm: {k: {r["seed"]: r["metrics"][k] for r in group if k in r["metrics"]} for k in keys}
                for arm, group in arms.items()}
@@ -852,6 +937,18 @@ def summary_v2_path(out_md: Path) -> Path:
     return out_md.with_name(out_md.stem.removesuffix("_v2") + "_summary_v2.json")
 
 
+def _switch_steps(runs: list[dict]) -> str:
+    """Where the switch table's numbers come from: each Lighthouse run's switch and neighbouring evaluations."""
+    parts = []
+    for run in runs:
+        k = run["lighthouse_steps"]
+        if k:
+            steps = [int(step) for step, _, _ in _series(run, "val/loss")]
+            parts.append(f"{run['name']}: Lighthouse to step {k:,}, evaluations at steps "
+                         f"{max(s for s in steps if s <= k):,} and {min(s for s in steps if s > k):,}")
+    return "Steps: " + "; ".join(parts) + "."
+
+
 def _spread_cell(s: dict | None, spec: str) -> str:
     if s is None:
         return "—"
@@ -903,11 +1000,12 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
         dense_retrieval = spreads["dense"].get("retrieval/mean")
         dense_mean = dense_retrieval["mean"] if dense_retrieval else None
         lines.append(f"- {retrieval_verdict(arm, diffs[arm].get('retrieval/mean'), dense_mean, kinds[arm])}")
-        d = diffs[arm]["val_loss/mixture"]
-        lines.append(f"- The final validation loss ({arm} minus dense, all sources) is {_with_interval(d, '.4f')} "
-                     f"({kinds[arm]}); training took "
-                     f"{spreads[arm]['wall/train']['mean'] / spreads['dense']['wall/train']['mean']:.2f} "
-                     "of dense's wall-clock (means over seeds).")
+        wall_ratio = spreads[arm]["wall/train"]["mean"] / spreads["dense"]["wall/train"]["mean"]
+        lines.append(f"- {loss_verdict(arm, diffs[arm]['val_loss/mixture'], kinds[arm], wall_ratio)}")
+        for sentence in (context_verdict(arm, diffs[arm].get("context_gain/last bucket minus first"), kinds[arm]),
+                         switch_verdict(arm, spreads)):
+            if sentence:
+                lines.append(f"- {sentence}")
     lines += ["", *([notes, ""] if notes else [])]
     lines += [
         "Each cell over seeds: mean ± sample standard deviation (min–max). Differences are Lighthouse-then-dense "
@@ -916,9 +1014,10 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
         "is given. Per arm: " + "; ".join(f"{a}: {kinds[a]}" for a in lh_arms) + ".",
         "",
         f"Stability: this recipe replaces the first recipe's constant LR of 1e-3, under which the validation loss "
-        f"swung by nats between neighbouring evaluations, with warmup and {sched['decay']} decay from "
-        f"{cfg['optim']['lr']:g}. Whether the swings are gone is to be measured by these runs: the last table's "
-        "\"largest rise\" row is that measurement.",
+        f"swung by up to 2.5 nats between neighbouring evaluations, with warmup and {sched['decay']} decay from "
+        f"{cfg['optim']['lr']:g}. Here the largest rise of the validation loss between neighbouring evaluations "
+        f"of one phase is {max(r['metrics']['stability/largest rise'] for r in runs):.3f} nats over all {len(runs)} "
+        "runs (the \"largest rise\" table).",
         "",
     ]
     for group, (title, spec) in GROUPS.items():
@@ -931,6 +1030,8 @@ def _markdown_v2(arms: dict[str, list[dict]], keys: list[str], spreads: dict, di
             lines.append(f"| {_label(k)} | " + " | ".join(_spread_cell(spreads[a].get(k), spec) for a in arms) + " | "
                          + " | ".join(_with_interval(diffs[a][k], spec) for a in lh_arms) + " |")
         lines.append("")
+        if group == "switch":
+            lines += [_switch_steps(runs), ""]
     sources = [k.split("/", 1)[1] for k in keys if k.startswith("val_loss/")]
     lines += ["## Runs", "", "| run | arm | seed | Lighthouse steps | " + " | ".join(f"final val {s}" for s in sources)
               + " | retrieval | pass-key | train wall-clock |", "|---|---|---|---|" + "---|" * (len(sources) + 3)]

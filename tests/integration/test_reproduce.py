@@ -141,7 +141,16 @@ def test_reproduce_two_seeds_per_arm_and_report(tmp_path, monkeypatch):
             assert f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]" in text
     retrieval = summary["differences"]["lh50"]["retrieval/mean"]
     assert f"The difference in retrieval accuracy (lh50 minus dense) is {retrieval['diff']:+.3f}" in text
-    assert "paired seeds (0, 1)" in text and "to be measured" in text
+    assert "paired seeds (0, 1)" in text
+    rises = [reproduce._largest_rise(scalars[name]["val/loss"], 4 if name.startswith("lh") else 0) for name in scalars]
+    assert f"is {max(rises):.3f} nats over all 4 runs" in text
+    # Around lh50's switch at step 4: its evaluations at steps 4 and 6, and dense's at the same steps.
+    for name in runs.values():
+        val = {int(step): v for step, _, v in scalars[name]["val/loss"]}
+        e = entries[(name.split("-")[0], int(name[-1]))]
+        assert e["metrics"]["switch/val jump"] == pytest.approx(val[6] - val[4])
+        assert e["metrics"]["switch/val end minus before"] == pytest.approx(val[8] - val[4])
+    assert "Steps: lh50-s0: Lighthouse to step 4, evaluations at steps 4 and 6" in text
     for plot in ("val_loss", "position_loss", "retrieval_length"):
         png = f"reproduction_v2_{plot}.png"
         assert png in text and (md.parent / png).stat().st_size > 1000

@@ -1,5 +1,6 @@
 """benchmarks/reproduce.py's statistics over seeds: Student's t quantile, the paired / Welch / absent interval
-of a difference between arms, the retrieval sentence; and the recipe v2 config loads as a two-source mixture."""
+of a difference between arms, the sentences on retrieval, loss and far context; the losses around the switch and
+the gain from far context of one run; and the recipe v2 config loads as a two-source mixture."""
 
 import importlib.util
 import math
@@ -52,6 +53,51 @@ def test_retrieval_sentence_follows_the_interval():
     assert "says little" in verdict(-0.05, 0.15, dense=0.01)
     none = reproduce.retrieval_verdict("lh60", {"diff": 0.1, "lo": None, "hi": None}, 0.5, "none")
     assert "no interval" in none and "not decided" in none
+
+
+def test_loss_and_far_context_sentences_follow_the_interval():
+    def loss(lo, hi):
+        return reproduce.loss_verdict("lh60", {"diff": (lo + hi) / 2, "lo": lo, "hi": hi}, "paired", 0.8)
+
+    assert "ends worse than dense" in loss(0.05, 0.2) and "+0.1250 [+0.0500, +0.2000]" in loss(0.05, 0.2)
+    assert "ends better than dense" in loss(-0.2, -0.05)
+    assert "level with dense" in loss(-0.05, 0.1) and "0.80 of dense's wall-clock" in loss(-0.05, 0.1)
+    one = reproduce.loss_verdict("lh60", {"diff": 0.18, "lo": None, "hi": None}, "no interval: one seed", 0.8)
+    assert "+0.1800 (no interval: one seed): lh60 ends above dense" in one
+
+    def far(lo, hi):
+        return reproduce.context_verdict("lh60", {"diff": (lo + hi) / 2, "lo": lo, "hi": hi}, "paired")
+
+    assert "gains less from far context" in far(0.01, 0.03)
+    assert "gains more from far context" in far(-0.03, -0.01)
+    assert "a deficit of more than 0.0200 nats is excluded" in far(-0.01, 0.02)
+    single = reproduce.context_verdict("lh60", {"diff": -0.0168, "lo": None, "hi": None}, "none")
+    assert "differs by -0.0168, with no interval" in single and "not decided" in single
+    assert reproduce.context_verdict("lh60", None, "none") is None
+
+
+def _run(val, train, buckets):
+    """A run record as load_run gives it, with only what run_metrics reads."""
+    return {"name": "r", "lighthouse_steps": 0, "scalars": {"val/loss": val, "train/loss": train},
+            "loss_eval": {"buckets": buckets}, "retrieval_eval": None, "passkey_eval": {"mean": 0.1},
+            "wall_s": {"train": 120.0}}
+
+
+def test_switch_losses_and_far_context_gain_of_one_run():
+    val = [[50 * i, 0.0, v] for i, v in enumerate([3.0, 2.0, 1.5, 2.4, 1.9, 1.6], start=1)]  # steps 50-300
+    train = [[10 * i, 0.0, 2.0 if i <= 15 else 3.0] for i in range(1, 31)]  # steps 10-300, a jump after 150
+    buckets = [{"start": 0, "end": 512, "loss": 1.8}, {"start": 512, "end": 1024, "loss": 1.7},
+               {"start": 1024, "end": 2048, "loss": 1.65}]
+    m = reproduce.run_metrics(_run(val, train, buckets), switch_step=150)
+    # Evaluations at 150 (the last of the Lighthouse phase) and 200; the last evaluation, 1.6, at 300.
+    assert m["switch/val before"] == 1.5 and m["switch/val after"] == 2.4
+    assert m["switch/val jump"] == pytest.approx(0.9) and m["switch/val end minus before"] == pytest.approx(0.1)
+    # Five logged training losses on each side: 2.0 up to step 150, 3.0 after it.
+    assert m["switch/train jump"] == pytest.approx(1.0)
+    assert m["context_gain/last bucket minus first"] == pytest.approx(-0.15)
+    # A switch after the last evaluation has no "after": no switch numbers; without a switch step, none either.
+    assert not any(k.startswith("switch/") for k in reproduce.run_metrics(_run(val, train, buckets), switch_step=300))
+    assert not any(k.startswith("switch/") for k in reproduce.run_metrics(_run(val, train, buckets)))
 
 
 def test_recipe_v2_config_is_the_code_and_retrieval_mixture():
