@@ -2,6 +2,9 @@
 the gathered K/V between ranks (`EXCHANGES`, which lighthouse_cp implements), and the barrier
 every module uses."""
 
+import contextlib
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -26,6 +29,19 @@ def barrier() -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
+
+
+@contextlib.contextmanager
+def device_guessing_barriers():
+    """Within the block, barriers that do not name their device run without torch's warning.
+
+    DeepSpeed's checkpoint save and load call dist.barrier() without device_ids, and in a world of one
+    DeepSpeed leaves the process group unbound to a device (its comm/torch.py), so torch warns on rank 0
+    that it takes the current device. lh_dist sets the current device to this rank's GPU before
+    training (lh_dist/parallel/device.py), so the device taken is the right one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
+        yield
 
 
 class PendingRecv:

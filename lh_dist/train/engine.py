@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lh_dist.config import TrainConfig
+from lh_dist.parallel.comm import device_guessing_barriers
 
 
 def deepspeed_clips(cfg: TrainConfig, device: torch.device) -> bool:
@@ -127,10 +128,12 @@ class Engine:
 
     def save(self, folder: Path) -> None:
         """Write DeepSpeed's model and optimizer shards into `folder` (all ranks call this)."""
-        self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
+        with device_guessing_barriers():
+            self.ds.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
     def load(self, folder: Path) -> None:
         """Read what `save` wrote into `folder` (all ranks call this)."""
-        path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
+        with device_guessing_barriers():
+            path, _ = self.ds.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {folder}")

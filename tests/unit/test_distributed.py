@@ -1,12 +1,16 @@
-"""The barrier, and ending torch.distributed: destroyed when every rank ended together, aborted
+"""The barrier, DeepSpeed's checkpoint barriers without torch's device warning, and ending torch.distributed: destroyed when every rank ended together, aborted
 (NCCL) or left to the exit (gloo) after a failure. One rank of gloo in the test process, joined
 through an in-memory store."""
+
+import types
+import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from lh_dist.parallel.comm import barrier
+from lh_dist.train.engine import Engine
 from lh_dist.parallel.distributed import close_distributed
 
 
@@ -45,3 +49,23 @@ def test_the_barrier_names_this_ranks_gpu_under_nccl(world_of_one, monkeypatch):
     monkeypatch.setattr(dist, "barrier", lambda **kwargs: calls.append(kwargs))
     barrier()
     assert calls == [{"device_ids": [3]}]
+
+
+def test_deepspeeds_checkpoint_barriers_do_not_warn_of_the_device_they_take(tmp_path):
+    # torch's words when a barrier takes the current device (NCCL, no device_ids, a group bound to no device),
+    # as DeepSpeed's save_checkpoint and load_checkpoint make it in a world of one.
+    torch_words = ("barrier(): using the device under current context. "
+                   "You can specify `device_id` in `init_process_group` to mute this warning.")
+
+    def deepspeed_call(*args, **kwargs):
+        warnings.warn(torch_words, UserWarning)
+        warnings.warn("another warning", UserWarning)
+        return str(tmp_path), {}
+
+    engine = types.SimpleNamespace(ds=types.SimpleNamespace(save_checkpoint=deepspeed_call,
+                                                            load_checkpoint=deepspeed_call))
+    for call in (Engine.save, Engine.load):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call(engine, tmp_path / "step_00000004")
+        assert [str(w.message) for w in caught] == ["another warning"]
