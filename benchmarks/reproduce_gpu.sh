@@ -12,7 +12,8 @@
 # The run's results folder comes back as $OUT/NAME.tar.gz; unpack it here into
 # benchmarks/results/reproduction_v2/ and write the report over every run there:
 #   tar xzf NAME.tar.gz -C benchmarks/results/reproduction_v2
-#   python benchmarks/reproduce.py report --results benchmarks/results/reproduction_v2
+#   python benchmarks/reproduce.py report --results benchmarks/results/reproduction_v2 \
+#       --notes benchmarks/results/reproduction_v2_notes.md
 set -uo pipefail
 OUT=${OUT:-/tmp/reproduce_out}
 ROOT=/tmp/reproduce

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import math
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -303,6 +304,10 @@ class ScheduleConfig:
     warmup_steps: int = 20
     decay: Literal["constant", "linear", "cosine"] = "cosine"
     min_lr_ratio: float = 0.1
+    # The decay's length, ending at the last step; between warmup and it the learning rate holds at its peak
+    # (warmup-stable-decay, so that a late phase such as the dense one does not start at a decayed rate).
+    # None: every step after warmup.
+    decay_steps: int | None = None
     # Optimizer steps that use Lighthouse attention before the switch to dense (0: dense run).
     lighthouse_steps: int = 0
     # Consecutive steps with a non-finite loss or gradient tolerated (each is skipped) before the run aborts.
@@ -314,6 +319,10 @@ class ScheduleConfig:
         _check(0 <= self.warmup_steps <= self.steps, f"{p}.warmup_steps", f"in [0, {p}.steps={self.steps}]",
                self.warmup_steps)
         _check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", "in [0, 1]", self.min_lr_ratio)
+        if self.decay_steps is not None:
+            after_warmup = self.steps - self.warmup_steps
+            _check(0 <= self.decay_steps <= after_warmup, f"{p}.decay_steps",
+                   f"in [0, {p}.steps - {p}.warmup_steps = {after_warmup}] or null", self.decay_steps)
         _check(0 <= self.lighthouse_steps <= self.steps, f"{p}.lighthouse_steps",
                f"in [0, {p}.steps={self.steps}]", self.lighthouse_steps)
         _check(self.max_nonfinite_steps >= 1, f"{p}.max_nonfinite_steps", "a positive integer",
@@ -413,7 +422,17 @@ def validate_lighthouse_shape(cfg: TrainConfig) -> None:
 
 # ---- loading -------------------------------------------------------------------------------
 
+def _optional(tp):
+    """T of a field typed T | None, else None."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) and len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _type_name(tp) -> str:
+    if _optional(tp) is not None:
+        return f"{_type_name(_optional(tp))} or null"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
@@ -423,6 +442,8 @@ def _type_name(tp) -> str:
 
 
 def _coerce(value, tp, name: str):
+    if _optional(tp) is not None:
+        return None if value is None else _coerce(value, _optional(tp), name)
     origin = typing.get_origin(tp)
     if origin is Literal:
         _check(value in typing.get_args(tp), name, _type_name(tp), value)

@@ -156,7 +156,8 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
         rows.append(("final validation loss", f"{state['val_loss'][1]:.4f} nats/token (step {state['val_loss'][0]:,})"))
     rows += [("data", f"`{cfg.data.path}`, tokenizer "
                       + ("of the imported model" if tokenizer == "imported" else f"`{tokenizer}`")),
-             ("optimizer", f"AdamW, lr {cfg.optim.lr:g}, {s.decay} schedule after {s.warmup_steps} warmup steps, "
+             ("optimizer", f"AdamW, lr {cfg.optim.lr:g}, {s.decay} schedule after {s.warmup_steps} warmup steps"
+                           + (f" over the last {s.decay_steps} steps" if s.decay_steps is not None else "") + ", "
                            f"weight decay {cfg.optim.weight_decay:g}, clipping {cfg.optim.grad_clip:g}")]
     m = cfg.model
     ended_sparse = state.get("phase") == "lighthouse"

@@ -57,13 +57,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, then the configured decay."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, the peak held until the decay's
+    schedule.decay_steps (all steps after warmup when unset), then the configured decay to the last step."""
     s, base = cfg.schedule, cfg.optim.lr
     if step < s.warmup_steps:
         return base * (step + 1) / s.warmup_steps
-    if s.decay == "constant" or s.steps == s.warmup_steps:
+    decay_steps = s.steps - s.warmup_steps if s.decay_steps is None else s.decay_steps
+    start = s.steps - decay_steps
+    if s.decay == "constant" or decay_steps == 0 or step < start:
         return base
-    frac = (step - s.warmup_steps) / max(s.steps - s.warmup_steps - 1, 1)
+    frac = (step - start) / max(decay_steps - 1, 1)
     floor = base * s.min_lr_ratio
     if s.decay == "linear":
         return floor + (base - floor) * (1 - frac)

@@ -27,6 +27,8 @@ def test_overrides_apply_with_types():
     ("optim.lr=-1", "optim.lr", "positive"),
     ("schedule.steps=1.5", "schedule.steps", "an integer"),
     ("schedule.decay=exp", "schedule.decay", "'constant', 'linear', 'cosine'"),
+    ("schedule.decay_steps=1000", "schedule.decay_steps", "in [0, schedule.steps - schedule.warmup_steps = "),
+    ("schedule.decay_steps=half", "schedule.decay_steps", "an integer"),
     ("model.n_kv_heads=3", "model.n_kv_heads", "a divisor of model.n_heads"),
     ("parallel.zero_stage=4", "parallel.zero_stage", "one of 0, 1, 2, 3"),
     ("data.seq_len=1030", "data.seq_len", "multiple of topk/128 = 4 tiles"),
@@ -75,8 +77,10 @@ def test_lighthouse_arg_error_carries_its_argument_through_pickling():
 
 
 def test_resolved_config_round_trips(tmp_path):
-    cfg = load_config("configs/tiny-cpu.yaml", ["optim.lr=0.02"])
-    save_config(cfg, tmp_path / "c.yaml")
-    again = load_config(tmp_path / "c.yaml")
-    assert again == cfg
+    for decay_steps in ("null", "10"):  # a field typed int | None, both ways
+        cfg = load_config("configs/tiny-cpu.yaml", ["optim.lr=0.02", f"schedule.decay_steps={decay_steps}"])
+        save_config(cfg, tmp_path / "c.yaml")
+        again = load_config(tmp_path / "c.yaml")
+        assert again == cfg
+        assert again.schedule.decay_steps == (None if decay_steps == "null" else 10)
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["optim"]["lr"] == 0.02
