@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-from lh_dist.parallel.comm import barrier
+from lh_dist.parallel.comm import barrier, device_guessing_barriers
 
 LOCK_PATH = os.path.join(tempfile.gettempdir(), "lh_dist_streaming_shm.lock")
 # How long a process waits for the lock before going on without it: far longer than an opening
@@ -132,7 +132,8 @@ def open_streaming_dataset(**kwargs):
             _exit_handlers_registered() as registered:
         if joined:
             barrier()  # the other ranks of the node look for the prefix under the lock too
-        dataset = StreamingDataset(**kwargs)
+        with device_guessing_barriers():  # streaming's own barriers name no device
+            dataset = StreamingDataset(**kwargs)
     kept = _shared_memories(dataset)
     _close_search_handles(registered, kept)
     release = functools.partial(_release, dataset)

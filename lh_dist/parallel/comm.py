@@ -35,10 +35,11 @@ def barrier() -> None:
 def device_guessing_barriers():
     """Within the block, barriers that do not name their device run without torch's warning.
 
-    DeepSpeed's checkpoint save and load call dist.barrier() without device_ids, and in a world of one
-    DeepSpeed leaves the process group unbound to a device (its comm/torch.py), so torch warns on rank 0
-    that it takes the current device. lh_dist sets the current device to this rank's GPU before
-    training (lh_dist/parallel/device.py), so the device taken is the right one."""
+    DeepSpeed's checkpoint save and load and mosaicml-streaming's opening of a dataset call
+    dist.barrier() without device_ids, and in a world of one DeepSpeed leaves the process group
+    unbound to a device (its comm/torch.py), so torch warns on rank 0 that it takes the current
+    device. lh_dist sets the current device to this rank's GPU before it starts torch.distributed
+    (lh_dist/parallel/device.py), so the device taken is the right one."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"barrier\(\): using the device under current context")
         yield

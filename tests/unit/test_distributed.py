@@ -1,6 +1,7 @@
-"""The barrier, DeepSpeed's checkpoint barriers without torch's device warning, and ending torch.distributed: destroyed when every rank ended together, aborted
-(NCCL) or left to the exit (gloo) after a failure. One rank of gloo in the test process, joined
-through an in-memory store."""
+"""The barrier; the barriers of DeepSpeed's checkpoints and of streaming's dataset opening, without
+torch's warning about the device they take; and ending torch.distributed: destroyed when every rank
+ended together, aborted (NCCL) or left to the exit (gloo) after a failure. One rank of gloo in the
+test process, joined through an in-memory store."""
 
 import types
 import warnings
@@ -69,3 +70,21 @@ def test_deepspeeds_checkpoint_barriers_do_not_warn_of_the_device_they_take(tmp_
             warnings.simplefilter("always")
             call(engine, tmp_path / "step_00000004")
         assert [str(w.message) for w in caught] == ["another warning"]
+
+
+def test_opening_a_streaming_dataset_does_not_warn_of_the_device_its_barriers_take(monkeypatch):
+    import streaming
+
+    from lh_dist.data.streaming_shm import open_streaming_dataset
+
+    class Dataset:  # stands in for streaming's, whose opening makes such a barrier in a world of one
+        def __init__(self, **kwargs):
+            warnings.warn("barrier(): using the device under current context. You can specify `device_id` in "
+                          "`init_process_group` to mute this warning.", UserWarning)
+
+    monkeypatch.setattr(streaming, "StreamingDataset", Dataset)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dataset, release = open_streaming_dataset(local="unused")
+    release()
+    assert isinstance(dataset, Dataset) and [str(w.message) for w in caught] == []
