@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lh_dist.config import load_config
 from lh_dist.data.retrieval import RetrievalSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -836,6 +837,25 @@ def switch_verdict(arm: str, spreads: dict) -> str | None:
     return text + " (means over seeds)."
 
 
+# What may differ between the runs of one report: the seed, the switch, and where the data was read and
+# the run written (the data's content is checked by hash).
+PER_RUN_SETTINGS = ("seed", "schedule.lighthouse_steps", "logging.run_dir", "data.path")
+
+
+def _settings(run: dict) -> dict:
+    """The run's resolved config (fields added since it ran take their defaults), flattened to "section.field";
+    the mixture's sources as (name, weight) pairs."""
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+        return out
+
+    settings = flat(dataclasses.asdict(load_config(run["folder"] / "config.yaml")))
+    settings["data.sources"] = [(s["name"], s["weight"]) for s in settings["data.sources"]]
+    return settings
+
+
 def _check_comparable(arms: dict[str, list[dict]]) -> None:
     runs = [r for group in arms.values() for r in group]
     for what, get in (("code corpus", lambda r: r["data"]["content_sha256"]),
@@ -844,6 +864,14 @@ def _check_comparable(arms: dict[str, list[dict]]) -> None:
         values = {get(r) for r in runs}
         if len(values) != 1:
             sys.exit(f"reproduce: the runs differ in their {what} ({sorted(map(str, values))})")
+    settings = {r["name"]: _settings(r) for r in runs}
+    first = runs[0]["name"]
+    for name, theirs in settings.items():
+        for key in sorted(set(theirs) | set(settings[first])):
+            if key not in PER_RUN_SETTINGS and theirs.get(key) != settings[first].get(key):
+                sys.exit(f"reproduce: runs {first} and {name} differ in {key} ({settings[first].get(key)!r} and "
+                         f"{theirs.get(key)!r}); a report compares runs that differ only in "
+                         f"{', '.join(PER_RUN_SETTINGS)}")
     for arm, group in arms.items():
         seeds = [r["seed"] for r in group]
         if len(set(seeds)) != len(seeds):

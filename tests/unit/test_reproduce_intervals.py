@@ -4,10 +4,12 @@ the gain from far context of one run; and the recipe v2 config loads as a two-so
 
 import importlib.util
 import math
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lh_dist.config import load_config
 
@@ -98,6 +100,33 @@ def test_switch_losses_and_far_context_gain_of_one_run():
     # A switch after the last evaluation has no "after": no switch numbers; without a switch step, none either.
     assert not any(k.startswith("switch/") for k in reproduce.run_metrics(_run(val, train, buckets), switch_step=300))
     assert not any(k.startswith("switch/") for k in reproduce.run_metrics(_run(val, train, buckets)))
+
+
+@pytest.mark.parametrize("change, refusal", [
+    (None, None),
+    (("schedule", "decay_steps", 400), "differ in schedule.decay_steps (None and 400)"),
+    (("optim", "lr", 1e-3), "differ in optim.lr (0.0006 and 0.001)"),
+])
+def test_a_report_compares_runs_that_differ_only_in_seed_and_switch(tmp_path, change, refusal):
+    # Two committed dense runs of recipe v2; the second's config changed in one setting, or in none but its data's
+    # and run's paths.
+    for name in ("dense-s0", "dense-s1"):
+        shutil.copytree(ROOT / "benchmarks" / "results" / "reproduction_v2" / name, tmp_path / "results" / name)
+    config = tmp_path / "results" / "dense-s1" / "config.yaml"
+    cfg = yaml.safe_load(config.read_text())
+    cfg["logging"]["run_dir"] = "/elsewhere/dense-s1"
+    cfg["data"]["sources"] = [dict(s, path=f"/elsewhere/{s['name']}") for s in cfg["data"]["sources"]]
+    if change:
+        section, field, value = change
+        cfg[section][field] = value
+    config.write_text(yaml.safe_dump(cfg))
+    args = ["report", "--results", str(tmp_path / "results"), "--out", str(tmp_path / "report" / "r_v2.md")]
+    if refusal is None:
+        assert reproduce.main(args) == 0 and (tmp_path / "report" / "r_v2.md").is_file()
+        return
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(args)
+    assert "runs dense-s0 and dense-s1 " + refusal in str(stop.value)
 
 
 def test_recipe_v2_config_is_the_code_and_retrieval_mixture():
