@@ -57,8 +57,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step `step` (0-based): linear warmup, the peak held until the decay's
-    schedule.decay_steps (all steps after warmup when unset), then the configured decay to the last step."""
+    """Learning rate of optimizer step `step` (0-based): linear warmup, then the configured decay over the
+    last schedule.decay_steps steps (every step after warmup when unset), the peak held in between."""
     s, base = cfg.schedule, cfg.optim.lr
     if step < s.warmup_steps:
         return base * (step + 1) / s.warmup_steps
