@@ -933,7 +933,10 @@ def _plots_v2(arms: dict[str, list[dict]], out: Path, prefix: str) -> list[str]:
             val = _series(run, "val/loss")
             ax.plot([s for s, _, _ in val], [v for _, _, v in val], color=colors[arm], linewidth=1,
                     label=arm if i == 0 else None)
-    ax.set(xlabel="step", ylabel="validation loss, all sources (nats/token)", title="Validation loss, every run")
+        for k in sorted({r["lighthouse_steps"] for r in group if r["lighthouse_steps"]}):
+            ax.axvline(k, color=colors[arm], linestyle=":", linewidth=1)  # the switch to dense
+    ax.set(xlabel="step", ylabel="validation loss, all sources (nats/token)",
+           title="Validation loss, every run (dotted: the switch to dense)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save(fig, "val_loss")
