@@ -11,8 +11,13 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.parallel.comm import barrier
-from lh_dist.train.engine import Engine
 from lh_dist.parallel.distributed import close_distributed
+from lh_dist.train.engine import Engine
+
+# torch's words when a barrier takes the current device (NCCL, no device_ids, a group bound to no device), as
+# DeepSpeed's save_checkpoint and load_checkpoint and streaming's dataset opening make it in a world of one.
+TORCH_WORDS = ("barrier(): using the device under current context. "
+               "You can specify `device_id` in `init_process_group` to mute this warning.")
 
 
 @pytest.fixture
@@ -53,13 +58,8 @@ def test_the_barrier_names_this_ranks_gpu_under_nccl(world_of_one, monkeypatch):
 
 
 def test_deepspeeds_checkpoint_barriers_do_not_warn_of_the_device_they_take(tmp_path):
-    # torch's words when a barrier takes the current device (NCCL, no device_ids, a group bound to no device),
-    # as DeepSpeed's save_checkpoint and load_checkpoint make it in a world of one.
-    torch_words = ("barrier(): using the device under current context. "
-                   "You can specify `device_id` in `init_process_group` to mute this warning.")
-
     def deepspeed_call(*args, **kwargs):
-        warnings.warn(torch_words, UserWarning)
+        warnings.warn(TORCH_WORDS, UserWarning)
         warnings.warn("another warning", UserWarning)
         return str(tmp_path), {}
 
@@ -79,8 +79,7 @@ def test_opening_a_streaming_dataset_does_not_warn_of_the_device_its_barriers_ta
 
     class Dataset:  # stands in for streaming's, whose opening makes such a barrier in a world of one
         def __init__(self, **kwargs):
-            warnings.warn("barrier(): using the device under current context. You can specify `device_id` in "
-                          "`init_process_group` to mute this warning.", UserWarning)
+            warnings.warn(TORCH_WORDS, UserWarning)
 
     monkeypatch.setattr(streaming, "StreamingDataset", Dataset)
     with warnings.catch_warnings(record=True) as caught:
