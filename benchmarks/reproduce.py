@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from lh_dist.checkpoint.format import flat_config
 from lh_dist.config import load_config
 from lh_dist.data.retrieval import RetrievalSettings
 
@@ -344,9 +345,8 @@ def summarize(run: dict, baseline: dict | None = None, base: dict | None = None,
     reached = [(step, wall - t0) for step, wall, v in val if step > k and v <= base["final_val"]]
     s["reached_baseline_final"] = {"step": reached[0][0], "wall_s": reached[0][1]} if reached else None
     if k:
-        before = [v for step, _, v in val if step <= k]
         after = [(int(step), v) for step, _, v in val if step > k]
-        s["switch_spike"] = after[0][1] - before[-1] if before and after else None
+        s["switch_spike"] = switch_metrics(run, k).get("switch/val jump")
         back = [step for step, v in after if step in base_val and v <= base_val[step] + CLOSE]
         s["steps_to_within_close"] = back[0] - k if back else None
     return s
@@ -845,13 +845,7 @@ PER_RUN_SETTINGS = ("seed", "schedule.lighthouse_steps", "logging.run_dir", "dat
 def _settings(run: dict) -> dict:
     """The run's resolved config (fields added since it ran take their defaults), flattened to "section.field";
     the mixture's sources as (name, weight) pairs."""
-    def flat(tree: dict, prefix: str = "") -> dict:
-        out = {}
-        for key, value in tree.items():
-            out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
-        return out
-
-    settings = flat(dataclasses.asdict(load_config(run["folder"] / "config.yaml")))
+    settings = flat_config(load_config(run["folder"] / "config.yaml").to_dict())
     settings["data.sources"] = [(s["name"], s["weight"]) for s in settings["data.sources"]]
     return settings
 
