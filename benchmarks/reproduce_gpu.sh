@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # benchmarks/reproduce.py on one GPU machine that has no package index: one training per call, each
 # with its evaluations under 9 minutes. DeepSpeed and mosaicml-streaming travel as wheels in .whl/
-# (carry it). The code corpus and the retrieval set are built from the machine's own site-packages
-# into /tmp/reproduce/data (about a minute), and kept while the machine stays warm; the same image
-# builds the same corpus, which each run records by content hash.
+# (made by benchmarks/gpu_wheels.sh; carry it). The code corpus and the retrieval set are built from
+# the machine's own site-packages into /tmp/reproduce/data (about a minute), and kept while the
+# machine stays warm; the same image builds the same corpus, which each run records by content hash.
 #
 #   bash benchmarks/reproduce_gpu.sh NAME FRACTION SEED [reproduce.py train options] [lh-train overrides]
 #   e.g. bash benchmarks/reproduce_gpu.sh dense-s0 0 0
@@ -23,7 +23,7 @@ name=${1:?usage: bash benchmarks/reproduce_gpu.sh NAME FRACTION SEED [options]}
 fraction=${2:?FRACTION}
 seed=${3:?SEED}
 shift 3
-[ -d .whl ] || { echo "reproduce_gpu: error: .whl/ is missing (carry it)"; exit 2; }
+[ -d .whl ] || { echo "reproduce_gpu: error: .whl/ is missing (make it with benchmarks/gpu_wheels.sh and carry it)"; exit 2; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader

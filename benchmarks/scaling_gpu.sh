@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # benchmarks/scaling.py and a 1M-token lh-train run on one GPU machine that has no package index:
-# DeepSpeed and mosaicml-streaming travel as wheels in .whl/ (carry it). Results land in $OUT and,
+# DeepSpeed and mosaicml-streaming travel as wheels in .whl/ (made by
+# benchmarks/gpu_wheels.sh; carry it). Results land in $OUT and,
 # for scaling.py, continue from the benchmarks/results/scaling.json of the working tree.
 #
 #   bash benchmarks/scaling_gpu.sh scaling [scaling.py options]   # e.g. --series dense --budget-s 500
