@@ -29,10 +29,6 @@ RESUME=${RESUME:-auto}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-if [ -z "${RDZV_ENDPOINT:-}" ] && [ "$NNODES" -gt 1 ]; then
-  echo "run.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port of node 0" >&2
-  exit 2
-fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   # The trainer's own rule: one rank per GPU that torch sees (CUDA_VISIBLE_DEVICES counts), else 2 CPU ranks.
   NPROC_PER_NODE=$("$PYTHON" -m lh_dist.train.cli --config "$CONFIG" --ranks-per-node "$@")
@@ -42,7 +38,14 @@ WORLD=$((NNODES * NPROC_PER_NODE))
 if [ "${DRY_RUN:-0}" = 1 ]; then
   plan=$("$PYTHON" -m lh_dist.train.cli --config "$CONFIG" --dry-run --json --world-size "$WORLD" "$@")
   plan_field() { "$PYTHON" -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$plan" "$1"; }
-  echo "launch: $NNODES node(s) x $NPROC_PER_NODE process(es) = world size $WORLD; rendezvous c10d at ${RDZV_ENDPOINT:-a free local port}"
+  if [ -n "${RDZV_ENDPOINT:-}" ]; then
+    rendezvous="c10d at $RDZV_ENDPOINT"
+  elif [ "$NNODES" -gt 1 ]; then
+    rendezvous="c10d at RDZV_ENDPOINT (set it to host:port of node 0 to launch)"
+  else
+    rendezvous="c10d at a free local port"
+  fi
+  echo "launch: $NNODES node(s) x $NPROC_PER_NODE process(es) = world size $WORLD; rendezvous $rendezvous"
   for ((n = 0; n < NNODES; n++)); do
     echo "node $n: ranks $((n * NPROC_PER_NODE))..$(((n + 1) * NPROC_PER_NODE - 1))"
   done
@@ -57,6 +60,10 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
   exit 0
 fi
 
+if [ -z "${RDZV_ENDPOINT:-}" ] && [ "$NNODES" -gt 1 ]; then
+  echo "run.sh: NNODES=$NNODES needs RDZV_ENDPOINT=host:port of node 0" >&2
+  exit 2
+fi
 export PET_SHUTDOWN_TIMEOUT=${STOP_TIMEOUT:-300}  # read by torchrun as --shutdown-timeout
 # Failures are not retried in place: a restart goes through the checkpoint (a requeue or a rerun).
 args=(--nnodes "$NNODES" --nproc-per-node "$NPROC_PER_NODE" --max-restarts 0)

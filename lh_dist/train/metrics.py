@@ -146,7 +146,7 @@ def progress_line(step: int, total_steps: int, values: dict[str, float], phase: 
                   eta: float) -> str:
     """The console line of a logged step, from its TensorBoard values (see the module docstring)."""
     parts = [f"step {step:>6}/{total_steps}", f"loss {values['train/loss']:.4f}",
-             f"grad {values['train/grad_norm']:.3g}", f"lr {values['train/lr']:.2e}",
+             f"grad {values['train/grad_norm']:#.3g}", f"lr {values['train/lr']:.2e}",
              f"{values['perf/tokens_per_s']:,.0f} tok/s"]
     if "perf/peak_memory_gib" in values:
         parts.append(f"mem {values['perf/peak_memory_gib']:.1f} GiB")

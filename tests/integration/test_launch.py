@@ -43,6 +43,17 @@ def test_dry_run_prints_the_plan_for_the_whole_world():
     assert r.returncode == 0, r.stderr
     assert "warning: CP groups of 4 ranks span nodes" in r.stdout
 
+    # A dry run needs no rendezvous endpoint; a real launch of several nodes does.
+    no_endpoint = {k: v for k, v in env.items() if k != "RDZV_ENDPOINT"}
+    r = subprocess.run(["bash", "launch/run.sh", "parallel.cp_degree=4"], cwd=REPO, env=no_endpoint,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "set it to host:port of node 0 to launch" in r.stdout
+    r = subprocess.run(["bash", "launch/run.sh", "parallel.cp_degree=4"], cwd=REPO,
+                       env=no_endpoint | {"DRY_RUN": "0"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "NNODES=2 needs RDZV_ENDPOINT=host:port of node 0" in r.stderr
+
     # A CP degree that does not divide the world is refused before anything starts.
     r = subprocess.run(["bash", "launch/run.sh", "parallel.cp_degree=4"], cwd=REPO,
                        env=env | {"NPROC_PER_NODE": "3"}, capture_output=True, text=True, timeout=120)

@@ -23,6 +23,8 @@ def test_progress_line():
     line = progress_line(20, 60, VALUES, "lighthouse", elapsed=41.2, eta=82.4)
     assert line == ("step     20/60  loss 4.1235  grad 0.842  lr 3.00e-03  3,612 tok/s  lighthouse  "
                     "elapsed 0:00:41  eta 0:01:22")
+    # Three significant digits, trailing zeros kept: a norm of exactly 4 reads "4.00", not "4".
+    assert "  grad 4.00  " in progress_line(20, 60, VALUES | {"train/grad_norm": 4.0}, "dense", 0, 0)
     with_memory = progress_line(20, 60, VALUES | {"perf/peak_memory_gib": 12.345}, "dense", 0, 0)
     assert "  3,612 tok/s  mem 12.3 GiB  dense  " in with_memory
 
