@@ -211,6 +211,11 @@ class Trainer:
                 data_state = with_current_documents(data_state, self.loader.state_dict())
             self.loader.load_state_dict(data_state)
             self.metrics.log(f"resumed from {plan.folder} at step {self.step} ({phase_at(cfg, self.step)} phase)")
+            if self.step >= cfg.schedule.steps:
+                self.metrics.log(f"nothing to train: {self.run_dir} already holds step {self.step}, and "
+                                 f"schedule.steps is {cfg.schedule.steps}; raise schedule.steps to train on, or "
+                                 f"start a new run elsewhere (logging.run_dir=...) or over it (--resume none "
+                                 f"--overwrite)")
         self.stop = StopRequest()
         self.metrics.log(
             f"lh_dist: {self.n_params / 1e6:.2f}M parameters, world {world} = dp {dp} x cp {cp}, "

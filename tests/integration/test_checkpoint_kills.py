@@ -155,3 +155,9 @@ def test_resume_on_one_rank_and_refusals_that_leave_the_run_untouched(tmp_path, 
     for step, loss in resumed.items():
         assert loss == pytest.approx(ref_losses[step], rel=1e-4), step
     assert checkpoints(run_dir) == ["step_00000010", "step_00000012", "step_00000014"]
+
+    # Resuming a finished run trains nothing, and says so and how to go on.
+    r = train(run_dir, stdlib_dataset, "parallel.cp_degree=1", nproc=1)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"nothing to train: {run_dir} already holds step 14, and schedule.steps is 14" in r.stdout
+    assert "This process trained 0 steps" in r.stdout
