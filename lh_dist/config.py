@@ -493,6 +493,17 @@ def _from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: what was wrong and where (PyYAML's own text spans several,
+    quoting the source under each mark)."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem is None:
+        return " ".join(str(e).split())
+    where = e.problem_mark
+    at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+    context = f" ({e.context})" if e.context else ""
+    return f"{e.problem}{at}{context}"
+
+
 def _apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.field=value")
@@ -506,7 +517,7 @@ def _apply_override(tree: dict, override: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {override!r}: the value is not valid YAML ({e})") from None
+        raise ConfigError(f"override {override!r}: the value is not valid YAML: {_yaml_problem(e)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = (),
@@ -521,7 +532,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (),
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+            raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from None
         except UnicodeDecodeError:
             raise ConfigError(f"config file {path} is not a text file (not UTF-8)") from None
         if not isinstance(tree, dict):

@@ -28,9 +28,14 @@ def deepspeed_clips(cfg: TrainConfig, device: torch.device) -> bool:
     return cfg.parallel.zero_stage > 0 or device.type == "cuda"
 
 
+def model_dtype(device: torch.device) -> torch.dtype:
+    """The precision the engine runs the model in: bf16 on GPUs, float32 on CPUs."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def deepspeed_config(cfg: TrainConfig, world_size: int, device: torch.device) -> dict:
     """The DeepSpeed config for this run; DeepSpeed counts every rank (DP x CP) as data parallel."""
-    bf16 = device.type == "cuda"
+    bf16 = model_dtype(device) == torch.bfloat16
     return {
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch,
         "gradient_accumulation_steps": cfg.optim.grad_accum,

@@ -20,9 +20,11 @@ from lh_dist.checkpoint.format import load_model_state
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.data.sources import data_sources, open_loaders, with_current_documents
 from lh_dist.hf.mapping import HF_DIR, read_origin
+from lh_dist.ops import resolve_backend
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
+from lh_dist.train.engine import model_dtype
 from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
 from lh_dist.train.metrics import Metrics, ValidationLoss, flops_per_step_token, peak_flops
 from lh_dist.train.step import StepResult, build_train_step
@@ -156,6 +158,10 @@ class Trainer:
             for source in self.sources:
                 check_data_tokenizer(cfg, source.info, origin, where, f"{source.key}: {source.path}")
         self.device = local_device(cfg.device)  # too few GPUs stop every rank here, before NCCL starts
+        try:  # a kernel that cannot run here stops the run before its run dir is written
+            resolve_backend(cfg.model.attention_backend, self.device, model_dtype(self.device), cfg.model.head_dim)
+        except RuntimeError as e:
+            raise ConfigError(f"model.attention_backend: {e}") from None
         dp, cp = resolve_degrees(cfg, int(os.environ.get("WORLD_SIZE", 1)))
         for source in self.sources:
             check_split_sizes(cfg, source.info, dp, source.key, source.path)

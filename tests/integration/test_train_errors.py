@@ -53,6 +53,14 @@ def test_bad_data_is_named_in_one_line(tmp_path, stdlib_dataset):
         f"{len(intact)}")
 
 
+def test_an_attention_kernel_that_cannot_run_here_is_named_before_anything_is_written(tmp_path, stdlib_dataset):
+    run_dir = tmp_path / "run"
+    line = error_line(lh_train_cmd(run_dir, stdlib_dataset, "model.attention_backend=cudnn", "device=cpu"))
+    assert line == ("lh-train: config error: model.attention_backend: attention backend 'cudnn' is unavailable: "
+                    "cudnn needs CUDA tensors, got device cpu"), line
+    assert not run_dir.exists()
+
+
 def test_a_second_training_on_a_run_dir_is_refused(tmp_path, stdlib_dataset):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from lh_dist.checkpoint.run_dir import RunLock; "

@@ -84,3 +84,18 @@ def test_resolved_config_round_trips(tmp_path):
         assert again == cfg
         assert again.schedule.decay_steps == (None if decay_steps == "null" else 10)
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["optim"]["lr"] == 0.02
+
+
+def test_yaml_that_does_not_parse_is_one_line_naming_where(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  dim: 64\n data: x\n")  # a key indented less than its neighbour
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert "\n" not in str(e.value)
+    assert str(e.value).startswith(f"config file {bad} is not valid YAML: ")
+    assert " at line 3, column 2" in str(e.value)
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.sources=[{path: a"])
+    assert str(e.value) == ("override 'data.sources=[{path: a': the value is not valid YAML: expected ',' or '}', "
+                            "but got '<stream end>' at line 1, column 10 (while parsing a flow mapping)")
