@@ -1,4 +1,4 @@
-"""Training throughput per GPU under context parallelism against one GPU: lh-train's own step
+r"""Training throughput per GPU under context parallelism against one GPU: lh-train's own step
 (`TrainStep` over `Engine` over `build_model` with the CP group, from `build_train_step` as in the Trainer), per
 sequence length, phase (Lighthouse, dense) and Lighthouse exchange (allgather, ring). Random tokens.
 

@@ -1,4 +1,4 @@
-"""Steady-state training throughput of the paper's model on one GPU: lh-train's own step
+r"""Steady-state training throughput of the paper's model on one GPU: lh-train's own step
 (`lh_dist.train.step.TrainStep`: DeepSpeed, the run's loss, clipping and skip test), dense and
 Lighthouse, per activation-checkpointing mode and with or without torch.compile, beside a plain
 PyTorch reference step (SDPA, per-block checkpointing, fused AdamW, eager). B=1, random tokens.

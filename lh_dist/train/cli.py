@@ -1,4 +1,4 @@
-"""`lh-train`: train from a YAML config plus `section.field=value` overrides.
+r"""`lh-train`: train from a YAML config plus `section.field=value` overrides.
 
     lh-train --config configs/tiny-cpu.yaml parallel.cp_degree=1 schedule.steps=100
     torchrun --nproc-per-node 2 -m lh_dist.train.cli --config configs/tiny-cpu.yaml parallel.cp_degree=2

@@ -38,6 +38,13 @@ def test_help_has_descriptions_defaults_choices_and_examples(main, argv, expecte
     assert "(default: None)" not in text
 
 
+def test_lh_train_examples_keep_their_lines(capsys):
+    # The description is printed raw: an example continued with a backslash must show it and break there.
+    lines = _help(lh_train, [], capsys).splitlines()
+    init_from = next(line for line in lines if "--init-from runs/qwen3-import" in line)
+    assert init_from.endswith("\\") and "data.path=" not in init_from
+
+
 def test_print_config_prints_the_full_resolved_config(capsys):
     assert lh_train(["--config", "configs/tiny-cpu.yaml", "--print-config", "schedule.steps=77"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
