@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+# Inside a dataset being overwritten: the old dataset, until the new one is complete.
+REPLACED = ".replaced"
 DATASET_INFO = "lh_data.json"
 DOC_LENGTHS = "doc_lengths.npy"
 SPLITS = ("train", "val")
@@ -115,16 +117,22 @@ def write_dataset(
 
 @contextlib.contextmanager
 def new_dataset(out: Path, overwrite: bool):
-    """The folder of a dataset about to be written (checked, emptied with overwrite); if writing
-    fails, what was written is removed again, and the folder too if this call created it."""
-    created = _prepare_output(out, overwrite)
+    """The folder of a dataset about to be written (checked; with overwrite, a dataset already there
+    is set aside until the new one is complete). If writing fails, what was written is removed, the
+    old dataset is put back, and the folder is removed if this call created it."""
+    created, replaced = _prepare_output(out, overwrite)
     try:
         yield out
     except BaseException:
         _remove_dataset(out)
+        if replaced is not None:
+            _move_dataset(replaced, out)
+            replaced.rmdir()
         if created and not any(out.iterdir()):
             out.rmdir()
         raise
+    if replaced is not None:
+        shutil.rmtree(replaced)
 
 
 def _kept_documents(documents, tokenizer, min_doc_tokens, max_docs, log, what):
@@ -233,14 +241,32 @@ def _remove_dataset(out: Path) -> None:
         shutil.rmtree(out / split, ignore_errors=True)
 
 
-def _prepare_output(out: Path, overwrite: bool) -> bool:
-    """Make `out` ready to write; True if this call created it."""
+def _move_dataset(source: Path, dest: Path) -> None:
+    """Move what this module writes (and only that) from one folder to another on the same disk."""
+    for name in (DATASET_INFO, *SPLITS):
+        if (source / name).exists():
+            (source / name).rename(dest / name)
+
+
+def _prepare_output(out: Path, overwrite: bool) -> tuple[bool, Path | None]:
+    """Make `out` ready to write: (whether this call created it, the folder inside it where a dataset
+    being overwritten waits until the new one is complete, or None)."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {out} exists and is not a directory")
+    replaced = out / REPLACED
+    if replaced.is_dir():  # an overwrite was killed: keep whichever dataset is complete
+        if (out / DATASET_INFO).exists():
+            shutil.rmtree(replaced)
+        else:
+            _remove_dataset(out)
+            _move_dataset(replaced, out)
+            replaced.rmdir()
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"output {out} is not empty; pass --overwrite to replace it")
-        _remove_dataset(out)
+        replaced.mkdir()
+        _move_dataset(out, replaced)
+        return False, replaced
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    return created
+    return created, None

@@ -61,6 +61,41 @@ def test_refuses_non_empty_output_unless_overwrite(tmp_path, capsys):
     assert (tmp_path / "note.txt").read_text() == "keep me"
 
 
+def test_a_failed_overwrite_keeps_the_dataset_that_was_there(tmp_path, capsys):
+    out = tmp_path / "data"
+    args = ["stdlib", "--out", str(out), "--max-docs", "4", "--val-fraction", "0.3"]
+    assert main(args) == 0
+    before = (out / "lh_data.json").read_text()
+    shards = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    # Too few documents for 10M validation tokens: the rebuild fails after the old dataset was set aside.
+    assert main(["stdlib", "--out", str(out), "--max-docs", "4", "--val-tokens", "10000000", "--overwrite"]) == 2
+    assert "validation" in capsys.readouterr().err
+    assert (out / "lh_data.json").read_text() == before
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == shards
+    assert _read_split(out, "train")
+
+
+def test_an_overwrite_killed_midway_leaves_a_complete_dataset(tmp_path):
+    from lh_dist.data.shards import REPLACED
+
+    out = tmp_path / "data"
+    docs = [(f"doc{i}", f"text {i}") for i in range(10)]
+    old = write_dataset(docs, out, ByteTokenizer(), source="old", val_fraction=0.2, log=lambda _: None)
+    # As a kill leaves it: the old dataset set aside, a new split half written, no lh_data.json yet.
+    (out / REPLACED).mkdir()
+    for name in ("lh_data.json", "train", "val"):
+        (out / name).rename(out / REPLACED / name)
+    (out / "train").mkdir()
+    (out / "train" / "shard.00000.mds").write_bytes(b"partial")
+    with pytest.raises(FileExistsError):  # the old dataset is back, so a rerun without overwrite refuses
+        write_dataset(docs, out, ByteTokenizer(), source="new", val_fraction=0.2, log=lambda _: None)
+    assert json.loads((out / "lh_data.json").read_text()) == old and not (out / REPLACED).exists()
+    assert len(_read_split(out, "train")) == old["splits"]["train"]["documents"]
+    new = write_dataset(docs, out, ByteTokenizer(), source="new", val_fraction=0.2, log=lambda _: None,
+                        overwrite=True)
+    assert new["source"] == "new" and not (out / REPLACED).exists()
+
+
 def test_at_least_one_validation_document(tmp_path):
     docs = [(f"doc{i}", f"text {i}") for i in range(10)]
     info = write_dataset(docs, tmp_path, ByteTokenizer(), source="test", val_fraction=1e-9, log=lambda _: None)
