@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lh_dist.data.loader import CorruptDataError
     from lh_dist.parallel.distributed import close_distributed
-    from lh_dist.train.loop import Trainer
+    from lh_dist.train.loop import NothingToTrain, Trainer
     from lh_dist.checkpoint.run_dir import RunDirError
 
     ended_together = False  # every rank returned from the trainer: finished, or stopped on a signal
@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
         code = trainer.run()
         ended_together = True
         return code
+    except NothingToTrain as e:
+        ended_together = True
+        if os.environ.get("RANK", "0") == "0":
+            print(f"lh-train: nothing to train: {e}")
+        return 0
     except ConfigError as e:
         return _fail("config error", e)
     except RunDirError as e:

@@ -54,6 +54,11 @@ class StopRequest:
         return bool(flag.item())
 
 
+class NothingToTrain(Exception):
+    """The run dir already holds a checkpoint at schedule.steps or later: nothing is written, lh-train
+    says so and exits 0."""
+
+
 class NonFiniteLossError(RuntimeError):
     """schedule.max_nonfinite_steps steps in a row had a non-finite loss or gradient."""
 
@@ -175,6 +180,10 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, self.rank, world, dp)
         self.checkpointer.data_sources, self.checkpointer.accept_changed_data = self.sources, accept_changed_data
         plan = self.checkpointer.open(resume, overwrite=overwrite, rewind=rewind)
+        if plan.folder is not None and plan.manifest["step"] >= cfg.schedule.steps:
+            raise NothingToTrain(f"{self.run_dir} already holds step {plan.manifest['step']}, and schedule.steps "
+                                 f"is {cfg.schedule.steps}; raise schedule.steps to train on, or start a new run "
+                                 f"elsewhere (logging.run_dir=...) or over it (--resume none --overwrite)")
         self.tokens_per_step = cfg.data.seq_len * cfg.data.micro_batch * cfg.optim.grad_accum * dp
         cache = cfg.data.cache_dir or str(self.run_dir / "data_cache")
         self.loader, self.val_loaders = open_loaders(cfg.data, self.sources, eval_batches=cfg.logging.eval_batches,
@@ -198,10 +207,9 @@ class Trainer:
         self.n_params, self.n_matmul_params = self.step_fn.n_params, self.step_fn.n_matmul_params
         self.checkpointer.n_params = self.n_params
         start = plan.manifest["step"] if plan.folder is not None else 0
-        if start < cfg.schedule.steps:
-            # Now, not at the first save: the steps before it would be trained for nothing.
-            interval = cfg.checkpoint.interval
-            self.checkpointer.check_space(min((start // interval + 1) * interval, cfg.schedule.steps))
+        # Now, not at the first save: the steps before it would be trained for nothing.
+        interval = cfg.checkpoint.interval
+        self.checkpointer.check_space(min((start // interval + 1) * interval, cfg.schedule.steps))
         self.pending: list[_PendingStep] = []
 
         self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
@@ -217,11 +225,6 @@ class Trainer:
                 data_state = with_current_documents(data_state, self.loader.state_dict())
             self.loader.load_state_dict(data_state)
             self.metrics.log(f"resumed from {plan.folder} at step {self.step} ({phase_at(cfg, self.step)} phase)")
-            if self.step >= cfg.schedule.steps:
-                self.metrics.log(f"nothing to train: {self.run_dir} already holds step {self.step}, and "
-                                 f"schedule.steps is {cfg.schedule.steps}; raise schedule.steps to train on, or "
-                                 f"start a new run elsewhere (logging.run_dir=...) or over it (--resume none "
-                                 f"--overwrite)")
         self.stop = StopRequest()
         self.metrics.log(
             f"lh_dist: {self.n_params / 1e6:.2f}M parameters, world {world} = dp {dp} x cp {cp}, "

@@ -156,8 +156,15 @@ def test_resume_on_one_rank_and_refusals_that_leave_the_run_untouched(tmp_path, 
         assert loss == pytest.approx(ref_losses[step], rel=1e-4), step
     assert checkpoints(run_dir) == ["step_00000010", "step_00000012", "step_00000014"]
 
-    # Resuming a finished run trains nothing, and says so and how to go on.
-    r = train(run_dir, stdlib_dataset, "parallel.cp_degree=1", nproc=1)
+    # Resuming a finished run (here with fewer steps asked for) trains nothing, says so and how to go on,
+    # and writes nothing: config.yaml keeps the run's own schedule, and no event file is added.
+    config, events = (run_dir / "config.yaml").read_text(), sorted((run_dir / "tensorboard").iterdir())
+    r = train(run_dir, stdlib_dataset, "parallel.cp_degree=1", "schedule.steps=12", nproc=1)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert f"nothing to train: {run_dir} already holds step 14, and schedule.steps is 14" in r.stdout
-    assert "This process trained 0 steps" in r.stdout
+    assert r.stdout.strip().splitlines()[-1] == (
+        f"lh-train: nothing to train: {run_dir} already holds step 14, and schedule.steps is 12; raise "
+        f"schedule.steps to train on, or start a new run elsewhere (logging.run_dir=...) or over it (--resume "
+        f"none --overwrite)")
+    assert (run_dir / "config.yaml").read_text() == config
+    assert sorted((run_dir / "tensorboard").iterdir()) == events
+    assert checkpoints(run_dir) == ["step_00000010", "step_00000012", "step_00000014"]
