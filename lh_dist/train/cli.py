@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 import yaml
@@ -88,7 +89,8 @@ def _fail(kind: str, error: Exception) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`lh-train`: the trainer's exit status (0, or 75 after a stop signal), 2 for a user error (one line)."""
+    """`lh-train`: the trainer's exit status (0, or 75 after a stop signal), 2 for a user error (one line),
+    130 when interrupted (Ctrl-C before the first step, or twice)."""
     use_expandable_segments()  # before CUDA starts: long sequences fragment the default allocator
     parser = argparse.ArgumentParser(prog="lh-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -180,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         code = trainer.run()
         ended_together = True
         return code
+    except KeyboardInterrupt:  # Ctrl-C before training started, or pressed twice: the summary said the rest
+        if os.environ.get("RANK", "0") == "0":
+            print("lh-train: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except NothingToTrain as e:
         ended_together = True
         if os.environ.get("RANK", "0") == "0":

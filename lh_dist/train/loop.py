@@ -29,22 +29,31 @@ from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init
 from lh_dist.train.metrics import Metrics, ValidationLoss, flops_per_step_token, peak_flops
 from lh_dist.train.step import StepResult, build_train_step
 
-# Exit status after a stop signal (SIGTERM / SIGUSR1) was handled by checkpointing:
+# Exit status after a stop signal (SIGTERM / SIGUSR1 / SIGINT) was handled by checkpointing:
 # EX_TEMPFAIL from sysexits.h, "try again later". SLURM scripts requeue on it.
 PREEMPTED_EXIT_CODE = 75
 
 
 class StopRequest:
-    """Remembers SIGTERM / SIGUSR1; the loop acts on it at the next step boundary, on all ranks at once."""
+    """Remembers SIGTERM / SIGUSR1 / SIGINT; the loop acts on it at the next step boundary, on all ranks
+    at once. A second SIGINT (Ctrl-C pressed again) interrupts at once, without a checkpoint."""
 
     def __init__(self):
         self.signum = None
+        self.interrupts = 0
         # The ranks agree over a CPU (gloo) group, so that asking every step never waits for the GPU.
         self.group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            if dist.get_rank() == 0:
+                print("Ctrl-C: checkpointing after this step, then exiting; press it again to stop at once "
+                      "without a checkpoint", file=sys.stderr, flush=True)
         self.signum = signum
 
     def agreed(self) -> bool:
@@ -276,7 +285,7 @@ class Trainer:
             status = "complete" if code == 0 else f"stopped by {signal.Signals(self.stop.signum).name}"
             return code
         except BaseException as e:
-            status = f"failed ({type(e).__name__})"
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else f"failed ({type(e).__name__})"
             raise
         finally:
             self.metrics.summary(status, self.step, self.tokens_per_step, self.cfg.schedule.lighthouse_steps,

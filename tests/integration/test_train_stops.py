@@ -1,5 +1,5 @@
-"""Where a real single-rank training stops: a stop signal that arrives during a save, and a disk too
-full for the first checkpoint. Fresh processes (DeepSpeed + gloo), each with one function replaced."""
+"""Where a real single-rank training stops: a stop signal that arrives during a save, Ctrl-C once and
+twice, and a disk too full for the first checkpoint. Fresh processes (DeepSpeed + gloo), each with one function replaced."""
 
 import subprocess
 import sys
@@ -27,6 +27,31 @@ def test_a_stop_signal_during_a_save_exits_once_that_save_is_complete(tmp_path, 
         result["checkpoints"] = sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir())
     """, tmp_path, stdlib_dataset, "schedule.steps=6", "checkpoint.interval=2")
     assert result == {"exit": PREEMPTED_EXIT_CODE, "step": 2, "checkpoints": ["step_00000002"]}
+
+
+def test_ctrl_c_checkpoints_like_sigterm_and_a_second_one_stops_at_once(tmp_path, stdlib_dataset):
+    body = """
+        import os, signal
+        trainer = Trainer(cfg, resume="none")
+        train_step = trainer.train_step
+        def step_with_ctrl_c(lr):
+            if trainer.step == 1:  # handled while step 2 runs
+                for _ in range(PRESSES):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return train_step(lr)
+        trainer.train_step = step_with_ctrl_c
+        try:
+            result["exit"] = trainer.run()
+        except KeyboardInterrupt:
+            result["exit"] = "KeyboardInterrupt"
+        result["step"] = trainer.step
+        result["checkpoints"] = sorted(p.name for p in (trainer.run_dir / "checkpoints").iterdir())
+    """
+    overrides = ("schedule.steps=6", "checkpoint.interval=4")
+    once = run_script("PRESSES = 1\n" + textwrap.dedent(body), tmp_path / "once", stdlib_dataset, *overrides)
+    assert once == {"exit": PREEMPTED_EXIT_CODE, "step": 2, "checkpoints": ["step_00000002"]}
+    twice = run_script("PRESSES = 2\n" + textwrap.dedent(body), tmp_path / "twice", stdlib_dataset, *overrides)
+    assert twice == {"exit": "KeyboardInterrupt", "step": 1, "checkpoints": []}
 
 
 def test_a_disk_too_full_for_the_first_checkpoint_is_refused_before_the_first_step(tmp_path, stdlib_dataset):
