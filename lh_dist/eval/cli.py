@@ -344,7 +344,7 @@ def run_loss(args) -> Path | None:
     if args.spacing not in SPACINGS:
         raise ValueError(f"--spacing must be one of {SPACINGS}, got {args.spacing!r}")
     runner = _open_runner(args, args.phase)
-    seq_len = args.seq_len or runner.cfg.data.seq_len
+    seq_len = runner.cfg.data.seq_len if args.seq_len is None else args.seq_len
     if seq_len < 2:
         raise ValueError(f"--seq-len must be an integer >= 2, got {seq_len}")
     runner.check_length(seq_len, "--seq-len")

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from lh_dist.assembly.model import PHASES, build_model, set_phase
-from lh_dist.checkpoint.format import STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint, trainer_state
+from lh_dist.checkpoint.format import (STEP_DIR, checkpoint_config, flat_config, load_model_state, resolve_checkpoint,
+                                      trainer_state)
 from lh_dist.config import TrainConfig, validate_lighthouse_shape
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
@@ -33,6 +34,12 @@ def eval_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
     run's layout: the weakest of the layout's rules (a Lighthouse tiling that fits some CP degree fits one
     rank). What an evaluation needs of its own layout, `ModelRunner.check_length` checks for its phase."""
     return checkpoint_config(folder, [*overrides, "parallel.cp_degree=1"])
+
+
+def _model_changes(saved: TrainConfig, cfg: TrainConfig) -> str:
+    """The model fields in which `cfg` differs from the checkpoint's own config, "name old -> new"."""
+    old, new = flat_config({"model": saved.to_dict()["model"]}), flat_config({"model": cfg.to_dict()["model"]})
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k))
 
 
 def check_eval_world(cp_degree: int) -> None:
@@ -81,7 +88,12 @@ class ModelRunner:
         self.trained_phase = trainer_state(self.folder).get("phase")  # None if not recorded
 
         self.model = build_model(self.cfg, self.cp_group)
-        self.model.load_state_dict(load_model_state(self.folder))
+        try:
+            self.model.load_state_dict(load_model_state(self.folder))
+        except RuntimeError:  # missing, unexpected or resized weights: an override changed the model's shape
+            raise ValueError(f"the weights of {self.folder} do not fit the model with "
+                             f"{_model_changes(eval_config(self.folder), self.cfg)} (the checkpoint's value -> "
+                             f"this one's): override only settings that keep the weights' shapes") from None
         self.model.to(self.device).eval()
         set_phase(self.model, phase)
 

@@ -206,6 +206,9 @@ def test_context_parallel_matches_one_device(tiny_run):
     (["loss", "RUN", "--buckets", "0"], "--buckets must be a positive integer"),
     (["loss", "RUN", "--buckets", "300"], "num_buckets must be in [1, seq_len=256]"),
     (["loss", "RUN", "model.dim=-1"], "model.dim must be a positive integer"),
+    (["loss", "RUN", "--seq-len", "0"], "--seq-len must be an integer >= 2, got 0"),
+    (["loss", "RUN", "model.n_layers=1"], "do not fit the model with model.n_layers 2 -> 1 (the checkpoint's"),
+    (["passkey", "RUN", "model.ffn_hidden=64"], "do not fit the model with model.ffn_hidden "),
     (["loss", "NOWHERE"], "missing does not exist"),
 ])
 def test_bad_arguments_exit_with_a_clear_message(tiny_run, tmp_path, capsys, args, message):
