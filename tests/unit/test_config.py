@@ -99,3 +99,12 @@ def test_yaml_that_does_not_parse_is_one_line_naming_where(tmp_path):
         load_config(None, ["data.sources=[{path: a"])
     assert str(e.value) == ("override 'data.sources=[{path: a': the value is not valid YAML: expected ',' or '}', "
                             "but got '<stream end>' at line 1, column 10 (while parsing a flow mapping)")
+
+
+def test_an_emptied_data_path_without_sources_is_refused_not_defaulted():
+    for overrides in (["data.path="], ["data.path=", "data.sources=[]"], ["data.path=null"]):
+        with pytest.raises(ConfigError, match=r"^data.path is empty and data.sources is not set: name a dataset"):
+            load_config("configs/tiny-cpu.yaml", overrides)
+    assert load_config(None).data.path == "runs/data/stdlib"  # left out: the default
+    mixture = load_config(None, ["data.path=", "data.sources=[{path: a}, {path: b}]"])
+    assert mixture.data.path == "" and [s.path for s in mixture.data.sources] == ["a", "b"]
