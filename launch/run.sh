@@ -29,10 +29,17 @@ RESUME=${RESUME:-auto}
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
+positive() {  # NAME VALUE: exit 2 with one line unless VALUE is a positive integer
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] || { echo "run.sh: $1 must be a positive integer, got '$2'" >&2; exit 2; }
+}
+positive NNODES "$NNODES"
+[[ "$NODE_RANK" =~ ^[0-9]+$ ]] && [ "$NODE_RANK" -lt "$NNODES" ] ||
+  { echo "run.sh: NODE_RANK must be in 0..$((NNODES - 1)) (NNODES=$NNODES), got '$NODE_RANK'" >&2; exit 2; }
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   # The trainer's own rule: one rank per GPU that torch sees (CUDA_VISIBLE_DEVICES counts), else 2 CPU ranks.
   NPROC_PER_NODE=$("$PYTHON" -m lh_dist.train.cli --config "$CONFIG" --ranks-per-node "$@")
 fi
+positive NPROC_PER_NODE "$NPROC_PER_NODE"
 WORLD=$((NNODES * NPROC_PER_NODE))
 
 if [ "${DRY_RUN:-0}" = 1 ]; then

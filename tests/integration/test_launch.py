@@ -61,6 +61,19 @@ def test_dry_run_prints_the_plan_for_the_whole_world():
     assert "cp_degree=4 must divide the world size 6" in r.stderr
 
 
+@pytest.mark.parametrize("knobs, message", [
+    ({"NPROC_PER_NODE": "abc"}, "run.sh: NPROC_PER_NODE must be a positive integer, got 'abc'"),
+    ({"NPROC_PER_NODE": "2x"}, "run.sh: NPROC_PER_NODE must be a positive integer, got '2x'"),
+    ({"NNODES": "0"}, "run.sh: NNODES must be a positive integer, got '0'"),
+    ({"NNODES": "2", "NODE_RANK": "2"}, "run.sh: NODE_RANK must be in 0..1 (NNODES=2), got '2'"),
+])
+def test_knobs_that_are_not_counts_are_one_line(knobs, message):
+    for dry_run in ("1", "0"):  # refused before any Python starts, dry run or not
+        r = subprocess.run(["bash", "launch/run.sh"], cwd=REPO, env=launch_env(DRY_RUN=dry_run, **knobs),
+                           capture_output=True, text=True, timeout=60)
+        assert (r.returncode, r.stderr) == (2, message + "\n"), r.stdout + r.stderr
+
+
 def _can_isolate_nodes() -> bool:
     """Each "node" needs its own /dev/shm (streaming keeps per-node state there): a mount namespace."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
