@@ -41,6 +41,14 @@ def _is_remote(path: str) -> bool:
     return "://" in str(path)
 
 
+def relative_note(path: str) -> str:
+    """For a missing dataset: " (a relative path, read from <cwd>)" where `path` is local and relative,
+    since a run's data.path is relative to where it was trained; else ""."""
+    if _is_remote(path) or Path(path).is_absolute():
+        return ""
+    return f" (a relative path, read from {Path.cwd()})"
+
+
 def _streaming_remote(url: str) -> str:
     """The remote as streaming names it: streaming reads a file:// location as a plain path."""
     return url[len("file://") :] if url.startswith("file://") else url
@@ -67,7 +75,8 @@ def read_dataset_info(path: str) -> dict:
         else:
             text = Path(location).read_text()
     except FileNotFoundError:
-        raise FileNotFoundError(f"dataset info not found: {location} (write datasets with lh-data)") from None
+        raise FileNotFoundError(f"dataset info not found: {location}{relative_note(path)}; write datasets with "
+                                f"lh-data") from None
     try:
         info = json.loads(text)
         missing = {"format_version", "vocab_size", "eod_id", "dtype", "splits"} - set(info)

@@ -154,8 +154,12 @@ def _tokenizer_spec(args, cfg, folder: Path) -> tuple[str, bool, dict | None]:
     the model's tokenizer identity, None where unknown)."""
     recorded, identity = model_tokenizer(folder, cfg)
     if recorded is None and not args.tokenizer:
-        raise ValueError(f"the training data {cfg.data.primary_path} of {folder} is gone and with it the record of "
-                         f"the model's tokenizer: pass --tokenizer")
+        from lh_dist.data.loader import relative_note
+
+        path = cfg.data.primary_path
+        raise ValueError(f"the training data {path} of {folder} is not found{relative_note(path)}, and with it the "
+                         f"record of the model's tokenizer: run lh-eval where the run was trained, or pass "
+                         f"--tokenizer")
     return args.tokenizer or recorded, bool(args.tokenizer) and args.tokenizer != recorded, identity
 
 

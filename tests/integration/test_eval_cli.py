@@ -215,3 +215,21 @@ def test_bad_arguments_exit_with_a_clear_message(tiny_run, tmp_path, capsys, arg
     args = [str(tiny_run) if a == "RUN" else str(tmp_path / "missing") if a == "NOWHERE" else a for a in args]
     assert main(args + ["--out", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_run_trained_on_a_relative_data_path_evaluated_elsewhere_says_where_it_looked(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["path"] = "runs/data/stdlib"  # as a run trained from the repository's root records it
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    assert main(["passkey", str(run), "--lengths", "256", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"the training data runs/data/stdlib of {run}/checkpoints/step_00000002 is not found (a relative path, read "
+        f"from {tmp_path}), and with it the record of the model's tokenizer: run lh-eval where the run was "
+        f"trained, or pass --tokenizer")
+    assert main(["loss", str(run), "--out", str(tmp_path / "out")]) == 2
+    assert (f"dataset info not found: runs/data/stdlib/lh_data.json (a relative path, read from {tmp_path}); "
+            f"write datasets with lh-data") in capsys.readouterr().err
