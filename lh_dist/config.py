@@ -346,7 +346,8 @@ class CheckpointConfig:
 class LoggingConfig:
     """Run directory, console and TensorBoard."""
 
-    run_dir: str = "runs/tiny-cpu"
+    # The built-in defaults' own folder: configs/tiny-cpu.yaml's model differs, and so does its runs/tiny-cpu.
+    run_dir: str = "runs/default"
     log_interval: int = 10
     eval_interval: int = 100
     # Validation batches per DP rank (per source of a mixture); 16 samples or more give a usable standard error.

@@ -108,3 +108,8 @@ def test_an_emptied_data_path_without_sources_is_refused_not_defaulted():
     assert load_config(None).data.path == "runs/data/stdlib"  # left out: the default
     mixture = load_config(None, ["data.path=", "data.sources=[{path: a}, {path: b}]"])
     assert mixture.data.path == "" and [s.path for s in mixture.data.sources] == ["a", "b"]
+
+
+def test_the_built_in_defaults_train_in_their_own_run_dir():
+    # Not configs/tiny-cpu.yaml's, whose model differs: a run of one would refuse to resume the other's.
+    assert load_config(None).logging.run_dir != load_config("configs/tiny-cpu.yaml").logging.run_dir
