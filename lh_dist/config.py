@@ -208,7 +208,9 @@ class ParallelConfig:
     def check_world_size(self, world_size: int) -> None:
         """ConfigError unless cp_degree divides the world size (each CP group is cp_degree ranks)."""
         if world_size % self.cp_degree:
-            raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}")
+            hint = (f" (one process: start {self.cp_degree} ranks with torchrun --nproc-per-node {self.cp_degree}, "
+                    f"or set parallel.cp_degree=1)" if world_size == 1 else "")
+            raise ConfigError(f"parallel.cp_degree={self.cp_degree} must divide the world size {world_size}{hint}")
 
 
 DEFAULT_DATA_PATH = "runs/data/stdlib"

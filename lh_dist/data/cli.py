@@ -27,6 +27,24 @@ def _size(text: str) -> int:
     return int(digits)
 
 
+def _fraction(text: str) -> float:
+    """A share strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
+    return value
+
+
+def _max_docs(text: str) -> int:
+    """A document count of at least 2: one for each split."""
+    if _size(text) < 2:
+        raise argparse.ArgumentTypeError(f"expected at least 2 (one train and one val document), got {text!r}")
+    return _size(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """`lh-data`'s parser: one subcommand per source (stdlib, text, jsonl, tree, retrieval)."""
     parser = argparse.ArgumentParser(
@@ -41,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     split = common.add_mutually_exclusive_group()
     split.add_argument("--val-tokens", type=_size, default=None,
                        help=f"validation split size in tokens, whole documents (default: {DEFAULT_VAL_TOKENS:,})")
-    split.add_argument("--val-fraction", type=float, default=None,
+    split.add_argument("--val-fraction", type=_fraction, default=None,
                        help="instead: the share of documents, in (0, 1), that goes to validation")
     common.add_argument("--min-doc-tokens", type=_size, default=1,
                         help="skip documents shorter than this (default: 1, keep every non-empty one)")
-    common.add_argument("--max-docs", type=int, default=None, help="stop after this many kept documents")
+    common.add_argument("--max-docs", type=_max_docs, default=None, help="stop after this many kept documents")
     common.add_argument("--shard-size", default="64mb", help="largest shard size, e.g. 64mb or 1048576 (default: 64mb)")
     common.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 

@@ -303,7 +303,9 @@ class Trainer:
                     self._finish_pending()
                     self._log_step(phase, peak)  # each logged interval stays within one phase
                 set_phase(self.engine.module, step_phase)
-                if phase is not None or self.step > 0:
+                # A switch, in this process or just before it (a resume at the boundary); not a resume
+                # in mid-phase, whose "resumed from" line names its phase already.
+                if phase is not None or (self.step > 0 and step_phase != phase_at(cfg, self.step - 1)):
                     self.metrics.log(f"step {self.step}: attention phase is now {step_phase}")
                 phase = step_phase
 

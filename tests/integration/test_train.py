@@ -118,6 +118,7 @@ def test_two_rank_cp_lighthouse_then_dense_resumes_exactly(tmp_path, stdlib_data
     assert resumed_at, r2.stdout[-3000:]
     start = int(resumed_at.group(1))
     assert start in (5, 10, 15)
+    assert "attention phase is now" not in r2.stdout  # resumed mid-phase: no switch to announce
     resumed = scalars(split, "train/loss")
     for step in range(start + 1, 21):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-6), step

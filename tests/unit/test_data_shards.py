@@ -186,3 +186,16 @@ def test_min_doc_tokens_skips_short_documents(tmp_path):
 def test_one_shot_iterator_with_val_tokens_is_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="two passes"):
         write_dataset(iter(_docs([100] * 10)), tmp_path, ByteTokenizer(), source="test", val_tokens=100)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--val-fraction", "1.5"], "argument --val-fraction: expected a number between 0 and 1 (exclusive), got '1.5'"),
+    (["--val-fraction", "half"], "argument --val-fraction: expected a number between 0 and 1 (exclusive)"),
+    (["--max-docs", "1"], "argument --max-docs: expected at least 2 (one train and one val document), got '1'"),
+    (["--min-doc-tokens", "0"], "argument --min-doc-tokens: expected a positive integer, got '0'"),
+])
+def test_bad_flags_are_named_as_flags(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["stdlib", "--out", str(tmp_path / "out"), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -92,6 +92,11 @@ def test_a_cp_degree_that_does_not_divide_the_world_size_is_named_first(tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each rank
     assert main(args) == 2
     assert capsys.readouterr().err == "lh-train: config error: parallel.cp_degree=3 must divide the world size 2\n"
+    monkeypatch.delenv("WORLD_SIZE")  # one process, started without torchrun: say how to start more
+    assert main(args) == 2
+    assert capsys.readouterr().err == (
+        "lh-train: config error: parallel.cp_degree=3 must divide the world size 1 (one process: start 3 ranks with "
+        "torchrun --nproc-per-node 3, or set parallel.cp_degree=1)\n")
     assert not (tmp_path / "run").exists()
 
 
