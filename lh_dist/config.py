@@ -555,7 +555,7 @@ def config_from_dict(tree: dict, overrides: list[str] = (), world_size: int | No
     for override in overrides:
         _apply_override(tree, override)
     data = tree.get("data")
-    if isinstance(data, dict) and data.get("path", None) in ("", None) and "path" in data and not data.get("sources"):
+    if isinstance(data, dict) and "path" in data and not data["path"] and not data.get("sources"):
         # Emptied on purpose (e.g. data.path= to switch to sources), so the default would surprise.
         raise ConfigError(f"data.path is empty and data.sources is not set: name a dataset (data.path=...) or a "
                           f"mixture (data.sources=[...]); leave both out for the default {DEFAULT_DATA_PATH}")
