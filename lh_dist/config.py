@@ -78,6 +78,18 @@ class RopeScalingConfig:
     # yarn: round the ramp's ends outwards to whole frequency indices.
     truncate: bool = True
 
+    def yarn_attention_factor(self) -> float:
+        """YaRN's multiplier of cos and sin: attention_factor where set, else derived from factor as the
+        comment on attention_factor says (transformers derives it the same way)."""
+        def mscale(m: float = 1.0) -> float:  # 0.1 m ln(factor) + 1, for a context factor times longer
+            return 1.0 if self.factor <= 1 else 0.1 * m * math.log(self.factor) + 1.0
+
+        if self.attention_factor:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return mscale(self.mscale) / mscale(self.mscale_all_dim)
+        return mscale()
+
     def validate(self, p: str = "model.rope_scaling") -> None:
         """ConfigError naming the first field (as `p`.field) that is out of range or not read by `type`."""
         used = _ROPE_SCALING_FIELDS[self.type]

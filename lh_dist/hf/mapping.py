@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
-from lh_dist.config import ModelConfig
+from lh_dist.config import ModelConfig, RopeScalingConfig
 
 # Architecture class -> model_type; the mapping covers exactly these.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
@@ -99,7 +98,8 @@ ROPE_PARAMS = {
     "none": (),
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor"),
+    # attention_factor resolved (from mscale and mscale_all_dim where a config gives those instead).
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor", "truncate"),
 }
 
 
@@ -238,25 +238,22 @@ def _rope_scaling(config: dict) -> dict:
             _refuse(f"rope_scaling.{key}", scaling.get(key), f"{kind} RoPE scaling needs a number")
         out[key] = scaling[key]
     if kind == "yarn":
-        if scaling.get("truncate", True) is not True:
-            _refuse("rope_scaling.truncate", scaling["truncate"], "lh_dist's yarn truncates the correction range")
-        factor = scaling["factor"]
-
-        def mscale(scale: float, m: float = 1.0) -> float:  # YaRN's attention temperature, as transformers has it
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        attention_factor = scaling.get("attention_factor")
-        if attention_factor is None:
-            m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            attention_factor = float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+        if not isinstance(scaling.get("truncate", True), bool):
+            _refuse("rope_scaling.truncate", scaling["truncate"], "expected true or false")
         out |= {"original_max_position_embeddings": (scaling.get("original_max_position_embeddings")
                                                      or _value(config, "max_position_embeddings")),
                 "beta_fast": scaling.get("beta_fast") or 32, "beta_slow": scaling.get("beta_slow") or 1,
-                "attention_factor": attention_factor}
+                "attention_factor": _yarn_factor(scaling), "truncate": scaling.get("truncate", True)}
     for key in ("factor", "low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
         if key in out:
             out[key] = float(out[key])
     return out
+
+
+def _yarn_factor(scaling: dict) -> float:
+    """The attention factor a yarn rope_scaling (either side's names) comes to, resolved as the model does."""
+    fields = ("factor", "attention_factor", "mscale", "mscale_all_dim")
+    return float(RopeScalingConfig(type="yarn", **{k: scaling.get(k) or 0.0 for k in fields}).yarn_attention_factor())
 
 
 def model_section(config: dict) -> dict:
@@ -305,6 +302,8 @@ def canonical(model: dict) -> dict:
     scaling = model.get("rope_scaling") or {"type": "none"}
     kind = scaling.get("type", "none")
     out["rope_scaling"] = {"type": kind, **{k: scaling.get(k) for k in ROPE_PARAMS[kind]}}
+    if kind == "yarn":
+        out["rope_scaling"] |= {"attention_factor": _yarn_factor(scaling), "truncate": scaling.get("truncate", True)}
     return out
 
 
@@ -320,8 +319,10 @@ def section_of(model: ModelConfig) -> dict:
 def _hf_rope_scaling(scaling: dict):
     if scaling["type"] == "none":
         return None
-    # A yarn parameter left at 0 or unset means "transformers' default", which is what it derives anyway.
-    return {"rope_type": scaling["type"], **{k: v for k, v in scaling.items() if k != "type" and v}}
+    # A parameter left at 0 or unset means "transformers' default", which is what it derives anyway; yarn's
+    # attention factor comes resolved, and its truncate is written where it is not the default (true).
+    kept = {k: v for k, v in scaling.items() if k not in ("type", "truncate") and v}
+    return {"rope_type": scaling["type"], **kept, **({"truncate": False} if scaling.get("truncate") is False else {})}
 
 
 def _architecture_for(m: dict) -> str:

@@ -20,11 +20,6 @@ from torch import Tensor
 from lh_dist.config import ModelConfig
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN's magnitude correction for a context `factor` times longer: 0.1 mscale ln(factor) + 1."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
 def _yarn_ramp(cfg: ModelConfig, device) -> Tensor:
     """Per frequency index [D/2] (float64): 0 where a frequency keeps its value, 1 where it is divided by
     factor, linear between. The ends are the indices whose frequency turns beta_fast and beta_slow
@@ -64,13 +59,7 @@ def inverse_frequencies(cfg: ModelConfig, device=None) -> tuple[Tensor, float]:
     if s.type == "yarn":
         ramp = _yarn_ramp(cfg, device)
         inv = inv / s.factor * ramp + inv * (1 - ramp)
-        if s.attention_factor:
-            scale = s.attention_factor
-        elif s.mscale and s.mscale_all_dim:
-            scale = _yarn_mscale(s.factor, s.mscale) / _yarn_mscale(s.factor, s.mscale_all_dim)
-        else:
-            scale = _yarn_mscale(s.factor)
-        return inv, scale
+        return inv, s.yarn_attention_factor()
     return inv, 1.0
 
 

@@ -153,7 +153,7 @@ def _config(kind: str, **changes) -> dict:
     ("llama", {"mlp_bias": True}, "mlp_bias=true"),
     ("llama", {"hidden_act": "gelu"}, 'hidden_act="gelu"'),
     ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, 'rope_scaling.rope_type="dynamic"'),
-    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": False}}, "rope_scaling.truncate"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "truncate": "no"}}, "rope_scaling.truncate"),
     ("llama", {"num_local_experts": 8}, "num_local_experts=8"),
     ("llama", {"attention_dropout": 0.1}, "attention_dropout=0.1"),
     ("llama", {"logit_scale": 0.5}, "logit_scale=0.5"),
@@ -224,7 +224,7 @@ def test_yarn_parameters_are_written_out():
     scaling = mapping.model_section(config)["rope_scaling"]
     # transformers' defaults, explicit: the context before scaling, beta 32 / 1, mscale / mscale_all_dim = 1.
     assert scaling == {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
-                       "beta_slow": 1.0, "attention_factor": 1.0}
+                       "beta_slow": 1.0, "attention_factor": 1.0, "truncate": True}
 
 
 def test_cli_help(capsys):

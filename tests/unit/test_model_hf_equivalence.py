@@ -18,6 +18,7 @@ rounding anywhere gives >= 1e-7 (measured without the lift: 5e-7 to 2e-6).
 """
 
 import contextlib
+import copy
 import types
 
 import pytest
@@ -30,6 +31,7 @@ from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
 
 from lh_dist.config import ModelConfig, RopeScalingConfig
+from lh_dist.hf import mapping
 from lh_dist.model import Transformer, rope_tables
 from lh_dist.ops.attention import attention
 
@@ -213,3 +215,24 @@ def test_rope_tables_equal_transformers_rotary_embedding(scaling, head_dim):
     if scaling != "default":  # the scaling took effect: the tables differ from plain RoPE
         plain, _ = rope_tables(positions, ModelConfig(head_dim=head_dim, rope_theta=10000.0))
         assert (cos - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scaling", [s for s in ROPE_SCALINGS if s != "default"])
+def test_exported_and_reimported_rope_scaling_computes_the_same_tables(scaling):
+    """lh-export's config.json, read by transformers, rotates as our model does; lh-import reads it back to
+    the same tables (yarn's mscale pair, attention factor and truncate included)."""
+    hf_cfg = transformers.LlamaConfig(**SHAPE, head_dim=16, rope_theta=10000.0, rope_scaling=ROPE_SCALINGS[scaling])
+    cfg = model_config_from_hf(hf_cfg, attention_bias=False, qk_norm=False)
+    exported = mapping.hf_config(cfg, dtype="float32", context=8 * CONTEXT, special_ids={})
+    positions = torch.arange(8 * CONTEXT)
+    cos, sin = rope_tables(positions, cfg)  # [N, D/2]
+    with transformers_in_float64():
+        rotary = modeling_llama.LlamaRotaryEmbedding(transformers.LlamaConfig.from_dict(copy.deepcopy(exported)))
+        hf_cos, hf_sin = rotary(torch.zeros(1, dtype=torch.float64), positions[None])  # [1, N, D]
+    for ours, theirs in ((cos, hf_cos[0]), (sin, hf_sin[0])):
+        relative = ((torch.cat([ours, ours], dim=-1) - theirs).abs().max() / theirs.abs().max()).item()
+        assert relative <= 1e-12, f"{scaling}: relative difference {relative:.3g}"
+    section = mapping.model_section(exported)["rope_scaling"]
+    back = ModelConfig(head_dim=16, rope_theta=10000.0, rope_scaling=RopeScalingConfig(**section))
+    for ours, again in zip((cos, sin), rope_tables(positions, back)):
+        assert torch.equal(ours, again), scaling
