@@ -129,15 +129,16 @@ def _write_imported_tokenizer(out: Path, hf: Path, eod_id: int) -> list[str]:
 
 
 def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, tokenizer: str, config: dict,
-               origin: dict | None = None) -> str:
+               origin: dict | None = None, eod_token: str = EOD_TOKEN) -> str:
     """README.md of the export: what the model is and how it was trained, from the config, config.json and
     the checkpoint's trainer state (older checkpoints lack tokens and losses; those rows are left out).
-    tokenizer: "byte", a tokenizer.json, or "imported" (the tokenizer of `origin`, an import's origin.json)."""
+    tokenizer: "byte", a tokenizer.json, or "imported" (the tokenizer of `origin`, an import's origin.json);
+    eod_token: its end-of-document token, as text."""
     step = int(STEP_DIR.match(folder.name).group(1))
     lh, s = cfg.lighthouse, cfg.schedule
     lighthouse_steps = min(step, s.lighthouse_steps)
     run = folder.parent.parent.name
-    rows = [("steps", f"{step:,} of {s.steps:,} planned")]
+    rows = [("steps", f"{step:,} of {s.steps:,} planned" if step else "0: not trained with lh_dist")]
     if origin is not None:
         rows.insert(0, ("initial weights", f"`{origin['source']}` ({origin['architecture']}, imported by lh-import)"))
     if lighthouse_steps:
@@ -154,21 +155,29 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
         rows.append(("final train loss", f"{loss:.4f} nats/token ({steps})"))
     if state.get("val_loss"):
         rows.append(("final validation loss", f"{state['val_loss'][1]:.4f} nats/token (step {state['val_loss'][0]:,})"))
-    rows += [("data", f"`{cfg.data.path}`, tokenizer "
-                      + ("of the imported model" if tokenizer == "imported" else f"`{tokenizer}`")),
-             ("optimizer", f"AdamW, lr {cfg.optim.lr:g}, {s.decay} schedule after {s.warmup_steps} warmup steps"
-                           + (f" over the last {s.decay_steps} steps" if s.decay_steps is not None else "") + ", "
-                           f"weight decay {cfg.optim.weight_decay:g}, clipping {cfg.optim.grad_clip:g}")]
+    data = (", ".join(f"`{source.path}` (weight {source.weight:g})" for source in cfg.data.sources)
+            if cfg.data.sources else f"`{cfg.data.path}`")
+    if step:
+        rows += [("data", f"{data}, tokenizer "
+                          + ("of the imported model" if tokenizer == "imported" else f"`{tokenizer}`")),
+                 ("optimizer", f"AdamW, lr {cfg.optim.lr:g}, {s.decay} schedule after {s.warmup_steps} warmup steps"
+                               + (f" over the last {s.decay_steps} steps" if s.decay_steps is not None else "")
+                               + f", weight decay {cfg.optim.weight_decay:g}, clipping {cfg.optim.grad_clip:g}")]
     m = cfg.model
     ended_sparse = state.get("phase") == "lighthouse"
+    if not step:
+        how = ", not trained with lh_dist: the weights of its import."
+    elif lighthouse_steps:
+        how = (f" trained with lh_dist: Lighthouse attention (arXiv 2605.06554) for {lighthouse_steps:,} steps"
+               + (", then dense attention." if step > lighthouse_steps else "."))
+    else:
+        how = " trained with lh_dist, dense attention throughout."
     lines = [
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         f"tags: [lh_dist, {config['model_type']}]", "---", "",
         f"# {run}, step {step:,}", "",
-        f"A {n_params / 1e6:.1f}M-parameter {config['architectures'][0]} ({m.n_layers} layers, width {m.dim}, "
-        f"{m.n_heads} heads, {m.n_kv_heads} KV heads, vocabulary {m.vocab_size}) trained with lh_dist"
-        + (f": Lighthouse attention (arXiv 2605.06554) for {lighthouse_steps:,} steps, then dense attention."
-           if lighthouse_steps else ", dense attention throughout.")
+        f"A {n_params / 1e6:.2f}M-parameter {config['architectures'][0]} ({m.n_layers} layers, width {m.dim}, "
+        f"{m.n_heads} heads, {m.n_kv_heads} KV heads, vocabulary {m.vocab_size})" + how
         + " `transformers` runs every layer dense."
         + (" This checkpoint was written during the Lighthouse phase, before any dense training." if ended_sparse
            else ""), "",
@@ -178,8 +187,7 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
         "## Use", "", "```python", "from transformers import pipeline", "",
         'generate = pipeline("text-generation", model="path/to/this/folder")',
         'print(generate("def main():", max_new_tokens=64)[0]["generated_text"])', "```", "",
-        f"Documents are separated by `{EOD_TOKEN if tokenizer == 'byte' else 'the end-of-document token'}`, "
-        "the eos token: generation stops there.",
+        f"Documents are separated by `{eod_token}`, the eos token: generation stops there.",
     ]
     if tokenizer == "byte":
         lines[-1] += (f" Token ids 0-255 are the bytes of the UTF-8 text and id 256 is `{EOD_TOKEN}`; "
@@ -236,7 +244,8 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
             tokenizer = read_dataset_info(cfg.data.primary_path).get("tokenizer", "byte")
         except (FileNotFoundError, ValueError) as e:
             raise FileNotFoundError(f"cannot tell the training tokenizer ({e}); pass --tokenizer") from None
-    eod_id = load_tokenizer(tokenizer).eod_id
+    loaded = load_tokenizer(tokenizer)
+    eod_id, eod_token = loaded.eod_id, EOD_TOKEN if tokenizer == "byte" else loaded.eod_token
     # Documents are separated by one end-of-document token: it starts, ends and pads them.
     special_ids = {"bos_token_id": eod_id, "eos_token_id": eod_id, "pad_token_id": eod_id}
     config = hf_config(cfg.model, dtype=dtype, context=cfg.data.seq_len, special_ids=special_ids, origin=origin)
@@ -256,7 +265,7 @@ def export(checkpoint: Path, out: Path, dtype: str = "float32", tokenizer: str |
         written = ["generation_config.json", *_write_tokenizer(out, tokenizer, eod_id)]
     save_config(cfg, out / "lh_dist_config.yaml")
     card = model_card(cfg, checkpoint, trainer_state(checkpoint), n_params,
-                      "imported" if origin is not None else tokenizer, config, origin)
+                      "imported" if origin is not None else tokenizer, config, origin, eod_token)
     (out / "README.md").write_text(card)
     # safetensors writes its file for the owner only; an export is meant to be shared.
     out.chmod(0o755)

@@ -138,3 +138,31 @@ def test_generate_takes_what_the_exported_tokenizer_returns(exported):
     tok, model = AutoTokenizer.from_pretrained(exported), AutoModelForCausalLM.from_pretrained(exported)
     ids = model.generate(**tok("def main():", return_tensors="pt"), max_new_tokens=20, do_sample=False)
     assert ids[0].tolist() == [*b"def main():abc", EOD]
+
+
+def _card(tmp_path, step: int, state: dict, *overrides: str, **kwargs) -> str:
+    from lh_dist.hf.export import model_card
+
+    cfg = load_config("configs/tiny-cpu.yaml", [*TINY, *overrides])
+    folder = tmp_path / "run" / "checkpoints" / f"step_{step:08d}"
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    return model_card(cfg, folder, state, 2_345_678, "byte", config, **kwargs)
+
+
+def test_model_card_of_a_mixture_a_lighthouse_checkpoint_and_an_untrained_import(tmp_path):
+    mixture = _card(tmp_path, 7, {"phase": "dense"}, "data.path=",
+                    "data.sources=[{path: data/code, weight: 3}, {path: data/web, weight: 1}]")
+    assert "| data | `data/code` (weight 3), `data/web` (weight 1), tokenizer `byte` |" in mixture
+    assert "A 2.35M-parameter LlamaForCausalLM" in mixture
+    assert "for 4 steps, then dense attention." in mixture
+
+    sparse = _card(tmp_path, 3, {"phase": "lighthouse"})
+    assert "Lighthouse attention (arXiv 2605.06554) for 3 steps. `transformers`" in sparse
+    assert "then dense" not in sparse and "written during the Lighthouse phase" in sparse
+
+    origin = {"source": "/models/qwen3", "architecture": "Qwen3ForCausalLM"}
+    imported = _card(tmp_path, 0, {}, origin=origin, eod_token="<|im_end|>")
+    assert ", not trained with lh_dist: the weights of its import." in imported
+    assert "| steps | 0: not trained with lh_dist |" in imported
+    assert "| data |" not in imported and "| optimizer |" not in imported and "trained with lh_dist," not in imported
+    assert "Documents are separated by `<|im_end|>`, the eos token" in imported
