@@ -29,7 +29,9 @@ LOCK_NAME = "train.lock"
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 120.0
 # What `--overwrite` moves into archive/<time>/: everything lh-train and lh-eval write.
-RUN_OUTPUTS = ("checkpoints", "tensorboard", "config.yaml", "eval")
+# A run started with --init-from: the checkpoint its weights came from ({"checkpoint", "step"}).
+INIT_RECORD = "init_from.json"
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "config.yaml", "eval", INIT_RECORD)
 
 
 class RunDirError(RuntimeError):

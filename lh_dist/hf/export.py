@@ -31,6 +31,7 @@ import torch
 
 from lh_dist.checkpoint.format import (STEP_DIR, checkpoint_config, load_model_state, resolve_checkpoint,
                                        trainer_state)
+from lh_dist.checkpoint.run_dir import INIT_RECORD
 from lh_dist.config import TrainConfig, save_config
 from lh_dist.hf.mapping import HF_DIR, hf_config, hf_name, read_origin
 
@@ -128,6 +129,12 @@ def _write_imported_tokenizer(out: Path, hf: Path, eod_id: int) -> list[str]:
     return [*written, "tokenizer_config.json"]
 
 
+def _init_record(run_dir: Path) -> dict | None:
+    """The checkpoint a run's weights started from (--init-from), or None."""
+    path = run_dir / INIT_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, tokenizer: str, config: dict,
                origin: dict | None = None, eod_token: str = EOD_TOKEN) -> str:
     """README.md of the export: what the model is and how it was trained, from the config, config.json and
@@ -139,8 +146,13 @@ def model_card(cfg: TrainConfig, folder: Path, state: dict, n_params: int, token
     lighthouse_steps = min(step, s.lighthouse_steps)
     run = folder.parent.parent.name
     rows = [("steps", f"{step:,} of {s.steps:,} planned" if step else "0: not trained with lh_dist")]
-    if origin is not None:
-        rows.insert(0, ("initial weights", f"`{origin['source']}` ({origin['architecture']}, imported by lh-import)"))
+    imported = f"`{origin['source']}` ({origin['architecture']}, imported by lh-import)" if origin else None
+    start = _init_record(folder.parent.parent)
+    if start is not None and start["step"] > 0:  # --init-from a trained checkpoint
+        rows.insert(0, ("initial weights", f"`{start['checkpoint']}` (step {start['step']:,} of another run"
+                                           + (f", which started from {imported})" if imported else ")")))
+    elif imported:
+        rows.insert(0, ("initial weights", imported))
     if lighthouse_steps:
         rows.append(("Lighthouse phase", f"steps 1-{lighthouse_steps:,}: levels {lh.levels}, pooling {lh.pooling}, "
                                          f"top-k {lh.topk}; layers {lh.dense_layers} always dense"))

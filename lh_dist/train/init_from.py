@@ -13,11 +13,12 @@ tokenized with another tokenizer is refused (`check_data_tokenizer`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
-from lh_dist.checkpoint.format import flat_config, read_manifest, resolve_checkpoint
-from lh_dist.checkpoint.run_dir import RunDirError
+from lh_dist.checkpoint.format import STEP_DIR, flat_config, read_manifest, resolve_checkpoint
+from lh_dist.checkpoint.run_dir import INIT_RECORD, RunDirError
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.data.tokenizer import identity_differences, recorded_identity
 from lh_dist.hf.mapping import HF_DIR, read_origin
@@ -90,6 +91,16 @@ def check_data_tokenizer(cfg: TrainConfig, info: dict, origin: dict | None, run_
         raise ConfigError(f"{label or f'data.path: {cfg.data.path}'} was tokenized with another tokenizer than the "
                           f"model's ({', '.join(differ)}; the model's is in {run_dir / HF_DIR}): tokenize it with "
                           f"lh-data --tokenizer {run_dir / HF_DIR}")
+
+
+def record_init(source: InitSource, run_dir: Path) -> None:
+    """Write run_dir/INIT_RECORD: the checkpoint the run's weights start from (for lh-export's card)."""
+    step = int(STEP_DIR.match(source.folder.name).group(1))
+    record = {"checkpoint": str(source.folder.resolve()), "step": step}
+    try:
+        (run_dir / INIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    except OSError as e:
+        raise RunDirError(f"cannot write {run_dir / INIT_RECORD}: {e}") from None
 
 
 def copy_origin(source: InitSource, run_dir: Path) -> bool:

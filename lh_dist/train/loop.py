@@ -25,7 +25,7 @@ from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.train.engine import model_dtype
-from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source
+from lh_dist.train.init_from import check_data_tokenizer, copy_origin, open_init_source, record_init
 from lh_dist.train.metrics import Metrics, ValidationLoss, flops_per_step_token, peak_flops
 from lh_dist.train.step import StepResult, build_train_step
 
@@ -203,6 +203,8 @@ class Trainer:
                                  f"resuming that run instead of starting over")
             init = None
         messages = plan.messages + self.checkpointer.start(plan)
+        if init is not None:
+            self.checkpointer.on_rank0(lambda: record_init(init, self.run_dir))
         if init is not None and self.checkpointer.on_rank0(lambda: copy_origin(init, self.run_dir)):
             messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) into the "
                             f"run dir")

@@ -85,6 +85,16 @@ def test_a_run_starts_from_the_imported_weights_and_a_restart_resumes(hf_run, hf
     assert type(model).__name__ == "LlamaForCausalLM"
     generated = model.generate(**tok("def main():", return_tensors="pt"))
     assert generated.shape[1] > len(tok("def main():").input_ids)
+    assert f"| initial weights | `{source}` (LlamaForCausalLM, imported by lh-import) |" in (
+        out / "README.md").read_text()
+
+    # A run from this one's weights: its card starts from this run's step 2, which started from the import.
+    chain = tmp_path / "chain"
+    r = _train(run_dir, chain, hf_dataset, "schedule.steps=1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    card = (export(chain, tmp_path / "exported-chain") / "README.md").read_text()
+    assert (f"| initial weights | `{run_dir / 'checkpoints' / 'step_00000002'}` (step 2 of another run, which "
+            f"started from `{source}` (LlamaForCausalLM, imported by lh-import)) |") in card
 
 
 def test_two_cp_ranks_with_zero3_and_another_rope_base(hf_run, hf_dataset, tmp_path):
