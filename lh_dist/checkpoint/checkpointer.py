@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 from lh_dist.checkpoint.format import (FIXED_FIELDS, FORMAT_VERSION, MANIFEST, PARTIAL, STEP_DIR, Found,
                                        InvalidCheckpoint, file_crc32, flat_config, newest_valid,
-                                       read_manifest, saved_settings, skip_line, step_name, survey)
+                                       read_manifest, saved_settings, setting_changes, skip_line, step_name,
+                                       survey)
 from lh_dist.checkpoint.run_dir import RUN_OUTPUTS, RunDirError, RunLock, archive_previous_run
 from lh_dist.config import ConfigError, TrainConfig, save_config
 from lh_dist.data.sources import DataSource, compare_data, configured_sources, data_identity
@@ -112,7 +113,7 @@ def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int
     checkpoint's record (a dataset rebuilt in place is refused unless accept_changed_data). None
     compares their locations only."""
     old, new = saved_settings(manifest), flat_config(cfg.to_dict())
-    refused = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in FIXED_FIELDS if old.get(k) != new[k]]
+    refused = setting_changes(old, new, FIXED_FIELDS)
     data = compare_data(manifest["data"], cfg.data, sources if sources is not None else configured_sources(cfg.data))
     refused += data.moved
     if refused:
@@ -131,8 +132,7 @@ def check_resume(manifest: dict, folder: Path, cfg: TrainConfig, world_size: int
     if samples % per_batch:
         raise ConfigError(f"cannot resume from {folder}: it has seen {samples} samples, not a multiple of "
                           f"data.micro_batch x dp = {cfg.data.micro_batch} x {dp_degree}")
-    notes = [f"{k} {old.get(k)!r} -> {new[k]!r}" for k in new if k not in FIXED_FIELDS and old.get(k) != new[k]
-             and k != "logging.run_dir"]
+    notes = setting_changes(old, new, [k for k in new if k not in FIXED_FIELDS and k != "logging.run_dir"])
     if (was["world_size"], was["dp_degree"]) != (world_size, dp_degree):
         notes.append(f"world {was['world_size']} (dp {was['dp_degree']} x cp {was['cp_degree']}) -> {world_size} "
                      f"(dp {dp_degree} x cp {cfg.parallel.cp_degree})")

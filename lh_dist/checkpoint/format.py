@@ -55,6 +55,11 @@ def flat_config(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def setting_changes(old: dict, new: dict, keys) -> list[str]:
+    """"key old -> new" for each of `keys` whose value differs between two flat configs."""
+    return [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 # Settings a resumed run must share with its checkpoint: they fix the weights' shapes and what
 # they compute, the data order that the saved position refers to, and Lighthouse's selection.
 # Everything else (optimizer, schedule, logging, checkpointing, CP degree) may change; the

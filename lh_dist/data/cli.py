@@ -12,6 +12,7 @@ refuses a split too short for its evaluations.
 """
 
 import argparse
+import math
 import sys
 
 from lh_dist.data.corpus import jsonl_documents, stdlib_documents, stdlib_root, text_documents, tree_documents
@@ -32,17 +33,18 @@ def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        value = None
-    if value is None or not 0.0 < value < 1.0:
+        value = math.nan  # fails the test below
+    if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"expected a number between 0 and 1 (exclusive), got {text!r}")
     return value
 
 
 def _max_docs(text: str) -> int:
     """A document count of at least 2: one for each split."""
-    if _size(text) < 2:
+    count = _size(text)
+    if count < 2:
         raise argparse.ArgumentTypeError(f"expected at least 2 (one train and one val document), got {text!r}")
-    return _size(text)
+    return count
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from lh_dist.assembly.model import PHASES, build_model, set_phase
 from lh_dist.checkpoint.format import (STEP_DIR, checkpoint_config, flat_config, load_model_state, resolve_checkpoint,
-                                      trainer_state)
+                                      setting_changes, trainer_state)
 from lh_dist.config import TrainConfig, validate_lighthouse_shape
 from lh_dist.parallel.device import local_device
 from lh_dist.parallel.distributed import init_distributed
@@ -39,7 +39,7 @@ def eval_config(folder: Path, overrides: list[str] = ()) -> TrainConfig:
 def _model_changes(saved: TrainConfig, cfg: TrainConfig) -> str:
     """The model fields in which `cfg` differs from the checkpoint's own config, "name old -> new"."""
     old, new = flat_config({"model": saved.to_dict()["model"]}), flat_config({"model": cfg.to_dict()["model"]})
-    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in new if old.get(k) != new.get(k))
+    return ", ".join(setting_changes(old, new, new))
 
 
 def check_eval_world(cp_degree: int) -> None:

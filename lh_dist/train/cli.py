@@ -81,10 +81,14 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _fail(kind: str, error: Exception) -> int:
-    # Every rank fails the same way; one line is enough.
+def _say(line: str, file=sys.stdout) -> None:
+    """Print on rank 0 only: every rank ends the same way, and one line is enough."""
     if os.environ.get("RANK", "0") == "0":
-        print(f"lh-train: {kind}: {error}", file=sys.stderr)
+        print(line, file=file)
+
+
+def _fail(kind: str, error: Exception) -> int:
+    _say(f"lh-train: {kind}: {error}", sys.stderr)
     return 2
 
 
@@ -183,13 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         ended_together = True
         return code
     except KeyboardInterrupt:  # Ctrl-C before training started, or pressed twice: the summary said the rest
-        if os.environ.get("RANK", "0") == "0":
-            print("lh-train: interrupted", file=sys.stderr)
+        _say("lh-train: interrupted", sys.stderr)
         return 128 + signal.SIGINT
     except NothingToTrain as e:
         ended_together = True
-        if os.environ.get("RANK", "0") == "0":
-            print(f"lh-train: nothing to train: {e}")
+        _say(f"lh-train: nothing to train: {e}")
         return 0
     except ConfigError as e:
         return _fail("config error", e)

@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lh_dist.checkpoint.format import STEP_DIR, flat_config, read_manifest, resolve_checkpoint
+from lh_dist.checkpoint.format import STEP_DIR, flat_config, read_manifest, resolve_checkpoint, setting_changes
 from lh_dist.checkpoint.run_dir import INIT_RECORD, RunDirError
 from lh_dist.config import ConfigError, TrainConfig
 from lh_dist.data.tokenizer import identity_differences, recorded_identity
@@ -71,8 +71,7 @@ def changed_settings(there: dict, here: dict) -> str | None:
     """One line naming each free model field (flat names) whose value in this run (`here`) differs from
     the source's (`there`), "source -> this run"; None if none does. model.init_std is left out: the
     weights replace the initialization."""
-    notes = [f"{k} {there.get(k)!r} -> {here.get(k)!r}" for k in sorted({*here, *there})
-             if _free(k) and k != "model.init_std" and there.get(k) != here.get(k)]
+    notes = setting_changes(there, here, [k for k in sorted({*here, *there}) if _free(k) and k != "model.init_std"])
     return f"model settings differ from the source's (source -> this run): {', '.join(notes)}" if notes else None
 
 

@@ -205,9 +205,9 @@ class Trainer:
         messages = plan.messages + self.checkpointer.start(plan)
         if init is not None:
             self.checkpointer.on_rank0(lambda: record_init(init, self.run_dir))
-        if init is not None and self.checkpointer.on_rank0(lambda: copy_origin(init, self.run_dir)):
-            messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) into the "
-                            f"run dir")
+            if self.checkpointer.on_rank0(lambda: copy_origin(init, self.run_dir)):
+                messages.append(f"copied {init.run_dir / HF_DIR} (the imported model's tokenizer and config) into "
+                                f"the run dir")
 
         self.step_fn = build_train_step(cfg, self.layout, self.device,
                                         load_model_state(init.folder) if init is not None else None)
