@@ -45,7 +45,7 @@ from lh_dist.config import load_config
 from lh_dist.ops.attention import BACKENDS
 from lh_dist.parallel.comm import EXCHANGES
 from lh_dist.parallel.device import local_device
-from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.distributed import close_distributed, init_distributed
 from lh_dist.parallel.mesh import init_parallel_layout, resolve_degrees
 from lh_dist.train.step import build_train_step
 
@@ -311,6 +311,7 @@ def main() -> int:
     if rank == 0:
         print((Path(args.out) / f"{args.name}.md").read_text())
     dist.barrier()
+    close_distributed(clean=True)
     return 0
 
 

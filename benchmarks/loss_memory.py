@@ -36,7 +36,7 @@ import torch
 
 from lh_dist.config import load_config
 from lh_dist.model.loss import default_chunk_rows
-from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.distributed import close_distributed, init_distributed
 from train_throughput import lh_dist_step_fn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,6 +191,7 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps({k: x for k, x in row.items() if k != "times"}), flush=True)
                 write(args, meta, rows)
+    close_distributed(clean=True)
     print((Path(args.out) / f"{args.name}.md").read_text())
     return 0
 

@@ -199,14 +199,14 @@ def _child_args(args) -> list[str]:
 
 def child_main(args) -> int:
     """--cell SERIES@N: measure it in this process and print its row as one JSON line."""
-    from lh_dist.parallel.distributed import init_distributed
+    from lh_dist.parallel.distributed import close_distributed, init_distributed
 
     series, n = args.cell.split("@")
     init_distributed(torch.device(args.device))
     row = measure_cell(args, series, int(n))
     row["host_rss_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GiB  # Linux: KiB
     print(json.dumps(row), flush=True)
-    torch.distributed.destroy_process_group()
+    close_distributed(clean=True)
     return 0
 
 
@@ -723,12 +723,14 @@ def main(argv: list[str] | None = None) -> int:
                              "hardware": _hardware(device),
                              "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv)})
-        if args.in_process:
-            from lh_dist.parallel.distributed import init_distributed
+        from lh_dist.parallel.distributed import close_distributed, init_distributed
 
+        if args.in_process:
             init_distributed(device)
         # After each cell the JSON and the tables (a killed run keeps them); the plot at the end.
         complete = measure_grid(args, data, lambda: write_results(args, data, with_plot=False))
+        if args.in_process:
+            close_distributed(clean=True)
     write_results(args, data)
     print(report(args, data))
     if not args.report_only:

@@ -39,7 +39,7 @@ from lh_dist.config import load_config
 from lh_dist.model import Transformer
 from lh_dist.ops.attention import BACKENDS, resolve_backend
 from lh_dist.ops.attention.flash_attn4 import flash_attn_version
-from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.distributed import close_distributed, init_distributed
 from lh_dist.parallel.mesh import init_parallel_layout
 from lh_dist.train.metrics import flops_per_step_token, peak_flops
 from lh_dist.train.step import build_train_step
@@ -205,6 +205,7 @@ def main() -> int:
             for b in (backends[:1] if v == "plain" else backends):
                 for m in (modes[:1] if v == "plain" else modes):
                     rows.append(measure(v, b, m, int(n), args))
+    close_distributed(clean=True)
 
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                                            text=True).stdout.strip() or "unknown"

@@ -25,7 +25,7 @@ from lh_dist.checkpoint.format import (STEP_DIR, checkpoint_config, flat_config,
                                       setting_changes, trainer_state)
 from lh_dist.config import TrainConfig, validate_lighthouse_shape
 from lh_dist.parallel.device import local_device
-from lh_dist.parallel.distributed import init_distributed
+from lh_dist.parallel.distributed import close_distributed, init_distributed
 from lh_dist.parallel.sharding import check_zigzag_length, zigzag_positions, zigzag_shard, zigzag_unshard
 
 
@@ -178,5 +178,5 @@ class ModelRunner:
 
     def close(self) -> None:
         """Tear down the process group if this runner started it."""
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if self._owns_group:
+            close_distributed(clean=True)
