@@ -31,6 +31,7 @@ STAGES = [0, 1, 2, 3]
 WORKER = textwrap.dedent("""
     import json, os, sys
     from lh_dist.config import load_config
+    from lh_dist.parallel.distributed import close_distributed
     from lh_dist.train.loop import Trainer
     out, layouts, stages, overrides = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4:]
     norms = {}
@@ -43,6 +44,7 @@ WORKER = textwrap.dedent("""
             trainer.metrics.close()
     with open(f"{out}/rank{os.environ['RANK']}.json", "w") as f:
         json.dump(norms, f)
+    close_distributed(clean=True)  # as lh-train ends: a gloo group left to the exit may abort there
 """)
 
 
