@@ -723,9 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                              "hardware": _hardware(device),
                              "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None
                                                                                    else argv)})
-        from lh_dist.parallel.distributed import close_distributed, init_distributed
-
         if args.in_process:
+            from lh_dist.parallel.distributed import close_distributed, init_distributed
+
             init_distributed(device)
         # After each cell the JSON and the tables (a killed run keeps them); the plot at the end.
         complete = measure_grid(args, data, lambda: write_results(args, data, with_plot=False))

@@ -81,8 +81,8 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
-def _say(line: str, file=sys.stdout) -> None:
-    """Print on rank 0 only: every rank ends the same way, and one line is enough."""
+def _say(line: str, file=None) -> None:
+    """Print on rank 0 only (to stdout unless `file`): every rank ends the same way, and one line is enough."""
     if os.environ.get("RANK", "0") == "0":
         print(line, file=file)
 
