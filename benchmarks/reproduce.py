@@ -772,11 +772,21 @@ def _with_interval(d: dict, spec: str) -> str:
     return f"{d['diff']:+{spec}} [{d['lo']:+{spec}}, {d['hi']:+{spec}}]"
 
 
+# Below this mean accuracy dense has not learned retrieval, and the comparison cannot say whether it survives.
+DENSE_RETRIEVES = 0.05
+
+
 def retrieval_verdict(arm: str, d: dict | None, dense_mean: float | None, kind: str) -> str:
     """The sentence that says, from the interval, whether retrieval survives the Lighthouse phase."""
     if d is None or d["diff"] is None:
         return f"Retrieval of {arm} was not measured (no retrieval source in the config)."
     head = f"The difference in retrieval accuracy ({arm} minus dense) is {d['diff']:+.3f}"
+    if dense_mean is not None and dense_mean < DENSE_RETRIEVES:
+        # Survival needs something to survive: with dense near zero, any interval around zero is vacuous.
+        interval = "" if d["lo"] is None else f" [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind})"
+        return (f"Whether retrieval survives Lighthouse pre-training is not decided at this scale: dense itself "
+                f"retrieves only {dense_mean:.3f} of the values (below {DENSE_RETRIEVES}), so there is no ability "
+                f"to lose. {head}{interval}.")
     if d["lo"] is None:
         text = f"{head}, with no interval (one seed per arm): whether retrieval survives is not decided."
     elif d["hi"] < 0:
@@ -788,8 +798,6 @@ def retrieval_verdict(arm: str, d: dict | None, dense_mean: float | None, kind: 
     else:
         text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval contains zero, so retrieval "
                 f"survives within this precision: a loss of more than {max(0.0, -d['lo']):.3f} is excluded at 95%.")
-    if dense_mean is not None and dense_mean < 0.05:
-        text += f" Dense itself retrieves only {dense_mean:.3f} of the values, so this says little about survival."
     return text
 
 
