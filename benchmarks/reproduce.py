@@ -780,25 +780,25 @@ def retrieval_verdict(arm: str, d: dict | None, dense_mean: float | None, kind: 
     """The sentence that says, from the interval, whether retrieval survives the Lighthouse phase."""
     if d is None or d["diff"] is None:
         return f"Retrieval of {arm} was not measured (no retrieval source in the config)."
-    head = f"The difference in retrieval accuracy ({arm} minus dense) is {d['diff']:+.3f}"
+    head = (f"The difference in retrieval accuracy ({arm} minus dense) is "
+            f"{_with_interval(d, '.3f').removesuffix(' (no interval)')}")
+    if d["lo"] is not None:
+        head += f" ({kind})"
     if dense_mean is not None and dense_mean < DENSE_RETRIEVES:
         # Survival needs something to survive: with dense near zero, any interval around zero is vacuous.
-        interval = "" if d["lo"] is None else f" [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind})"
         return (f"Whether retrieval survives Lighthouse pre-training is not decided at this scale: dense itself "
                 f"retrieves only {dense_mean:.3f} of the values (below {DENSE_RETRIEVES}), so there is no ability "
-                f"to lose. {head}{interval}.")
+                f"to lose. {head}.")
     if d["lo"] is None:
-        text = f"{head}, with no interval (one seed per arm): whether retrieval survives is not decided."
-    elif d["hi"] < 0:
-        text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval lies below zero, so retrieval "
-                f"does not survive intact: Lighthouse-then-dense loses {-d['hi']:.3f} to {-d['lo']:.3f} of accuracy.")
-    elif d["lo"] > 0:
-        text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval lies above zero, so retrieval "
-                f"survives, and Lighthouse-then-dense retrieves better than dense by {d['lo']:.3f} to {d['hi']:.3f}.")
-    else:
-        text = (f"{head} [{d['lo']:+.3f}, {d['hi']:+.3f}] ({kind}): the interval contains zero, so retrieval "
-                f"survives within this precision: a loss of more than {max(0.0, -d['lo']):.3f} is excluded at 95%.")
-    return text
+        return f"{head}, with no interval (one seed per arm): whether retrieval survives is not decided."
+    if d["hi"] < 0:
+        return (f"{head}: the interval lies below zero, so retrieval does not survive intact: "
+                f"Lighthouse-then-dense loses {-d['hi']:.3f} to {-d['lo']:.3f} of accuracy.")
+    if d["lo"] > 0:
+        return (f"{head}: the interval lies above zero, so retrieval survives, and Lighthouse-then-dense "
+                f"retrieves better than dense by {d['lo']:.3f} to {d['hi']:.3f}.")
+    return (f"{head}: the interval contains zero, so retrieval survives within this precision: a loss of more "
+            f"than {max(0.0, -d['lo']):.3f} is excluded at 95%.")
 
 
 def loss_verdict(arm: str, d: dict, kind: str, wall_ratio: float) -> str:
